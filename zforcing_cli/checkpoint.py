@@ -1,0 +1,215 @@
+"""Checkpoint folders and run folders. No pickle: JSON and safetensors only.
+
+    runs/<name>/                       a run folder (`runs/latest` points at the newest)
+      config.json                      what was trained: model, data and training config
+      metrics.jsonl                    one JSON record per logged step and per validation
+      training_curves.svg              ELBO, KL and auxiliary cost over training (paper Fig. 2)
+      checkpoints/
+        step-00001200/                 training checkpoint (the newest complete one resumes)
+          config.json  model.safetensors  optimizer.safetensors  trainer_state.json
+        best-00001000/                 the best validation bound so far
+          config.json  model.safetensors  trainer_state.json
+
+Every checkpoint folder is written under a temporary name and renamed when complete, so a
+folder named step-* or best-* is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import CheckpointError
+from .fileio import atomic_directory, write_json
+from .model import ZForcing, ZForcingConfig
+
+CHECKPOINT_FORMAT = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+STEP_PATTERN = re.compile(r"^(step|best)-(\d+)$")
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    folder: Path,
+    model: ZForcing,
+    config: dict,
+    trainer_state: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write one checkpoint folder atomically; optimizer state is included for resuming."""
+    with atomic_directory(folder, force=True) as staging:
+        write_json(staging / CONFIG_FILE, {**config, "format_version": CHECKPOINT_FORMAT, "zforcing_version": __version__})
+        save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}, staging / MODEL_FILE)
+        if optimizer is not None:
+            tensors, groups = flatten_optimizer_state(optimizer)
+            save_file(tensors, staging / OPTIMIZER_FILE)
+            trainer_state = {**trainer_state, "optimizer_param_groups": groups}
+        write_json(staging / STATE_FILE, trainer_state)
+    return folder
+
+
+def flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as flat named tensors plus JSON-able parameter groups."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().contiguous()
+        for index, values in state["state"].items()
+        for name, value in values.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def prune_checkpoints(run_dir: Path, prefix: str, keep: int) -> None:
+    """Remove all but the `keep` newest complete checkpoints named prefix-*."""
+    folders = sorted(list_checkpoints(run_dir, prefix), key=checkpoint_step)
+    for old in folders[:-keep] if keep > 0 else folders:
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+
+
+# -- finding -------------------------------------------------------------------------------------
+
+
+def checkpoint_step(folder: Path) -> int:
+    match = STEP_PATTERN.match(folder.name)
+    return int(match.group(2)) if match else -1
+
+
+def list_checkpoints(run_dir: Path, prefix: str) -> list[Path]:
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return [
+        folder for folder in root.iterdir()
+        if folder.is_dir() and STEP_PATTERN.match(folder.name) and folder.name.startswith(prefix + "-")
+    ]
+
+
+def newest_checkpoint(run_dir: Path, prefix: str) -> Path | None:
+    folders = list_checkpoints(run_dir, prefix)
+    return max(folders, key=checkpoint_step) if folders else None
+
+
+def resolve_latest(runs_root: Path) -> Path:
+    """The run folder that runs/latest names (a symlink, or a text file where links fail)."""
+    latest = Path(runs_root) / LATEST
+    if latest.is_symlink() or latest.is_dir():
+        return latest.resolve()
+    if latest.is_file():
+        return (Path(runs_root) / latest.read_text().strip()).resolve()
+    raise CheckpointError(
+        f"No checkpoint given and {latest} does not exist.",
+        "Train a model first (`zforcing train`), or pass a run or checkpoint folder.",
+    )
+
+
+def point_latest(run_dir: Path) -> None:
+    """Make runs/latest name run_dir, atomically."""
+    latest = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    try:
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
+    except OSError:  # no symlinks on this filesystem: a text file naming the run
+        tmp.write_text(run_dir.name + "\n")
+    os.replace(tmp, latest)
+
+
+def resolve_checkpoint(path: Path | None, runs_root: Path = Path("runs")) -> Path:
+    """A checkpoint folder from a checkpoint folder, a run folder, or runs/latest (path None).
+
+    A run folder resolves to its best checkpoint, or its newest training checkpoint.
+    """
+    if path is None:
+        path = resolve_latest(runs_root)
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist.", "Pass a run folder (runs/NAME) or a checkpoint folder.")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder.", "Pass the folder that holds config.json and model.safetensors.")
+    if (path / CONFIG_FILE).exists() and not (path / CHECKPOINTS_DIR).is_dir():
+        return path
+    found = newest_checkpoint(path, "best") or newest_checkpoint(path, "step")
+    if found is None:
+        raise CheckpointError(
+            f"{path} is not a checkpoint or a run folder with checkpoints.",
+            "Pass a run folder written by `zforcing train`, or one of its checkpoints/step-* folders.",
+        )
+    return found
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def read_config(folder: Path) -> dict:
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is not a checkpoint (no {CONFIG_FILE}).", "Pass a folder written by `zforcing train`.") from None
+    except ValueError as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is corrupted ({error}).", "Use another checkpoint of the run.") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{folder} is not a zforcing checkpoint ({CONFIG_FILE} has no model config).", "Pass a folder written by `zforcing train`.")
+    if config.get("format_version", 0) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{folder} was written by a newer zforcing ({config.get('zforcing_version')}).", "Upgrade zforcing to read it.")
+    return config
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    folder = file.parent
+    if not file.is_file():
+        raise CheckpointError(f"{folder} is incomplete: {file.name} is missing.", "Use another checkpoint of the run, or train again.")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{file} is corrupted ({error}).", "Use another checkpoint of the run, or train again.") from None
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[ZForcing, dict]:
+    """The model of a checkpoint folder and the folder's config."""
+    config = read_config(folder)
+    try:
+        model = ZForcing(ZForcingConfig.from_dict(config["model"]))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE} has an invalid model config ({error}).", "Use another checkpoint of the run.") from None
+    tensors = read_tensors(Path(folder) / MODEL_FILE)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{folder} does not match its config.json ({first}).", "Use another checkpoint of the run.") from None
+    return model.to(device), config
+
+
+def read_trainer_state(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} is incomplete: {STATE_FILE} is missing.", "Use another checkpoint of the run.") from None
+    except ValueError as error:
+        raise CheckpointError(f"{folder / STATE_FILE} is corrupted ({error}).", "Use another checkpoint of the run.") from None

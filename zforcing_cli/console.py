@@ -1,0 +1,94 @@
+"""Terminal output: progress and errors on stderr, results on stdout. Only this module and
+cli.py import rich."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Callable, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import ZForcingError
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+DEBUG_VARIABLE = "ZFORCING_DEBUG"
+
+F = TypeVar("F", bound=Callable)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def print_error(message: str, hint: str = "") -> None:
+    stderr.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    if hint:
+        stderr.print(f"[dim]Hint:[/] {hint}", soft_wrap=True)
+
+
+def handle_errors(command: F) -> F:
+    """Expected failures become one `Error:` line plus a hint and exit 1; ZFORCING_DEBUG=1
+    shows the traceback instead."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except ZForcingError as error:
+            if debug_enabled():
+                traceback.print_exc(file=sys.stderr)
+            print_error(error.message, error.hint)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print_error("Interrupted.", "A training run can continue with `zforcing train --resume`.")
+            raise typer.Exit(130) from None
+        except Exception as error:  # noqa: BLE001 - the last line of defence for the user
+            if debug_enabled():
+                raise
+            print_error(
+                f"Unexpected {type(error).__name__}: {error}",
+                f"This is a bug in zforcing; run again with {DEBUG_VARIABLE}=1 for the traceback and report it.",
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def training_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=stderr,
+        transient=False,
+    )
+
+
+def simple_progress(description: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=stderr, transient=True,
+    )
+
+
+def results_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,452 @@
+"""The Z-Forcing model (Goyal et al., NIPS 2017, §3) in one file.
+
+Notation follows DESIGN.md §2. A batch holds targets y_1..y_T; the model reads inputs
+u_t = y_{t-1} (u_1 is a start symbol), so the bound covers every target element.
+
+    generative   z_t ~ p(z_t | h_{t-1})                 prior, Eq. 5
+                 h_t = LSTM([emb(u_t), g(z_t)], h_{t-1})  forward cell, Eq. 4
+                 y_t ~ p(y_t | h_t)                      output head (h_t only, not z_t)
+    inference    b_t = LSTM_back(emb(y_t), b_{t+1})      backward RNN, Eq. 6: b_t sees y_t..y_T
+                 z_t ~ q(z_t | h_{t-1}, b_t)             posterior, Eq. 7
+    auxiliary    -log p(b_t | z_t)                       aux head, Eq. 8 (b_t detached)
+                 -log p(u_t | b_t)                       backward head, Eq. 10
+
+The per-step forward loop is written so that everything that does not depend on h_{t-1} is
+computed for all steps at once before the loop (input projections, the b_t half of the
+posterior's first layer, the noise) and everything that depends only on h_t or z_t after it
+(prior, output, auxiliary terms). Only the recurrence itself runs step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODALITIES = ("binary", "tokens", "frames")
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class ZForcingConfig:
+    modality: str = "binary"  # binary pixels (Bernoulli), tokens (categorical), frames (Gaussian)
+    input_size: int = 2  # 2 for binary, vocabulary size for tokens, samples per frame for frames
+    start_index: int = 2  # index of the start symbol u_1 (binary: 2; tokens: the <s> id)
+    embed_size: int = 64
+    hidden_size: int = 256  # units of the forward and of the backward LSTM
+    latent_size: int = 32
+    mlp_size: int = 256  # hidden units of every one-hidden-layer MLP
+    aux_on_hidden: bool = False  # False: p(b_t | z_t) as Eq. 8; True: p(b_t | h_{t-1}, z_t) (original code)
+    latent_clamp: float = 8.0  # prior/posterior MLP outputs clamped to ±this, for stability
+    output_logvar_min: float = -9.0  # bounds of the Gaussian output head's log-variance
+    output_logvar_max: float = 9.0
+    embed_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ZForcingConfig":
+        return cls(**values)
+
+
+@dataclass
+class ZForcingOutput:
+    """Per-sequence sums over the valid (unpadded) steps; each tensor is (B,)."""
+
+    nll: Tensor  # -Σ_t log p(y_t | h_t)
+    kl: Tensor  # Σ_t KL(q(z_t|h_{t-1},b_t) || p(z_t|h_{t-1})), analytic
+    aux: Tensor  # -Σ_t log p(b_t | z_t)
+    bwd: Tensor  # -Σ_{t≥2} log p(u_t | b_t)
+    log_q_minus_log_p: Tensor  # Σ_t log q(z_t) - log p(z_t) at the sampled z (for IWAE)
+
+    @property
+    def elbo(self) -> Tensor:
+        return -(self.nll + self.kl)
+
+    @property
+    def log_importance_weight(self) -> Tensor:
+        """log p(y, z) - log q(z | y) for the sampled z: the IWAE summand."""
+        return -(self.nll + self.log_q_minus_log_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributions
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """log N(x; mean, exp(logvar)) per element."""
+    return -0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar))
+
+
+def gaussian_kl(mean_q: Tensor, logvar_q: Tensor, mean_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL(N(mean_q, var_q) || N(mean_p, var_p)) per element, in closed form."""
+    return 0.5 * (
+        logvar_p - logvar_q + (torch.exp(logvar_q) + (mean_q - mean_p).pow(2)) * torch.exp(-logvar_p) - 1.0
+    )
+
+
+class BernoulliHead:
+    """p(y | params) = Bernoulli(sigmoid(logit)) for one binary value per step."""
+
+    def num_params(self, size: int) -> int:
+        return 1
+
+    def nll(self, params: Tensor, target: Tensor) -> Tensor:  # (B, T, 1), (B, T) -> (B, T)
+        return F.binary_cross_entropy_with_logits(params.squeeze(-1), target.float(), reduction="none")
+
+    def sample(self, params: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+        probs = torch.sigmoid(params.squeeze(-1) / temperature)
+        return torch.bernoulli(probs, generator=generator)
+
+
+class CategoricalHead:
+    """p(y | params) = Categorical(softmax(logits)) over the vocabulary."""
+
+    def num_params(self, size: int) -> int:
+        return size
+
+    def nll(self, params: Tensor, target: Tensor) -> Tensor:  # (B, T, V), (B, T) -> (B, T)
+        return F.cross_entropy(params.transpose(1, 2), target.long(), reduction="none")
+
+    def sample(self, params: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+        probs = torch.softmax(params / temperature, dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+class GaussianHead:
+    """p(y | params) = N(mean, diag(exp(logvar))) over the F values of a frame; logvar bounded."""
+
+    def __init__(self, logvar_min: float, logvar_max: float):
+        self.logvar_min, self.logvar_max = logvar_min, logvar_max
+
+    def num_params(self, size: int) -> int:
+        return 2 * size
+
+    def split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = params.chunk(2, dim=-1)
+        return mean, logvar.clamp(self.logvar_min, self.logvar_max)
+
+    def nll(self, params: Tensor, target: Tensor) -> Tensor:  # (B, T, 2F), (B, T, F) -> (B, T)
+        mean, logvar = self.split(params)
+        return -gaussian_log_prob(target, mean, logvar).sum(-1)
+
+    def sample(self, params: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+        mean, logvar = self.split(params)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + math.sqrt(temperature) * torch.exp(0.5 * logvar) * noise
+
+
+def make_output_distribution(config: ZForcingConfig):
+    if config.modality == "binary":
+        return BernoulliHead()
+    if config.modality == "tokens":
+        return CategoricalHead()
+    return GaussianHead(config.output_logvar_min, config.output_logvar_max)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def clipped_leaky_relu(x: Tensor) -> Tensor:
+    """Leaky ReLU with slope 1/3, clipped to [-3, 3] (the paper's §4.1 nonlinearity)."""
+    return F.leaky_relu(x, negative_slope=1.0 / 3.0).clamp(-3.0, 3.0)
+
+
+class MLP(nn.Module):
+    """One hidden layer with the clipped leaky ReLU."""
+
+    def __init__(self, in_size: int, hidden_size: int, out_size: int):
+        super().__init__()
+        self.hidden = nn.Linear(in_size, hidden_size)
+        self.out = nn.Linear(hidden_size, out_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(clipped_leaky_relu(self.hidden(x)))
+
+
+class GaussianMLP(MLP):
+    """An MLP whose output is split into (mean, log-variance), both clamped to ±clamp."""
+
+    def __init__(self, in_size: int, hidden_size: int, latent_size: int, clamp: float):
+        super().__init__(in_size, hidden_size, 2 * latent_size)
+        self.clamp = clamp
+
+    def stats(self, hidden_activation: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.out(hidden_activation).clamp(-self.clamp, self.clamp).chunk(2, dim=-1)
+        return mean, logvar
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.stats(clipped_leaky_relu(self.hidden(x)))
+
+
+class Prior(GaussianMLP):
+    """Parameterizes p(z_t | h_{t-1}) = N(mu_t^(p), sigma_t^(p)), Eq. 5."""
+
+
+class Posterior(GaussianMLP):
+    """Parameterizes q(z_t | h_{t-1}, b_t) = N(mu_t^(q), sigma_t^(q)), Eq. 7; input is [h_{t-1}, b_t]."""
+
+
+class AuxHead(nn.Module):
+    """Parameterizes p(b_t | z_t) = N(mu_t^(a), sigma_t^(a)), Eq. 8 (or p(b_t | h_{t-1}, z_t)).
+
+    The mean goes through tanh because b_t is an LSTM output and lies in (-1, 1).
+    """
+
+    def __init__(self, in_size: int, hidden_size: int, target_size: int):
+        super().__init__()
+        self.mlp = MLP(in_size, hidden_size, 2 * target_size)
+
+    def nll(self, condition: Tensor, target: Tensor) -> Tensor:  # (B, T, in), (B, T, H) -> (B, T)
+        mean, logvar = self.mlp(condition).chunk(2, dim=-1)
+        return -gaussian_log_prob(target, torch.tanh(mean), logvar).sum(-1)
+
+
+class ForwardCell(nn.Module):
+    """The forward LSTM of Eq. 4: h_t = LSTM([emb(u_t), g(z_t)], h_{t-1}), with g a Linear.
+
+    Gate pre-activations are W_e emb(u_t) + W_g g(z_t) + W_h h_{t-1} + bias. Because g is linear,
+    W_g g(z) = (W_g G) z + W_g g_bias: the loop multiplies z by one folded matrix.
+    """
+
+    def __init__(self, embed_size: int, latent_size: int, z_embed_size: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.latent_embed = nn.Linear(latent_size, z_embed_size)  # g(z_t)
+        self.input_to_gates = nn.Linear(embed_size + z_embed_size, 4 * hidden_size)
+        self.hidden_to_gates = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.embed_size = embed_size
+
+    def input_gates(self, embedded: Tensor) -> Tensor:
+        """Gate contribution of emb(u_t) plus both biases, for all steps at once."""
+        weight = self.input_to_gates.weight[:, : self.embed_size]
+        latent_bias = self.input_to_gates.weight[:, self.embed_size :] @ self.latent_embed.bias
+        return F.linear(embedded, weight, self.input_to_gates.bias + latent_bias)
+
+    def latent_to_gates_weight(self) -> Tensor:
+        """(4H, Z): the folded matrix W_g G."""
+        return self.input_to_gates.weight[:, self.embed_size :] @ self.latent_embed.weight
+
+    @staticmethod
+    def update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class ZForcing(nn.Module):
+    def __init__(self, config: ZForcingConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.distribution = make_output_distribution(c)
+        out_params = self.distribution.num_params(c.input_size)
+        if c.modality == "frames":
+            self.embedding: nn.Module = nn.Linear(c.input_size, c.embed_size)
+        else:
+            self.embedding = nn.Embedding(max(c.input_size, c.start_index + 1), c.embed_size)
+        self.embed_dropout = nn.Dropout(c.embed_dropout)
+        self.backward_rnn = nn.LSTM(c.embed_size, c.hidden_size, batch_first=True)
+        self.forward_cell = ForwardCell(c.embed_size, c.latent_size, c.mlp_size, c.hidden_size)
+        self.prior = Prior(c.hidden_size, c.mlp_size, c.latent_size, c.latent_clamp)
+        self.posterior = Posterior(2 * c.hidden_size, c.mlp_size, c.latent_size, c.latent_clamp)
+        self.output_head = MLP(c.hidden_size, c.mlp_size, out_params)
+        aux_in = c.latent_size + (c.hidden_size if c.aux_on_hidden else 0)
+        self.aux_head = AuxHead(aux_in, c.mlp_size, c.hidden_size)
+        self.backward_head = MLP(c.hidden_size, c.mlp_size, out_params)
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def start_input(self, batch: int, device: torch.device) -> Tensor:
+        """u_1: the zero frame, or the start symbol."""
+        if self.config.modality == "frames":
+            return torch.zeros(batch, 1, self.config.input_size, device=device)
+        return torch.full((batch, 1), self.config.start_index, dtype=torch.long, device=device)
+
+    def shift_right(self, y: Tensor) -> Tensor:
+        """u_t = y_{t-1}, with u_1 the start input. (B, T[, F]) -> (B, T[, F])."""
+        start = self.start_input(y.shape[0], y.device).to(y.dtype)
+        return torch.cat([start, y[:, :-1]], dim=1)
+
+    def embed(self, x: Tensor) -> Tensor:
+        if self.config.modality != "frames":
+            x = x.long()
+        return self.embed_dropout(self.embedding(x))  # (B, T, E)
+
+    # -- inference network ------------------------------------------------------------------
+
+    def backward_states(self, embedded_y: Tensor, lengths: Tensor) -> Tensor:
+        """b_t for every t, each summarising y_t..y_T of its own sequence (Eq. 6).
+
+        Each sequence is reversed within its own length, so padding sits after the real steps
+        in the reversed order and never reaches a valid b_t.
+        """
+        reverse = reverse_index(lengths, embedded_y.shape[1])  # (B, T)
+        gather = reverse.unsqueeze(-1).expand(-1, -1, embedded_y.shape[-1])
+        reversed_states, _ = self.backward_rnn(embedded_y.gather(1, gather))
+        gather = reverse.unsqueeze(-1).expand(-1, -1, reversed_states.shape[-1])
+        return reversed_states.gather(1, gather)  # (B, T, H)
+
+    # -- the whole bound ---------------------------------------------------------------------
+
+    def forward(
+        self,
+        y: Tensor,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        auxiliary: bool = True,
+    ) -> ZForcingOutput:
+        """Terms of the training objective (Eq. 10) for targets y (B, T[, F]), one posterior sample.
+
+        mask (B, T) marks valid steps (a prefix of each row). noise (B, T, Z), if given, is the
+        standard-normal draw of the reparameterisation; otherwise it is drawn with generator.
+        auxiliary=False skips the two auxiliary terms (zero), which evaluation does not need.
+        """
+        c = self.config
+        batch, steps = y.shape[:2]
+        if mask is None:
+            mask = torch.ones(batch, steps, device=y.device)
+        mask = mask.to(self.forward_cell.hidden_to_gates.weight.dtype)
+        lengths = mask.sum(1).long()
+        if noise is None:
+            noise = torch.randn(
+                batch, steps, c.latent_size, generator=generator, device=y.device,
+                dtype=mask.dtype,
+            )
+
+        embedded_u = self.embed(self.shift_right(y))  # (B, T, E)
+        backward = self.backward_states(self.embed(y), lengths)  # (B, T, H)
+        states, z, q_mean, q_logvar = self.posterior_rollout(embedded_u, backward, noise)
+        h_prev, h = states[:, :-1], states[:, 1:]  # h_{t-1} and h_t, (B, T, H) each
+
+        p_mean, p_logvar = self.prior(h_prev)  # (B, T, Z) each
+
+        nll = self.distribution.nll(self.output_head(h), y)  # (B, T)
+        kl = gaussian_kl(q_mean, q_logvar, p_mean, p_logvar).sum(-1)
+        log_ratio = (gaussian_log_prob(z, q_mean, q_logvar) - gaussian_log_prob(z, p_mean, p_logvar)).sum(-1)
+        if auxiliary:
+            aux, bwd = self.auxiliary_costs(y, h_prev, z, backward)
+        else:
+            aux = bwd = torch.zeros_like(nll)
+        bwd_mask = mask.clone()
+        bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
+
+        return ZForcingOutput(
+            nll=(nll * mask).sum(1),
+            kl=(kl * mask).sum(1),
+            aux=(aux * mask).sum(1),
+            bwd=(bwd * bwd_mask).sum(1),
+            log_q_minus_log_p=(log_ratio * mask).sum(1),
+        )
+
+    def auxiliary_costs(self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor) -> tuple[Tensor, Tensor]:
+        """-log p(b_t | z_t) (Eq. 8) and -log p(u_t | b_t) (Eq. 10), each (B, T)."""
+        aux_condition = torch.cat([h_prev, z], dim=-1) if self.config.aux_on_hidden else z
+        # The target b_t is detached: the auxiliary gradient trains z_t (through the posterior
+        # and prior) and the aux head, never the backward RNN's states directly (§3.4).
+        aux = self.aux_head.nll(aux_condition, backward.detach())
+        bwd = self.distribution.nll(self.backward_head(backward), self.shift_right(y))
+        return aux, bwd
+
+    def posterior_rollout(
+        self, embedded_u: Tensor, backward: Tensor, noise: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Run the forward LSTM with z_t ~ q(z_t | h_{t-1}, b_t).
+
+        Returns h_0..h_T (B, T+1, H), z_t (B, T, Z) and the posterior's mean and log-variance.
+        """
+        cell, post = self.forward_cell, self.posterior
+        batch = embedded_u.shape[0]
+        size = self.config.hidden_size
+        input_gates = cell.input_gates(embedded_u)  # (B, T, 4H)
+        # The posterior's first layer on [h_{t-1}, b_t] splits into an h part and a b part.
+        post_w_h, post_w_b = post.hidden.weight[:, :size], post.hidden.weight[:, size:]
+        post_from_b = F.linear(backward, post_w_b, post.hidden.bias)  # (B, T, M)
+        # One matmul per step serves both the LSTM gates and the posterior: stack their h weights.
+        from_h_weight = torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0)  # (4H+M, H)
+        z_weight = cell.latent_to_gates_weight()  # (4H, Z)
+
+        h = embedded_u.new_zeros(batch, size)
+        c = embedded_u.new_zeros(batch, size)
+        states, zs, means, logvars = [h], [], [], []
+        # unbind once: indexing [:, t] inside the loop would make autograd allocate a full-size
+        # gradient per step in the backward pass (quadratic in T).
+        steps_in = zip(input_gates.unbind(1), post_from_b.unbind(1), noise.unbind(1))
+        for gates_in, post_in, eps in steps_in:
+            from_h = h @ from_h_weight.t()  # (B, 4H+M)
+            mean, logvar = post.stats(clipped_leaky_relu(from_h[:, 4 * size :] + post_in))
+            z = mean + torch.exp(0.5 * logvar) * eps  # reparameterised sample
+            gates = torch.addmm(gates_in + from_h[:, : 4 * size], z, z_weight.t())
+            h, c = cell.update(gates, c)
+            states.append(h)
+            zs.append(z)
+            means.append(mean)
+            logvars.append(logvar)
+        return tuple(torch.stack(x, dim=1) for x in (states, zs, means, logvars))  # type: ignore[return-value]
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num: int,
+        steps: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        stop: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """Free-running samples from the prior: z_t ~ p(z_t|h_{t-1}), y_t ~ p(y_t|h_t), u_{t+1} = y_t.
+
+        Returns (num, steps[, F]). stop, if given, maps the sampled y_t (num,) to a bool mask of
+        finished rows; generation ends early when every row has finished.
+        """
+        cell = self.forward_cell
+        device = cell.hidden_to_gates.weight.device
+        size = self.config.hidden_size
+        z_weight = cell.latent_to_gates_weight()
+        h = torch.zeros(num, size, device=device)
+        c = torch.zeros(num, size, device=device)
+        u = self.start_input(num, device)  # (num, 1[, F])
+        outputs = []
+        finished = torch.zeros(num, dtype=torch.bool, device=device)
+        for _ in range(steps):
+            mean, logvar = self.prior(h)
+            noise = torch.randn(mean.shape, generator=generator, device=device)
+            z = mean + torch.exp(0.5 * logvar) * noise
+            gates = cell.input_gates(self.embed(u)).squeeze(1) + h @ cell.hidden_to_gates.weight.t()
+            h, c = cell.update(gates + z @ z_weight.t(), c)
+            y = self.distribution.sample(self.output_head(h.unsqueeze(1)), temperature, generator)
+            outputs.append(y)
+            u = y
+            if stop is not None:
+                finished |= stop(y.squeeze(1))
+                if bool(finished.all()):
+                    break
+        return torch.cat(outputs, dim=1)
+
+
+def reverse_index(lengths: Tensor, steps: int) -> Tensor:
+    """(B, T) indices that reverse the first lengths[b] steps of each row and keep the rest."""
+    t = torch.arange(steps, device=lengths.device).unsqueeze(0)  # (1, T)
+    last = (lengths - 1).unsqueeze(1)  # (B, 1)
+    return torch.where(t <= last, last - t, t)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,43 @@
+"""Model and training sizes per data kind: `small` (the default) and `paper`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .data import DatasetMeta
+from .errors import ZForcingError
+from .model import ZForcingConfig
+from .train import TrainConfig
+
+PRESETS = ("small", "paper")
+
+# small: sized so that a bare `zforcing train` on 2 CPU cores ends within 10 minutes with a
+# useful model (docs/performance.md has the measurements behind it).
+# paper: §4.1 of the paper (MNIST: 1024-unit LSTMs, lr 1e-3, batch 32, no KL annealing, which
+# hurt on MNIST); z and MLP sizes, which the paper leaves open for MNIST, follow its TIMIT setup.
+MNIST_PRESETS = {
+    "small": (
+        ZForcingConfig(modality="binary", input_size=2, start_index=2, embed_size=16, hidden_size=64,
+                       latent_size=16, mlp_size=64),
+        TrainConfig(epochs=1, batch_size=32, lr=2e-3, aux_weight=0.0025, bwd_weight=0.0025,
+                    valid_limit=2000),
+    ),
+    "paper": (
+        ZForcingConfig(modality="binary", input_size=2, start_index=2, embed_size=512, hidden_size=1024,
+                       latent_size=256, mlp_size=512),
+        TrainConfig(epochs=100, batch_size=32, lr=1e-3, aux_weight=0.0025, bwd_weight=0.0025,
+                    checkpoint_every=1000),
+    ),
+}
+
+
+def preset_configs(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise ZForcingError(f"Unknown preset {name!r}.", f"Choose one of: {', '.join(PRESETS)}.")
+    if meta.modality != "binary":
+        raise ZForcingError(
+            f"Training on {meta.kind!r} data is not available in this version of zforcing yet.",
+            "Train on binarized MNIST (the default) for now.",
+        )
+    model, train = MNIST_PRESETS[name]
+    return replace(model), replace(train)
