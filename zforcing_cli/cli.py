@@ -27,7 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 RUNS_ROOT = Path("runs")
@@ -63,8 +63,8 @@ def usage_error(message: str, hint: str = "") -> typer.Exit:
 
 @app.command(
     "prepare",
-    epilog="Example: [bold]zforcing prepare mnist ~/data/binarized_mnist --out data/mnist[/]  "
-    "or  [bold]zforcing prepare mnist embedded[/]",
+    epilog="**Examples:** `zforcing prepare mnist ~/data/binarized_mnist --out data/mnist` reads "
+    "Larochelle's three .amat files; `zforcing prepare mnist embedded` writes out the copy in the package.",
 )
 @handle_errors
 def prepare_cli(
@@ -89,9 +89,9 @@ RESUME_FIXED = ("preset", "batch_size", "lr", "aux_weight", "bwd_weight", "kl_an
 
 @app.command(
     "train",
-    epilog="Example: [bold]zforcing train[/] (binarized MNIST, small preset, about 10 minutes on 2 CPU cores); "
-    "[bold]zforcing train --preset paper --device cuda --epochs 50[/]; "
-    "[bold]zforcing train --resume[/] continues runs/latest.",
+    epilog="**Examples:** `zforcing train` (binarized MNIST, small preset, under 10 minutes on 2 CPU cores); "
+    "`zforcing train --preset paper --device cuda --epochs 50`; "
+    "`zforcing train --resume` continues runs/latest.",
 )
 @handle_errors
 def train_cli(
@@ -148,7 +148,7 @@ def train_cli(
         f"Best validation bound: NLL ≤ {-(result.state.best_valid or float('nan')):.2f} nats per sequence; "
         f"checkpoint {best}", soft_wrap=True,
     )
-    stdout.print(f"Next: [bold]zforcing evaluate {run_dir}[/] or [bold]zforcing sample {run_dir}[/]", soft_wrap=True)
+    stdout.print(f"Next: zforcing evaluate {run_dir}  or  zforcing sample {run_dir}", soft_wrap=True)
 
 
 def apply_model_options(config, aux_condition: str | None):
@@ -169,12 +169,19 @@ def new_run_dir() -> Path:
 
 
 class TrainReporter:
-    """Turns TrainEvents into a rich progress bar and validation lines on stderr."""
+    """Turns TrainEvents into a rich progress bar and validation lines on stderr.
+
+    When stderr is not a terminal (a log file, CI), a plain line every LOG_SECONDS replaces the
+    live bar, which rich would only draw at the end.
+    """
+
+    LOG_SECONDS = 30.0
 
     def __init__(self, progress):
         self.progress = progress
         self.task = None
         self.started = time.perf_counter()
+        self.last_line = self.started
         self.first_step: int | None = None
 
     def __call__(self, event: TrainEvent) -> None:
@@ -184,11 +191,13 @@ class TrainReporter:
             stderr.print(f"{event.metrics['parameters']:,} parameters; {event.total_steps:,} updates", highlight=False)
         elif event.kind == "step":
             m = event.metrics
-            rate = (event.step - self.first_step) / max(time.perf_counter() - self.started, 1e-9)
-            self.progress.update(
-                self.task, completed=event.step, speed=f"{rate:.2f} steps/s",
-                metrics=f"loss {m['loss']:.1f} KL {m['kl']:.2f} aux {m['aux']:.0f}",
-            )
+            now = time.perf_counter()
+            rate = (event.step - self.first_step) / max(now - self.started, 1e-9)
+            metrics = f"loss {m['loss']:.1f} KL {m['kl']:.2f} aux {m['aux']:.0f}"
+            self.progress.update(self.task, completed=event.step, speed=f"{rate:.2f} steps/s", metrics=metrics)
+            if not stderr.is_terminal and now - self.last_line >= self.LOG_SECONDS:
+                self.last_line = now
+                stderr.print(f"step {event.step}/{event.total_steps} {rate:.2f} steps/s {metrics}")
         elif event.kind == "skip":
             self.progress.update(self.task, completed=event.step)
             self.progress.console.print(f"[yellow]step {event.step}: non-finite loss, update skipped ({event.metrics['skipped_steps']} so far)")
@@ -206,7 +215,7 @@ class TrainReporter:
 
 @app.command(
     "evaluate",
-    epilog="Example: [bold]zforcing evaluate runs/latest --iwae 50[/]; [bold]zforcing evaluate --split valid --json[/]",
+    epilog="**Examples:** `zforcing evaluate runs/latest --iwae 50`; `zforcing evaluate --split valid --json`",
 )
 @handle_errors
 def evaluate_cli(
@@ -261,7 +270,7 @@ def evaluate_cli(
 
 @app.command(
     "sample",
-    epilog="Example: [bold]zforcing sample --out digits.png --num 64 --seed 1[/]",
+    epilog="**Example:** `zforcing sample --out digits.png --num 64 --seed 1`",
 )
 @handle_errors
 def sample_cli(
@@ -295,7 +304,7 @@ def sample_cli(
 
 @app.command(
     "interpolate",
-    epilog='Example: [bold]zforcing interpolate runs/imdb "this movie was great ." "i hated every minute ."[/]',
+    epilog='**Example:** `zforcing interpolate runs/imdb "this movie was great ." "i hated every minute ."`',
 )
 @handle_errors
 def interpolate_cli(

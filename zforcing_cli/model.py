@@ -101,7 +101,7 @@ class BernoulliHead:
         return 1
 
     def nll(self, params: Tensor, target: Tensor) -> Tensor:  # (B, T, 1), (B, T) -> (B, T)
-        return F.binary_cross_entropy_with_logits(params.squeeze(-1), target.float(), reduction="none")
+        return F.binary_cross_entropy_with_logits(params.squeeze(-1), target.to(params.dtype), reduction="none")
 
     def sample(self, params: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
         probs = torch.sigmoid(params.squeeze(-1) / temperature)
@@ -201,15 +201,19 @@ class Posterior(GaussianMLP):
 class AuxHead(nn.Module):
     """Parameterizes p(b_t | z_t) = N(mu_t^(a), sigma_t^(a)), Eq. 8 (or p(b_t | h_{t-1}, z_t)).
 
-    The mean goes through tanh because b_t is an LSTM output and lies in (-1, 1).
+    The mean goes through tanh because b_t is an LSTM output and lies in (-1, 1). The
+    log-variance is clamped like the prior's: unbounded, the cost could fall without limit
+    wherever b_t becomes predictable, and swamp the bound it regularises.
     """
 
-    def __init__(self, in_size: int, hidden_size: int, target_size: int):
+    def __init__(self, in_size: int, hidden_size: int, target_size: int, clamp: float):
         super().__init__()
         self.mlp = MLP(in_size, hidden_size, 2 * target_size)
+        self.clamp = clamp
 
     def nll(self, condition: Tensor, target: Tensor) -> Tensor:  # (B, T, in), (B, T, H) -> (B, T)
         mean, logvar = self.mlp(condition).chunk(2, dim=-1)
+        logvar = logvar.clamp(-self.clamp, self.clamp)
         return -gaussian_log_prob(target, torch.tanh(mean), logvar).sum(-1)
 
 
@@ -267,7 +271,7 @@ class ZForcing(nn.Module):
         self.posterior = Posterior(2 * c.hidden_size, c.mlp_size, c.latent_size, c.latent_clamp)
         self.output_head = MLP(c.hidden_size, c.mlp_size, out_params)
         aux_in = c.latent_size + (c.hidden_size if c.aux_on_hidden else 0)
-        self.aux_head = AuxHead(aux_in, c.mlp_size, c.hidden_size)
+        self.aux_head = AuxHead(aux_in, c.mlp_size, c.hidden_size, c.latent_clamp)
         self.backward_head = MLP(c.hidden_size, c.mlp_size, out_params)
 
     # -- inputs -----------------------------------------------------------------------------
@@ -324,6 +328,9 @@ class ZForcing(nn.Module):
             mask = torch.ones(batch, steps, device=y.device)
         mask = mask.to(self.forward_cell.hidden_to_gates.weight.dtype)
         lengths = mask.sum(1).long()
+        # Padding is replaced, not only masked out: 0 × NaN (or × an overflowed square) is NaN.
+        valid = mask.bool().view(batch, steps, *([1] * (y.dim() - 2)))
+        y = torch.where(valid, y, torch.zeros((), dtype=y.dtype, device=y.device))
         if noise is None:
             noise = torch.randn(
                 batch, steps, c.latent_size, generator=generator, device=y.device,
@@ -361,8 +368,10 @@ class ZForcing(nn.Module):
         # The target b_t is detached: the auxiliary gradient trains z_t (through the posterior
         # and prior) and the aux head, never the backward RNN's states directly (§3.4).
         aux = self.aux_head.nll(aux_condition, backward.detach())
-        bwd = self.distribution.nll(self.backward_head(backward), self.shift_right(y))
-        return aux, bwd
+        # b_t predicts u_t = y_{t-1} for t ≥ 2; u_1 is the start symbol, which may lie outside the
+        # output vocabulary, so step 1 is left out here and padded with a zero cost.
+        bwd = self.distribution.nll(self.backward_head(backward[:, 1:]), y[:, :-1])
+        return aux, F.pad(bwd, (1, 0))
 
     def posterior_rollout(
         self, embedded_u: Tensor, backward: Tensor, noise: Tensor
@@ -417,17 +426,18 @@ class ZForcing(nn.Module):
         finished rows; generation ends early when every row has finished.
         """
         cell = self.forward_cell
-        device = cell.hidden_to_gates.weight.device
+        weight = cell.hidden_to_gates.weight
+        device, dtype = weight.device, weight.dtype
         size = self.config.hidden_size
         z_weight = cell.latent_to_gates_weight()
-        h = torch.zeros(num, size, device=device)
-        c = torch.zeros(num, size, device=device)
+        h = torch.zeros(num, size, device=device, dtype=dtype)
+        c = torch.zeros(num, size, device=device, dtype=dtype)
         u = self.start_input(num, device)  # (num, 1[, F])
         outputs = []
         finished = torch.zeros(num, dtype=torch.bool, device=device)
         for _ in range(steps):
             mean, logvar = self.prior(h)
-            noise = torch.randn(mean.shape, generator=generator, device=device)
+            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=dtype)
             z = mean + torch.exp(0.5 * logvar) * noise
             gates = cell.input_gates(self.embed(u)).squeeze(1) + h @ cell.hidden_to_gates.weight.t()
             h, c = cell.update(gates + z @ z_weight.t(), c)
