@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from . import __version__
 from .checkpoint import load_model, resolve_checkpoint, resolve_latest
@@ -76,15 +77,13 @@ def prepare_cli(
     """Read a raw corpus once into a prepared dataset folder (meta.json + memory-mapped arrays)."""
     out = out or Path("data") / kind
     started = time.perf_counter()
-    with stderr.status(f"Preparing {kind} from {source} ..."):
+    with stderr.status(escape(f"Preparing {kind} from {source} ...")):
         dataset = prepare(kind, source, out, force=force)
     counts = ", ".join(f"{split} {count:,}" for split, count in dataset.meta.counts.items())
-    stdout.print(f"Prepared {kind} at {out} ({counts}) in {time.perf_counter() - started:.1f} s.")
+    stdout.print(escape(f"Prepared {kind} at {out} ({counts}) in {time.perf_counter() - started:.1f} s."), soft_wrap=True)
 
 
 # -- train ---------------------------------------------------------------------------------------
-
-RESUME_FIXED = ("preset", "batch_size", "lr", "aux_weight", "bwd_weight", "kl_anneal", "seed", "data", "aux_condition")
 
 
 @app.command(
@@ -116,7 +115,9 @@ def train_cli(
     torch_device = resolve_device(device)
     overrides = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every}
     if resume:
-        given = [name for name in RESUME_FIXED if locals()[name] is not None]
+        fixed = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
+                     kl_anneal=kl_anneal, seed=seed, data=data, aux_condition=aux_condition)
+        given = [name for name, value in fixed.items() if value is not None]
         if given:
             raise usage_error(
                 f"--{given[0].replace('_', '-')} cannot change when resuming.",
@@ -137,18 +138,18 @@ def train_cli(
     run_config.train = replace(run_config.train, **{k: v for k, v in overrides.items() if v is not None})
 
     stderr.print(
-        f"[bold]zforcing {__version__}[/] training on {dataset.meta.kind} ({dataset.location}) "
-        f"on {torch_device}; run folder {run_dir}"
+        escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) on {torch_device}; run folder {run_dir}"),
+        soft_wrap=True,
     )
     with training_progress() as progress:
         reporter = TrainReporter(progress)
         result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force)
     best = result.best_checkpoint
     stdout.print(
-        f"Best validation bound: NLL ≤ {-(result.state.best_valid or float('nan')):.2f} nats per sequence; "
-        f"checkpoint {best}", soft_wrap=True,
+        f"Best validation bound: NLL ≤ {-(result.state.best_seen or float('nan')):.2f} nats per sequence; "
+        f"checkpoint {escape(str(best))}", soft_wrap=True,
     )
-    stdout.print(f"Next: zforcing evaluate {run_dir}  or  zforcing sample {run_dir}", soft_wrap=True)
+    stdout.print(escape(f"Next: zforcing evaluate {run_dir}  or  zforcing sample {run_dir}"), soft_wrap=True)
 
 
 def apply_model_options(config, aux_condition: str | None):
@@ -231,7 +232,7 @@ def evaluate_cli(
 ) -> None:
     """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats."""
     if split not in ("test", "valid"):
-        raise usage_error(f"--split must be test or valid, not {split!r}.")
+        raise usage_error(f"--split must be test or valid, not {split!r}.", "Use --split test (the default) or --split valid.")
     torch_device = resolve_device(device)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT)
     model, config = load_model(folder, torch_device)
@@ -261,7 +262,7 @@ def evaluate_cli(
     ]
     if result.iwae is not None:
         rows.insert(2, (f"NLL ≤ (IWAE, K={iwae}), {unit}", f"{-result.iwae:.2f}"))
-    stderr.print(f"checkpoint {folder}", soft_wrap=True)
+    stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
     stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows))
 
 
@@ -296,7 +297,7 @@ def sample_cli(
         raise ZForcingError(f"{out} already exists.", "Choose another --out, or pass --force to replace it.")
     with stderr.status(f"Sampling {num} sequences ..."):
         sample_images(model, data, out, num=num, temperature=temperature, seed=seed)
-    stdout.print(f"Wrote {num} samples to {out}")
+    stdout.print(escape(f"Wrote {num} samples to {out}"), soft_wrap=True)
 
 
 # -- interpolate ---------------------------------------------------------------------------------

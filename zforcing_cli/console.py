@@ -11,6 +11,7 @@ from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,9 +29,9 @@ def debug_enabled() -> bool:
 
 
 def print_error(message: str, hint: str = "") -> None:
-    stderr.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     if hint:
-        stderr.print(f"[dim]Hint:[/] {hint}", soft_wrap=True)
+        stderr.print(f"[dim]Hint:[/] {escape(hint)}", soft_wrap=True)
 
 
 def handle_errors(command: F) -> F:

@@ -86,7 +86,8 @@ class TrainerState:
     batch_in_epoch: int = 0  # batches of this epoch already consumed
     kl_weight: float = 1.0
     lr: float = 1e-3
-    best_valid: float | None = None  # best validation ELBO (nats per sequence)
+    best_valid: float | None = None  # best validation ELBO at an epoch's end: the plateau rule's
+    best_seen: float | None = None  # best validation ELBO at any validation: the best checkpoint's
     bad_epochs: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
@@ -284,7 +285,7 @@ class Trainer:
             self.save_training_checkpoint()
         self.model.train(False)
         write_training_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
-        self.emit("end", {"best_valid_elbo": state.best_valid, "skipped_steps": state.skipped_steps})
+        self.emit("end", {"best_valid_elbo": state.best_seen, "skipped_steps": state.skipped_steps})
         return TrainResult(self.run_dir, state, newest_checkpoint(self.run_dir, "best"), newest_checkpoint(self.run_dir, "step"))
 
     def take_step(self, indices: np.ndarray) -> None:
@@ -328,10 +329,12 @@ class Trainer:
             self.model, self.valid_split, batch_size=cfg.eval_batch_size, device=self.device,
             seed=cfg.seed, limit=cfg.valid_limit or None,
         )
-        improved = state.best_valid is None or result.elbo > state.best_valid
+        # A stop mid-epoch (--max-steps) validates too; only epoch ends feed the plateau rule, so
+        # that a run stopped and resumed keeps the schedule of one never stopped.
+        improved = state.best_seen is None or result.elbo > state.best_seen
+        if improved:
+            state.best_seen = result.elbo
         halved = plateau_update(state, result.elbo, cfg) if epoch_done else False
-        if not epoch_done and improved:
-            state.best_valid = result.elbo
         if halved:
             self.set_lr(state.lr)
         metrics = {"elbo": result.elbo, "kl": result.kl, "nll_bound": -result.elbo, "lr": state.lr, "lr_halved": halved, "improved": improved}

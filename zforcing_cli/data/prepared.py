@@ -113,7 +113,10 @@ def open_prepared(folder: Path) -> PreparedDataset:
     if not meta_path.is_file():
         raise DataError(f"{folder} is not a prepared dataset (no {META_FILE}).", hint)
     try:
-        meta = DatasetMeta.from_dict(json.loads(meta_path.read_text()))
+        values = json.loads(meta_path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+        meta = DatasetMeta.from_dict(values)
     except (ValueError, TypeError) as error:
         raise DataError(f"{meta_path} is corrupted ({error}).", "Prepare the dataset again with --force.") from None
     if meta.format_version > FORMAT_VERSION:

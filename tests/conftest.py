@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny Larochelle-style `.amat` folders, tiny prepared datasets, tiny configs.
+
+Everything here is sized for a 2-core CPU: a few dozen 784-pixel images and models with 8
+hidden units. Nothing touches the network or the real working directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from zforcing_cli.data import open_dataset, prepare  # noqa: E402
+from zforcing_cli.model import ZForcingConfig  # noqa: E402
+from zforcing_cli.train import RunConfig, TrainConfig, data_description  # noqa: E402
+
+# Tiny 784-step sequences are dominated by per-op overhead; a second intra-op thread only adds
+# contention (measured: up to 50x slower on a busy 2-core machine).
+torch.set_num_threads(1)
+
+PIXELS = 784
+TINY_COUNTS = {"train": 24, "valid": 8, "test": 8}
+AMAT_NAMES = {split: f"binarized_mnist_{split}.amat" for split in TINY_COUNTS}
+
+
+def random_pixels(count: int, seed: int) -> np.ndarray:
+    """(count, 784) uint8 array of 0/1 pixels, about 30% ones."""
+    return (np.random.default_rng(seed).random((count, PIXELS)) < 0.3).astype(np.uint8)
+
+
+def write_amat_file(path: Path, pixels: np.ndarray) -> None:
+    path.write_text("".join(" ".join(str(int(v)) for v in row) + "\n" for row in pixels))
+
+
+def write_amat_folder(folder: Path, counts: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write binarized_mnist_{train,valid,test}.amat into folder; returns the pixels per split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = {}
+    for index, (split, count) in enumerate((counts or TINY_COUNTS).items()):
+        pixels[split] = random_pixels(count, seed * 10 + index)
+        write_amat_file(folder / AMAT_NAMES[split], pixels[split])
+    return pixels
+
+
+def tiny_run_config(dataset, **train_overrides) -> RunConfig:
+    model = ZForcingConfig(
+        modality="binary", input_size=2, start_index=2, embed_size=4, hidden_size=8, latent_size=4, mlp_size=8,
+    )
+    train = TrainConfig(batch_size=4, eval_batch_size=8, lr=1e-3, aux_weight=0.0025, bwd_weight=0.0025, log_every=1)
+    return RunConfig(model, replace(train, **train_overrides), data_description(dataset))  # replace: typos raise
+
+
+@pytest.fixture
+def make_amat() -> Callable[..., dict[str, np.ndarray]]:
+    """make_amat(folder, counts=None, seed=0) writes a tiny .amat folder and returns its pixels."""
+    return write_amat_folder
+
+
+@pytest.fixture
+def amat_folder(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A fresh tiny .amat folder (24/8/8 images) and the pixels it holds."""
+    folder = tmp_path / "amat"
+    return folder, write_amat_folder(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_amat(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A shared tiny .amat folder; tests must not modify it."""
+    folder = tmp_path_factory.mktemp("tiny_amat")
+    return folder, write_amat_folder(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_amat, tmp_path_factory) -> Path:
+    """A shared prepared dataset folder (24 train / 8 valid / 8 test); tests must not modify it."""
+    out = tmp_path_factory.mktemp("prepared") / "mnist"
+    prepare("mnist", str(tiny_amat[0]), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_data):
+    return open_dataset(tiny_data)
+
+
+@pytest.fixture
+def run_config_factory() -> Callable[..., RunConfig]:
+    """run_config_factory(dataset, **train_overrides): a RunConfig with a model of 8 hidden units."""
+    return tiny_run_config
+
+
+@pytest.fixture
+def tiny_model_config() -> ZForcingConfig:
+    return ZForcingConfig(
+        modality="binary", input_size=2, start_index=2, embed_size=4, hidden_size=8, latent_size=4, mlp_size=8,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch):
+    """Tests see the user's view of errors unless they ask for ZFORCING_DEBUG themselves."""
+    monkeypatch.delenv("ZFORCING_DEBUG", raising=False)

@@ -1,0 +1,477 @@
+"""The `zforcing` command line, through typer's CliRunner (stdout and stderr kept apart)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from zforcing_cli import __version__
+from zforcing_cli.cli import app
+from zforcing_cli.data import open_dataset
+
+runner = CliRunner()
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COMMANDS = ["prepare", "train", "evaluate", "sample", "interpolate"]
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(arg) for arg in args], env=env)
+
+
+def plain(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def assert_clean_error(result, code: int = 1, *fragments: str) -> str:
+    """One `Error:` line and a `Hint:` line on stderr, nothing on stdout, no traceback; returns
+    the error line."""
+    stderr, output = plain(result.stderr), plain(result.output)
+    assert result.exit_code == code, output
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, output
+    assert errors[0] in stderr.splitlines()
+    assert any(line.startswith("Hint:") for line in stderr.splitlines()), output
+    assert "Traceback" not in output
+    assert "Error" not in plain(result.stdout)
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def copy_runs(work: Path, into: Path) -> Path:
+    shutil.copytree(work / "runs", into / "runs", symlinks=True)
+    return into / "runs"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A two-update CLI training run (small preset) in its own working folder."""
+    work = tmp_path_factory.mktemp("cli_work")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.delenv("ZFORCING_DEBUG", raising=False)
+        result = invoke("train", "--data", tiny_data, "--max-steps", 2, "--batch-size", 4, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    return work, result
+
+
+@pytest.fixture
+def in_trained(trained, monkeypatch):
+    """cwd = the trained run's working folder (read-only use)."""
+    work, _ = trained
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture
+def best_checkpoint(trained) -> Path:
+    work, _ = trained
+    (best,) = (work / "runs" / "latest" / "checkpoints").glob("best-*")
+    return best
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# -- version and help ------------------------------------------------------------------------------
+
+
+def test_version(cwd):
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"zforcing {__version__}"
+
+
+def test_no_arguments_shows_help(cwd):
+    result = invoke()
+    assert "Usage" in plain(result.output)
+    for command in COMMANDS:
+        assert command in plain(result.output)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command_has_an_example(cwd, command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    text = plain(result.output)
+    assert "Example" in text
+    assert f"zforcing {command}" in text
+    assert "Traceback" not in text
+
+
+# -- prepare ---------------------------------------------------------------------------------------
+
+
+def test_prepare_mnist_from_amat_folder(cwd, amat_folder):
+    folder, pixels = amat_folder
+    result = invoke("prepare", "mnist", folder, "--out", "prepared/tiny")
+    assert result.exit_code == 0, plain(result.output)
+    assert "train 24" in plain(result.stdout) and "valid 8" in plain(result.stdout)
+    dataset = open_dataset(cwd / "prepared" / "tiny")
+    assert dataset.meta.counts == {"train": 24, "valid": 8, "test": 8}
+    assert (dataset.split("test").batch(list(range(8)))[0].numpy() == pixels["test"]).all()
+
+
+def test_prepare_defaults_to_data_kind_in_the_working_folder(cwd, amat_folder):
+    result = invoke("prepare", "mnist", amat_folder[0])
+    assert result.exit_code == 0, plain(result.output)
+    assert (cwd / "data" / "mnist" / "meta.json").is_file()
+
+
+def test_prepare_mnist_embedded(cwd):
+    result = invoke("prepare", "mnist", "embedded", "--out", "emb")
+    assert result.exit_code == 0, plain(result.output)
+    assert "train 50,000" in plain(result.stdout)
+    assert open_dataset(cwd / "emb").meta.counts == {"train": 50000, "valid": 10000, "test": 10000}
+
+
+def test_prepare_existing_output_needs_force(cwd, amat_folder):
+    out = cwd / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_clean_error(invoke("prepare", "mnist", amat_folder[0], "--out", out), 1, "already exists")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = invoke("prepare", "mnist", amat_folder[0], "--out", out, "--force")
+    assert result.exit_code == 0, plain(result.output)
+    assert (out / "meta.json").is_file() and not (out / "keep.txt").exists()
+
+
+def corrupt_line(folder: Path, split: str, edit) -> None:
+    path = folder / f"binarized_mnist_{split}.amat"
+    lines = path.read_text().splitlines()
+    lines[1] = edit(lines[1].split())
+    path.write_text("\n".join(lines) + "\n")
+
+
+def bad_source(kind, folder: Path, tmp: Path) -> Path:
+    if kind == "missing":
+        return tmp / "no-such-folder"
+    if kind == "file":
+        return folder / "binarized_mnist_train.amat"
+    if kind == "empty-folder":
+        (tmp / "empty").mkdir()
+        return tmp / "empty"
+    if kind == "not-amat":
+        (tmp / "pngs").mkdir()
+        (tmp / "pngs" / "digit.png").write_bytes(PNG_SIGNATURE)
+        return tmp / "pngs"
+    if kind == "empty-amat":
+        (folder / "binarized_mnist_valid.amat").write_text("")
+    if kind == "value-2":
+        corrupt_line(folder, "train", lambda v: " ".join(["2"] + v[1:]))
+    if kind == "value-0.5":
+        corrupt_line(folder, "train", lambda v: " ".join(v[:-1] + ["0.5"]))
+    if kind == "ragged":
+        corrupt_line(folder, "test", lambda v: " ".join(v[:783]))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("missing", "does not exist"),
+        ("file", "is a file"),
+        ("empty-folder", "lacks binarized_mnist_train.amat"),
+        ("not-amat", "lacks binarized_mnist_train.amat"),
+        ("empty-amat", "is empty"),
+        ("value-2", "'2' is not 0 or 1"),
+        ("value-0.5", "'0.5' is not 0 or 1"),
+        ("ragged", "783 values instead of 784"),
+    ],
+)
+def test_prepare_bad_sources_are_clean_errors(cwd, amat_folder, kind, fragment):
+    source = bad_source(kind, amat_folder[0], cwd)
+    assert_clean_error(invoke("prepare", "mnist", source, "--out", "out"), 1, fragment)
+    assert not (cwd / "out").exists()
+    assert not [p for p in cwd.iterdir() if p.name.startswith(".out")]
+
+
+def test_prepare_error_shows_paths_with_brackets_verbatim(cwd):
+    """A path like `raw[x]` must appear as typed, not be eaten as console markup."""
+    line = assert_clean_error(invoke("prepare", "mnist", "raw[x]", "--out", "out"), 1)
+    assert "raw[x]" in line
+
+
+def test_prepare_error_quoting_file_content_that_looks_like_markup(cwd, amat_folder):
+    """The bad value is quoted from the user's file; `[/b]` must not crash the error printer."""
+    corrupt_line(amat_folder[0], "valid", lambda v: " ".join(v[:5] + ["[/b]"] + v[6:]))
+    line = assert_clean_error(invoke("prepare", "mnist", amat_folder[0], "--out", "out"), 1, "not 0 or 1")
+    assert "[/b]" in line
+
+
+def test_prepare_timit_is_not_available(cwd):
+    assert_clean_error(invoke("prepare", "timit", cwd), 1, "not available")
+
+
+def test_prepare_unknown_kind(cwd):
+    line = assert_clean_error(invoke("prepare", "cifar10", cwd), 1, "Unknown data kind")
+    assert "cifar10" in line
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def test_train_writes_a_run_and_points_latest(trained, tiny_data):
+    work, result = trained
+    latest = work / "runs" / "latest"
+    assert latest.exists()
+    run = latest.resolve()
+    assert run.parent == (work / "runs").resolve() and run.name != "latest"
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best-00000002", "step-00000002"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["location"] == str(tiny_data.resolve())
+    assert config["train"]["batch_size"] == 4 and config["train"]["max_steps"] == 2
+    assert re.search(r"Best validation bound: NLL ≤ \d+\.\d+ nats", plain(result.stdout)), plain(result.stdout)
+    assert "training on mnist" in plain(result.stderr)  # progress goes to stderr
+    assert "training on mnist" not in plain(result.stdout)
+    assert (run / "metrics.jsonl").is_file() and (run / "training_curves.svg").is_file()
+
+
+def test_train_resume_continues_runs_latest(trained, cwd):
+    runs = copy_runs(trained[0], cwd)
+    result = invoke("train", "--resume", "--max-steps", 3, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    step_folders = sorted((runs / "latest" / "checkpoints").glob("step-*"))
+    assert step_folders[-1].name == "step-00000003"
+    state = json.loads((step_folders[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 3
+    config = json.loads((runs / "latest" / "config.json").read_text())
+    assert config["train"]["max_steps"] == 3 and config["train"]["batch_size"] == 4
+    assert len([p for p in runs.iterdir() if p.name != "latest"]) == 1  # no new run folder
+
+
+@pytest.mark.parametrize("option", [["--lr", "0.1"], ["--batch-size", "8"], ["--seed", "3"]])
+def test_train_resume_refuses_changing_the_configuration(trained, cwd, option):
+    copy_runs(trained[0], cwd)
+    before = sorted(p.name for p in (cwd / "runs" / "latest" / "checkpoints").iterdir())
+    assert_clean_error(invoke("train", "--resume", *option), 2, "cannot change when resuming")
+    assert sorted(p.name for p in (cwd / "runs" / "latest" / "checkpoints").iterdir()) == before
+
+
+def test_train_resume_without_runs(cwd):
+    assert_clean_error(invoke("train", "--resume"), 1, "latest does not exist")
+
+
+def test_train_existing_out_needs_force(cwd, tiny_data):
+    (cwd / "myrun").mkdir()
+    (cwd / "myrun" / "notes.txt").write_text("mine")
+    result = invoke("train", "--data", tiny_data, "--out", "myrun", "--max-steps", 1, "--device", "cpu")
+    assert_clean_error(result, 1, "already exists")
+    assert [p.name for p in (cwd / "myrun").iterdir()] == ["notes.txt"]
+
+
+def test_train_bad_aux_condition_is_a_usage_error(cwd, tiny_data):
+    assert_clean_error(invoke("train", "--data", tiny_data, "--aux-condition", "bogus"), 2, "bogus")
+    assert not (cwd / "runs").exists()
+
+
+def test_train_out_of_range_option_is_a_usage_error(cwd):
+    result = invoke("train", "--batch-size", 0)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert not (cwd / "runs").exists()
+
+
+def test_train_missing_data(cwd):
+    assert_clean_error(invoke("train", "--data", cwd / "nothing"), 1, "No prepared dataset")
+
+
+def test_train_unknown_preset(cwd, tiny_data):
+    assert_clean_error(invoke("train", "--data", tiny_data, "--preset", "huge"), 1, "Unknown preset")
+
+
+@pytest.mark.parametrize("command", [["train"], ["evaluate"], ["sample"]])
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_without_cuda(cwd, monkeypatch, command, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_clean_error(invoke(*command, "--device", device), 1, "CUDA is not available")
+    assert not (cwd / "runs").exists()
+
+
+def test_unknown_device(cwd):
+    assert_clean_error(invoke("evaluate", "--device", "tpu"), 1, "Unknown device")
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+def test_evaluate_latest_prints_a_table(in_trained):
+    result = invoke("evaluate", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    table = plain(result.stdout)
+    assert "NLL" in table and "KL per sequence" in table and "nats per image" in table
+    assert re.search(r"sequences\s*│\s*8\b", table), table
+    assert "IWAE" not in table
+
+
+def test_evaluate_json(in_trained):
+    result = invoke("evaluate", "--json", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    report = json.loads(result.stdout)
+    assert {"elbo", "iwae", "kl", "sequences", "split", "checkpoint"} <= report.keys()
+    assert report["split"] == "test" and report["sequences"] == 8 and report["iwae"] is None
+    assert report["elbo"] < 0 and report["kl"] >= 0
+    assert report["nll_elbo"] == pytest.approx(-report["elbo"])
+    assert Path(report["checkpoint"]).name.startswith("best-")
+
+
+def test_evaluate_iwae_and_valid_split(in_trained):
+    result = invoke("evaluate", "runs/latest", "--split", "valid", "--iwae", 3, "--json", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    report = json.loads(result.stdout)
+    assert report["split"] == "valid" and report["iwae_samples"] == 3 and report["sequences"] == 8
+    assert report["iwae"] is not None and report["iwae"] < 0
+    assert report["nll_iwae"] == pytest.approx(-report["iwae"])
+    # Three importance samples give a bound in the same range as the ELBO (not off by orders).
+    assert abs(report["iwae"] - report["elbo"]) < 0.2 * abs(report["elbo"])
+
+
+def test_evaluate_iwae_table_row(in_trained):
+    result = invoke("evaluate", "--iwae", 2, "--limit", 2, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "IWAE, K=2" in plain(result.stdout)
+    assert re.search(r"sequences\s*│\s*2\b", plain(result.stdout))
+
+
+def test_evaluate_bogus_split_is_a_usage_error(in_trained):
+    assert_clean_error(invoke("evaluate", "--split", "bogus"), 2, "bogus")
+
+
+def test_evaluate_without_runs_latest(cwd):
+    line = assert_clean_error(invoke("evaluate"), 1)
+    assert "latest" in line and "does not exist" in line
+
+
+def test_evaluate_missing_checkpoint_path(cwd):
+    assert_clean_error(invoke("evaluate", cwd / "nope"), 1, "does not exist")
+
+
+def test_evaluate_a_folder_that_is_not_a_checkpoint(cwd):
+    (cwd / "holiday-photos").mkdir()
+    (cwd / "holiday-photos" / "beach.jpg").write_bytes(b"\xff\xd8")
+    assert_clean_error(invoke("evaluate", cwd / "holiday-photos"), 1, "is not a checkpoint")
+
+
+def test_evaluate_incomplete_checkpoint(cwd, best_checkpoint):
+    folder = shutil.copytree(best_checkpoint, cwd / "ck")
+    (folder / "model.safetensors").unlink()
+    assert_clean_error(invoke("evaluate", folder, "--device", "cpu"), 1, "incomplete", "model.safetensors")
+
+
+def test_evaluate_truncated_checkpoint(cwd, best_checkpoint):
+    folder = shutil.copytree(best_checkpoint, cwd / "ck")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_clean_error(invoke("evaluate", folder, "--device", "cpu"), 1, "corrupted")
+
+
+def test_evaluate_corrupted_config(cwd, best_checkpoint):
+    folder = shutil.copytree(best_checkpoint, cwd / "ck")
+    (folder / "config.json").write_text('{"model": ')
+    assert_clean_error(invoke("evaluate", folder, "--device", "cpu"), 1, "corrupted")
+
+
+def test_evaluate_with_a_missing_dataset(cwd, best_checkpoint):
+    folder = shutil.copytree(best_checkpoint, cwd / "ck")
+    result = invoke("evaluate", folder, "--data", cwd / "gone", "--device", "cpu")
+    assert_clean_error(result, 1, "No prepared dataset")
+
+
+# -- sample ----------------------------------------------------------------------------------------
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_sample_png_is_reproducible_by_seed(in_trained, tmp_path):
+    paths = {name: tmp_path / f"{name}.png" for name in ("a", "b", "c")}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        result = invoke("sample", "--out", paths[name], "--num", 4, "--seed", seed, "--device", "cpu")
+        assert result.exit_code == 0, plain(result.output)
+        assert "Wrote 4 samples" in plain(result.stdout)
+    a, b, c = (paths[name].read_bytes() for name in ("a", "b", "c"))
+    assert a[:8] == PNG_SIGNATURE
+    assert png_size(a) == (124, 124)  # 2x2 grid of 28px digits, 2px borders, scale 2
+    assert a == b
+    assert a != c
+
+
+def test_sample_refuses_an_audio_file_for_an_image_model(in_trained, tmp_path):
+    out = tmp_path / "x.wav"
+    line = assert_clean_error(invoke("sample", "--out", out, "--num", 1), 1, "x.wav")
+    assert "image" in line.lower() or "png" in line.lower()
+    assert not out.exists()
+
+
+def test_sample_existing_output_needs_force(in_trained, tmp_path):
+    out = tmp_path / "s.png"
+    out.write_bytes(b"my picture")
+    assert_clean_error(invoke("sample", "--out", out, "--num", 1), 1, "already exists")
+    assert out.read_bytes() == b"my picture"
+    result = invoke("sample", "--out", out, "--num", 1, "--force", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_sample_length_does_not_apply_to_images(in_trained, tmp_path):
+    assert_clean_error(invoke("sample", "--out", tmp_path / "s.png", "--length", 10), 2, "--length")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_sample_default_output_is_samples_png_in_the_working_folder(trained, cwd):
+    copy_runs(trained[0], cwd)
+    result = invoke("sample", "--num", 1, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert (cwd / "samples.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# -- interpolate -----------------------------------------------------------------------------------
+
+
+def test_interpolate_on_an_image_model_is_a_clear_error(in_trained):
+    assert_clean_error(invoke("interpolate", "runs/latest", "a good film .", "a bad film ."), 1, "text model")
+
+
+def test_interpolate_needs_a_checkpoint(cwd):
+    assert_clean_error(invoke("interpolate", cwd / "nothing", "a", "b"), 1, "does not exist")
+
+
+# -- debugging -------------------------------------------------------------------------------------
+
+
+def test_debug_variable_shows_the_traceback_of_an_expected_error(cwd):
+    result = invoke("evaluate", cwd / "nope", env={"ZFORCING_DEBUG": "1"})
+    assert result.exit_code == 1
+    assert "Traceback" in plain(result.stderr)
+    assert "CheckpointError" in plain(result.stderr)
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(in_trained, monkeypatch):
+    import zforcing_cli.cli as cli_module
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cli_module, "evaluate_split", explode)
+    result = invoke("evaluate", "--device", "cpu")
+    line = assert_clean_error(result, 1, "RuntimeError", "kaboom")
+    assert "ZFORCING_DEBUG" in plain(result.stderr)
+    assert line
+
+    debug = invoke("evaluate", "--device", "cpu", env={"ZFORCING_DEBUG": "1"})
+    assert debug.exit_code == 1
+    assert isinstance(debug.exception, RuntimeError) and str(debug.exception) == "kaboom"

@@ -1,0 +1,87 @@
+"""Atomic writes: a folder or file appears complete or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from zforcing_cli.fileio import OutputExistsError, atomic_directory, write_bytes, write_json
+
+
+def entries(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_directory_appears_complete(tmp_path):
+    target = tmp_path / "deep" / "out"
+    with atomic_directory(target) as staging:
+        assert staging.parent == target.parent and staging != target
+        (staging / "a.txt").write_text("a")
+        assert not target.exists()  # nothing visible until the block ends
+    assert entries(target) == ["a.txt"]
+    assert entries(target.parent) == ["out"]
+
+
+def test_atomic_directory_has_mkdir_permissions(tmp_path):
+    with atomic_directory(tmp_path / "out"):
+        pass
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_atomic_directory_failure_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(tmp_path / "out") as staging:
+            (staging / "half.bin").write_bytes(b"x" * 10)
+            raise RuntimeError("boom")
+    assert entries(tmp_path) == []
+
+
+def test_atomic_directory_refuses_existing_target_without_force(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep").write_text("old")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        with atomic_directory(target):
+            pytest.fail("the body must not run")
+    assert entries(tmp_path) == ["out"] and (target / "keep").read_text() == "old"
+
+
+def test_atomic_directory_force_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target, force=True) as staging:
+            (staging / "new").write_text("new")
+            raise RuntimeError("boom")
+    assert entries(target) == ["keep"]
+    with atomic_directory(target, force=True) as staging:
+        (staging / "new").write_text("new")
+    assert entries(target) == ["new"]
+    assert entries(tmp_path) == ["out"]
+
+
+def test_write_bytes_and_json_leave_no_temporary_file(tmp_path):
+    write_bytes(tmp_path / "a.bin", b"123")
+    write_json(tmp_path / "b.json", {"x": [1, 2]})
+    write_json(tmp_path / "b.json", {"x": 3})
+    assert (tmp_path / "a.bin").read_bytes() == b"123"
+    assert json.loads((tmp_path / "b.json").read_text()) == {"x": 3}
+    assert entries(tmp_path) == ["a.bin", "b.json"]
+
+
+def test_write_bytes_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+
+    def fail(*args):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        write_bytes(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert entries(tmp_path) == ["a.bin"]

@@ -1,0 +1,336 @@
+"""Training as a library: exact resume, non-finite losses, the lr schedule and the run folder."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zforcing_cli.checkpoint import newest_checkpoint, resolve_latest
+from zforcing_cli.data import open_dataset, prepare
+from zforcing_cli.errors import TrainingError, ZForcingError
+from zforcing_cli.model import ZForcing
+from zforcing_cli.plots import CURVE_PANELS
+from zforcing_cli.train import Trainer, train
+
+from conftest import tiny_run_config, write_amat_folder
+
+CPU = torch.device("cpu")
+# `zforcing_cli.train` the attribute is the train() function (re-exported by the package), so
+# `import zforcing_cli.train as m` would give the function; take the module itself.
+train_module = importlib.import_module("zforcing_cli.train")
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    """14 train images: with batch 4, epochs of 4 updates whose last batch is partial."""
+    root = tmp_path_factory.mktemp("resume_data")
+    write_amat_folder(root / "amat", {"train": 14, "valid": 4, "test": 4}, seed=3)
+    return prepare("mnist", str(root / "amat"), root / "prepared")
+
+
+@pytest.fixture(scope="module")
+def two_step_epochs(tmp_path_factory):
+    """8 train images: with batch 4, two updates per epoch."""
+    root = tmp_path_factory.mktemp("plateau_data")
+    write_amat_folder(root / "amat", {"train": 8, "valid": 4, "test": 4}, seed=4)
+    return prepare("mnist", str(root / "amat"), root / "prepared")
+
+
+def read_records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["type"] == kind]
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    folder = newest_checkpoint(run_dir, "step")
+    assert folder is not None
+    return folder
+
+
+def comparable_state(folder: Path) -> dict:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    state.pop("elapsed")
+    return state
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in records]
+
+
+# -- exact resume ----------------------------------------------------------------------------------
+
+EPOCHS = 2
+STEPS_PER_EPOCH = 4  # ceil(14 / 4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run_a") / "run"
+    result = train(run_dir, tiny_run_config(small_dataset, epochs=EPOCHS, lr=3e-3), small_dataset, CPU)
+    assert result.state.step == EPOCHS * STEPS_PER_EPOCH
+    return run_dir
+
+
+@pytest.mark.parametrize("stop", [2, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 1], ids=["mid-epoch", "epoch-boundary", "mid-second-epoch"])
+def test_resume_is_bit_identical(uninterrupted, small_dataset, tmp_path, stop):
+    run_dir = tmp_path / "run"
+    first = train(run_dir, tiny_run_config(small_dataset, epochs=EPOCHS, lr=3e-3, max_steps=stop), small_dataset, CPU)
+    assert first.state.step == stop
+    assert newest_checkpoint(run_dir, "step").name == f"step-{stop:08d}"
+    resumed = train(run_dir, tiny_run_config(small_dataset, epochs=EPOCHS, lr=3e-3), small_dataset, CPU, resume=True)
+    assert resumed.state.step == EPOCHS * STEPS_PER_EPOCH
+
+    a, b = final_checkpoint(uninterrupted), final_checkpoint(run_dir)
+    assert a.name == b.name
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    # The weights really moved: the comparison is not between two untrained models.
+    torch.manual_seed(0)
+    initial = ZForcing(tiny_run_config(small_dataset).model).state_dict()
+    assert all(not torch.equal(initial[n], weights_a[n]) for n in weights_a)
+
+    optim_a, optim_b = load_file(a / "optimizer.safetensors"), load_file(b / "optimizer.safetensors")
+    assert optim_a.keys() == optim_b.keys() and len(optim_a) > 0
+    for name in optim_a:
+        assert torch.equal(optim_a[name], optim_b[name]), name
+    assert comparable_state(a) == comparable_state(b)
+    assert without_timing(read_records(uninterrupted, "train")) == without_timing(read_records(run_dir, "train"))
+
+
+def test_stopping_mid_epoch_does_not_change_the_lr_schedule(two_step_epochs, tmp_path):
+    """A run stopped mid-epoch and resumed must halve the lr exactly when the uninterrupted one does.
+
+    lr=1e-30 leaves every float32 weight unchanged, so every validation bound is identical and only
+    the plateau logic decides: the uninterrupted run halves once (end of epoch 2).
+    """
+    def config(**extra):
+        return tiny_run_config(two_step_epochs, epochs=2, lr=1e-30, lr_patience=1, **extra)
+
+    train(tmp_path / "a", config(), two_step_epochs, CPU)
+    train(tmp_path / "b", config(max_steps=1), two_step_epochs, CPU)
+    train(tmp_path / "b", config(), two_step_epochs, CPU, resume=True)
+    state_a = comparable_state(final_checkpoint(tmp_path / "a"))
+    state_b = comparable_state(final_checkpoint(tmp_path / "b"))
+    assert state_a["lr_halvings"] == 1
+    assert (state_b["lr_halvings"], state_b["lr"]) == (state_a["lr_halvings"], state_a["lr"])
+    assert state_b == state_a
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(small_dataset, tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(TrainingError, match="no complete training checkpoint"):
+        train(tmp_path / "run", tiny_run_config(small_dataset), small_dataset, CPU, resume=True)
+
+
+def test_new_run_refuses_an_existing_folder(small_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "precious").write_text("x")
+    with pytest.raises(ZForcingError, match="already exists"):
+        train(run_dir, tiny_run_config(small_dataset, max_steps=1), small_dataset, CPU)
+    assert [p.name for p in run_dir.iterdir()] == ["precious"]
+
+
+# -- non-finite losses -----------------------------------------------------------------------------
+
+
+def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    for index, state in trainer.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            params[f"optimizer.{index}.{key}"] = value.clone()
+    return params
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def nan_loss(out, kl_weight, config):
+    return train_module_objective(out, kl_weight, config) * float("nan")
+
+
+def nan_gradient(out, kl_weight, config):
+    """A finite loss whose gradient is NaN: d sqrt(x)/dx is infinite at 0, times 0."""
+    loss = train_module_objective(out, kl_weight, config)
+    x = out.nll.sum()
+    return loss + 0.0 * torch.sqrt(x - x.detach())
+
+
+train_module_objective = train_module.objective
+
+
+def run_with_bad_steps(dataset, run_dir, bad_calls, make_bad, **overrides):
+    calls = {"n": 0}
+
+    def objective(out, kl_weight, config):
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            return make_bad(out, kl_weight, config)
+        return train_module_objective(out, kl_weight, config)
+
+    history = []
+    trainer_box = {}
+
+    def callback(event):
+        if event.kind in ("start", "step", "skip"):
+            history.append((event.kind, event.step, snapshot(trainer_box["t"])))
+
+    trainer = Trainer(run_dir, tiny_run_config(dataset, **overrides), dataset, CPU, callback)
+    trainer_box["t"] = trainer
+    trainer.start_new()
+    return trainer, history, objective
+
+
+@pytest.mark.parametrize("make_bad", [nan_loss, nan_gradient], ids=["nan-loss", "nan-gradient"])
+def test_a_non_finite_step_never_reaches_the_weights(tiny_dataset, tmp_path, monkeypatch, make_bad):
+    trainer, history, objective = run_with_bad_steps(tiny_dataset, tmp_path / "run", {2}, make_bad, max_steps=4)
+    monkeypatch.setattr(train_module, "objective", objective)
+    result = trainer.run()
+
+    assert [kind for kind, _, _ in history] == ["start", "step", "skip", "step", "step"]
+    (_, _, before), (_, _, after_skip) = history[1], history[2]
+    assert same(before, after_skip)  # weights and Adam state untouched by the bad step
+    assert not same(after_skip, history[3][2])  # training went on
+    assert result.state.step == 4
+    assert result.state.skipped_steps == 1
+    assert result.state.consecutive_skips == 0
+    for value in trainer.model.state_dict().values():
+        assert torch.isfinite(value).all()
+    saved = json.loads((final_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert saved["skipped_steps"] == 1
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_training(tiny_dataset, tmp_path, monkeypatch):
+    trainer, history, objective = run_with_bad_steps(
+        tiny_dataset, tmp_path / "run", {2, 3, 4}, nan_loss, max_steps=6, max_consecutive_skips=3,
+    )
+    monkeypatch.setattr(train_module, "objective", objective)
+    with pytest.raises(TrainingError, match="3 updates in a row") as caught:
+        trainer.run()
+    assert "--lr" in caught.value.hint
+    assert [kind for kind, _, _ in history] == ["start", "step", "skip", "skip", "skip"]
+    assert trainer.state.step == 4 and trainer.state.skipped_steps == 3
+    assert same(history[1][2], history[-1][2])
+
+
+def test_isolated_skips_do_not_add_up_to_divergence(tiny_dataset, tmp_path, monkeypatch):
+    trainer, history, objective = run_with_bad_steps(
+        tiny_dataset, tmp_path / "run", {1, 3, 5}, nan_loss, max_steps=6, max_consecutive_skips=2,
+    )
+    monkeypatch.setattr(train_module, "objective", objective)
+    result = trainer.run()
+    assert result.state.skipped_steps == 3 and result.state.step == 6
+
+
+# -- the lr schedule -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("patience, halved", [(1, [False, True, True]), (2, [False, False, True])])
+def test_lr_halves_when_validation_stops_improving(two_step_epochs, tmp_path, patience, halved):
+    """lr=1e-30 cannot move a float32 weight, so the validation bound never improves."""
+    lr = 1e-30
+    run_dir = tmp_path / "run"
+    result = train(run_dir, tiny_run_config(two_step_epochs, epochs=3, lr=lr, lr_patience=patience), two_step_epochs, CPU)
+    valid = read_records(run_dir, "valid")
+    assert [r["lr_halved"] for r in valid] == halved
+    assert len({r["elbo"] for r in valid}) == 1
+    expected_lrs, current = [], lr
+    for was_halved in halved:
+        current *= 0.5 if was_halved else 1.0
+        expected_lrs.append(current)
+    assert [r["lr"] for r in valid] == pytest.approx(expected_lrs, rel=1e-12)
+    state = json.loads((final_checkpoint(run_dir) / "trainer_state.json").read_text())
+    assert state["lr_halvings"] == sum(halved) == result.state.lr_halvings
+    assert state["lr"] == pytest.approx(current, rel=1e-12)
+    assert state["optimizer_param_groups"][0]["lr"] == pytest.approx(current, rel=1e-12)  # Adam uses it
+    # Updates after a halving run at the new lr.
+    train_lrs = [r["lr"] for r in read_records(run_dir, "train")]
+    assert train_lrs[-1] == pytest.approx(expected_lrs[-2], rel=1e-12)
+
+
+# -- the run folder --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dataset, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs_root")
+    run_dir = runs / "run-1"
+    events = []
+    config = tiny_run_config(tiny_dataset, epochs=1, checkpoint_every=2, keep_checkpoints=2, kl_anneal=True)
+    result = train(run_dir, config, tiny_dataset, CPU, events.append)
+    return runs, run_dir, result, events
+
+
+def test_run_folder_has_best_and_pruned_step_checkpoints(finished_run):
+    _, run_dir, result, _ = finished_run
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    # checkpoint_every=2 wrote step-2, step-4 and step-6; keep_checkpoints=2 kept the newest two.
+    assert names == ["best-00000006", "step-00000004", "step-00000006"]
+    assert result.best_checkpoint == run_dir / "checkpoints" / "best-00000006"
+    assert result.last_checkpoint == run_dir / "checkpoints" / "step-00000006"
+    assert sorted(p.name for p in result.best_checkpoint.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+    assert (result.last_checkpoint / "optimizer.safetensors").is_file()
+    assert not [p for p in run_dir.rglob(".*")]  # no temporary folders or files left
+
+
+def test_runs_latest_points_at_the_run(finished_run):
+    runs, run_dir, _, _ = finished_run
+    assert (runs / "latest").exists()
+    assert resolve_latest(runs) == run_dir.resolve()
+
+
+def test_metrics_have_train_and_valid_records(finished_run):
+    _, run_dir, result, _ = finished_run
+    train_records, valid_records = read_records(run_dir, "train"), read_records(run_dir, "valid")
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    for record in train_records:
+        assert {"loss", "nll", "kl", "aux", "bwd", "elbo", "lr", "kl_weight"} <= record.keys()
+        assert math.isfinite(record["loss"])
+        # KL annealing: w_kl = 0.2 + 5e-5 per update.
+        assert record["kl_weight"] == pytest.approx(0.2 + 5e-5 * record["step"])
+    assert len(valid_records) == 1 and valid_records[0]["step"] == 6
+    assert valid_records[0]["elbo"] == pytest.approx(result.state.best_valid)
+    assert valid_records[0]["nll_bound"] == pytest.approx(-valid_records[0]["elbo"])
+
+
+def test_training_curves_svg_is_valid_with_three_panels(finished_run):
+    _, run_dir, _, _ = finished_run
+    root = ET.parse(run_dir / "training_curves.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    texts = [element.text for element in root.iter("{http://www.w3.org/2000/svg}text")]
+    for title, _ in CURVE_PANELS:
+        assert title in texts
+    assert {t for t, _ in CURVE_PANELS} == {"ELBO (nats / sequence)", "KL (nats / sequence)", "auxiliary cost −log p(b|z)"}
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}polyline"))) == 3  # one training curve per panel
+
+
+def test_events_report_progress(finished_run):
+    _, _, _, events = finished_run
+    kinds = [event.kind for event in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("step") == 6 and kinds.count("validation") == 1
+    assert all(event.total_steps == 6 for event in events)
+    assert events[0].metrics["parameters"] > 0
+
+
+def test_evaluating_the_best_checkpoint_reproduces_the_validation_bound(finished_run, tiny_dataset):
+    from zforcing_cli.checkpoint import load_model
+    from zforcing_cli.evaluate import evaluate_split
+
+    _, run_dir, result, _ = finished_run
+    model, config = load_model(result.best_checkpoint)
+    assert config["data"]["location"] == tiny_dataset.location
+    again = evaluate_split(model, open_dataset(config["data"]["location"]).split("valid"), batch_size=8,
+                           seed=config["train"]["seed"])
+    assert again.elbo == pytest.approx(result.state.best_valid, rel=1e-6)
+    assert again.sequences == 8
