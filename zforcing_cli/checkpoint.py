@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -85,9 +86,7 @@ def prune_checkpoints(run_dir: Path, prefix: str, keep: int) -> None:
     """Remove all but the `keep` newest complete checkpoints named prefix-*."""
     folders = sorted(list_checkpoints(run_dir, prefix), key=checkpoint_step)
     for old in folders[:-keep] if keep > 0 else folders:
-        for file in old.iterdir():
-            file.unlink()
-        old.rmdir()
+        shutil.rmtree(old)
 
 
 # -- finding -------------------------------------------------------------------------------------

@@ -113,7 +113,10 @@ def train_cli(
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     torch_device = resolve_device(device)
-    overrides = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every}
+    given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every}
+    overrides = {name: value for name, value in given.items() if value is not None}
+    if epochs is not None and max_steps is None:
+        overrides["max_steps"] = None  # asking for epochs lifts a preset's update budget
     if resume:
         fixed = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
                      kl_anneal=kl_anneal, seed=seed, data=data, aux_condition=aux_condition)
@@ -135,7 +138,7 @@ def train_cli(
             kl_anneal=kl_anneal, seed=seed).items() if v is not None})
         run_config = RunConfig(model_config, train_config, data_description(dataset))
         run_dir = out or new_run_dir()
-    run_config.train = replace(run_config.train, **{k: v for k, v in overrides.items() if v is not None})
+    run_config.train = replace(run_config.train, **overrides)
 
     stderr.print(
         escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) on {torch_device}; run folder {run_dir}"),

@@ -20,6 +20,7 @@ import torch
 from .checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    MODEL_FILE,
     OPTIMIZER_FILE,
     newest_checkpoint,
     point_latest,
@@ -30,7 +31,7 @@ from .checkpoint import (
     restore_optimizer_state,
     save_checkpoint,
 )
-from .data import PreparedDataset, PreparedSplit
+from .data import PreparedDataset
 from .errors import TrainingError
 from .evaluate import evaluate_split
 from .fileio import check_can_write, write_json
@@ -239,7 +240,7 @@ class Trainer:
                 f"{self.run_dir} has no complete training checkpoint to resume from.",
                 "Start a new run without --resume.",
             )
-        tensors = read_tensors(folder / "model.safetensors")
+        tensors = read_tensors(folder / MODEL_FILE)
         self.model.load_state_dict({name: t.to(self.device) for name, t in tensors.items()})
         saved = read_trainer_state(folder)
         groups = saved.pop("optimizer_param_groups")
@@ -345,20 +346,17 @@ class Trainer:
 
     # -- outputs ----------------------------------------------------------------------------
 
-    def checkpoint_config(self) -> dict:
-        return self.config.to_dict()
-
     def save_training_checkpoint(self) -> Path:
         self.state.torch_rng_state = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
         folder = self.run_dir / CHECKPOINTS_DIR / f"step-{self.state.step:08d}"
-        save_checkpoint(folder, self.model, self.checkpoint_config(), asdict(self.state), self.optimizer)
+        save_checkpoint(folder, self.model, self.config.to_dict(), asdict(self.state), self.optimizer)
         prune_checkpoints(self.run_dir, "step", self.config.train.keep_checkpoints)
         self.emit("checkpoint", {"path": str(folder)})
         return folder
 
     def save_best_checkpoint(self) -> Path:
         folder = self.run_dir / CHECKPOINTS_DIR / f"best-{self.state.step:08d}"
-        save_checkpoint(folder, self.model, self.checkpoint_config(), asdict(self.state))
+        save_checkpoint(folder, self.model, self.config.to_dict(), asdict(self.state))
         prune_checkpoints(self.run_dir, "best", 1)
         return folder
 
@@ -418,4 +416,4 @@ def data_description(dataset: PreparedDataset) -> dict:
     }
 
 
-__all__ = ["PreparedSplit", "RunConfig", "TrainConfig", "TrainEvent", "TrainResult", "Trainer", "train", "data_description"]
+__all__ = ["RunConfig", "TrainConfig", "TrainEvent", "TrainResult", "Trainer", "train", "data_description"]
