@@ -16,7 +16,7 @@ CURVE_PANELS = (  # (title, metric key)
     ("KL (nats / sequence)", "kl"),
     ("auxiliary cost −log p(b|z)", "aux"),
 )
-PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 360, 240, 48
+PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 360, 240, 72
 
 
 # -- PNG -------------------------------------------------------------------------------------------
@@ -66,11 +66,15 @@ def write_training_curves(metrics_path: Path, out: Path) -> None:
         valid = [(r["step"], r[key]) for r in records if r["type"] == "valid" and key in r]
         panels.append(svg_panel(index * (PANEL_WIDTH + MARGIN), title, train, valid))
     width = len(CURVE_PANELS) * (PANEL_WIDTH + MARGIN) + MARGIN
-    height = PANEL_HEIGHT + 2 * MARGIN
+    height = PANEL_HEIGHT + 84
+    legend = (
+        f'<text x="{MARGIN}" y="{height - 8}" fill="#555">line: training batches · '
+        'dots: validation · x: updates</text>'
+    )
     write_bytes(out, (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'font-family="sans-serif" font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
-        + "\n".join(panels) + "\n</svg>\n"
+        + "\n".join(panels + [legend]) + "\n</svg>\n"
     ).encode())
 
 
@@ -97,9 +101,13 @@ def svg_panel(offset: int, title: str, train: list[tuple[float, float]], valid: 
         a, b = to_svg(x, y)
         parts.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#d62728"/>')
     parts += [
-        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{y1:.4g}</text>',
-        f'<text x="{left - 4}" y="{top + PANEL_HEIGHT}" text-anchor="end">{y0:.4g}</text>',
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{axis_label(y1)}</text>',
+        f'<text x="{left - 4}" y="{top + PANEL_HEIGHT}" text-anchor="end">{axis_label(y0)}</text>',
         f'<text x="{left}" y="{top + PANEL_HEIGHT + 14}">{x0:g}</text>',
         f'<text x="{left + PANEL_WIDTH}" y="{top + PANEL_HEIGHT + 14}" text-anchor="end">{x1:g} updates</text>',
     ]
     return "\n".join(parts)
+
+
+def axis_label(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
