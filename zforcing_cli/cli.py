@@ -14,7 +14,7 @@ from rich.markup import escape
 from . import __version__
 from .checkpoint import load_model, resolve_checkpoint, resolve_latest
 from .console import handle_errors, print_error, results_table, simple_progress, stderr, stdout, training_progress
-from .data import AVAILABLE_KINDS, EMBEDDED, PLANNED_KINDS, open_dataset, prepare
+from .data import AVAILABLE_KINDS, EMBEDDED, PLANNED_KINDS, PreparedDataset, open_dataset, prepare
 from .device import resolve_device
 from .errors import ZForcingError
 from .evaluate import evaluate_split
@@ -113,46 +113,51 @@ def train_cli(
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     torch_device = resolve_device(device)
-    given = {"epochs": epochs, "max_steps": max_steps, "checkpoint_every": checkpoint_every}
-    overrides = {name: value for name, value in given.items() if value is not None}
-    if epochs is not None and max_steps is None:
-        overrides["max_steps"] = None  # asking for epochs lifts a preset's update budget
+    settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
+                    kl_anneal=kl_anneal, seed=seed, data=data, aux_condition=aux_condition)
     if resume:
-        fixed = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
-                     kl_anneal=kl_anneal, seed=seed, data=data, aux_condition=aux_condition)
-        given = [name for name, value in fixed.items() if value is not None]
-        if given:
-            raise usage_error(
-                f"--{given[0].replace('_', '-')} cannot change when resuming.",
-                "A resumed run keeps its configuration; only --epochs, --max-steps, --checkpoint-every and --device may be given.",
-            )
-        run_dir = out or resolve_latest(RUNS_ROOT)
-        run_config = load_run_config(run_dir)
-        dataset = open_dataset(run_config.data["location"])
+        run_dir, run_config, dataset = resumed_run(out, settings)
     else:
-        dataset = open_dataset(data or EMBEDDED)
-        model_config, train_config = preset_configs(preset or "small", dataset.meta)
-        model_config = apply_model_options(model_config, aux_condition)
-        train_config = replace(train_config, **{k: v for k, v in dict(
-            batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
-            kl_anneal=kl_anneal, seed=seed).items() if v is not None})
-        run_config = RunConfig(model_config, train_config, data_description(dataset))
-        run_dir = out or new_run_dir()
-    run_config.train = replace(run_config.train, **overrides)
+        run_dir, run_config, dataset = new_run(out, settings)
+    lengths = {name: value for name, value in dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every).items() if value is not None}
+    if epochs is not None and max_steps is None:
+        lengths["max_steps"] = None  # asking for epochs lifts a preset's update budget
+    run_config.train = replace(run_config.train, **lengths)
 
     stderr.print(
         escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) on {torch_device}; run folder {run_dir}"),
         soft_wrap=True,
     )
     with training_progress() as progress:
-        reporter = TrainReporter(progress)
-        result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force)
-    best = result.best_checkpoint
+        result = train(run_dir, run_config, dataset, torch_device, TrainReporter(progress), resume=resume, force=force)
+    best = result.state.best_seen
     stdout.print(
-        f"Best validation bound: NLL ≤ {-(result.state.best_seen or float('nan')):.2f} nats per sequence; "
-        f"checkpoint {escape(str(best))}", soft_wrap=True,
+        f"Best validation bound: NLL ≤ {float('nan') if best is None else -best:.2f} nats per sequence; "
+        f"checkpoint {escape(str(result.best_checkpoint))}", soft_wrap=True,
     )
     stdout.print(escape(f"Next: zforcing evaluate {run_dir}  or  zforcing sample {run_dir}"), soft_wrap=True)
+
+
+def resumed_run(out: Path | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
+    """The run to continue; a resumed run keeps every setting but its length and device."""
+    changed = [name for name, value in settings.items() if value is not None]
+    if changed:
+        raise usage_error(
+            f"--{changed[0].replace('_', '-')} cannot change when resuming.",
+            "A resumed run keeps its configuration; only --epochs, --max-steps, --checkpoint-every and --device may be given.",
+        )
+    run_dir = out or resolve_latest(RUNS_ROOT)
+    run_config = load_run_config(run_dir)
+    return run_dir, run_config, open_dataset(run_config.data["location"])
+
+
+def new_run(out: Path | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
+    """A new run: the preset's sizes for the dataset, with the options given on top."""
+    dataset = open_dataset(settings.pop("data") or EMBEDDED)
+    model_config, train_config = preset_configs(settings.pop("preset") or "small", dataset.meta)
+    model_config = apply_model_options(model_config, settings.pop("aux_condition"))
+    train_config = replace(train_config, **{name: value for name, value in settings.items() if value is not None})
+    return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset)), dataset
 
 
 def apply_model_options(config, aux_condition: str | None):
