@@ -475,3 +475,13 @@ def test_unexpected_errors_are_one_line_unless_debugging(in_trained, monkeypatch
     debug = invoke("evaluate", "--device", "cpu", env={"ZFORCING_DEBUG": "1"})
     assert debug.exit_code == 1
     assert isinstance(debug.exception, RuntimeError) and str(debug.exception) == "kaboom"
+
+
+def test_evaluate_when_the_training_data_has_moved(cwd, best_checkpoint):
+    config = json.loads((best_checkpoint / "config.json").read_text())
+    folder = shutil.copytree(best_checkpoint, cwd / "moved")
+    config["data"]["location"] = str(cwd / "no-longer-here")
+    (folder / "config.json").write_text(json.dumps(config))
+    result = invoke("evaluate", folder, "--device", "cpu")
+    assert_clean_error(result, 1, "The model was trained on")
+    assert "--data" in result.output

@@ -16,7 +16,7 @@ from .checkpoint import load_model, resolve_checkpoint, resolve_latest
 from .console import handle_errors, print_error, results_table, simple_progress, stderr, stdout, training_progress
 from .data import AVAILABLE_KINDS, EMBEDDED, PLANNED_KINDS, PreparedDataset, open_dataset, prepare
 from .device import resolve_device
-from .errors import ZForcingError
+from .errors import DataError, ZForcingError
 from .evaluate import evaluate_split
 from .generate import sample_images
 from .presets import PRESETS, preset_configs
@@ -244,7 +244,7 @@ def evaluate_cli(
     torch_device = resolve_device(device)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT)
     model, config = load_model(folder, torch_device)
-    dataset = open_dataset(data or config["data"]["location"])
+    dataset = open_training_data(config) if data is None else open_dataset(data)
     if dataset.meta.modality != model.config.modality:
         raise ZForcingError(
             f"The dataset holds {dataset.meta.modality} data but the model models {model.config.modality} data.",
@@ -272,6 +272,18 @@ def evaluate_cli(
         rows.insert(2, (f"NLL ≤ (IWAE, K={iwae}), {unit}", f"{-result.iwae:.2f}"))
     stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
     stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows))
+
+
+def open_training_data(config: dict) -> PreparedDataset:
+    """The dataset a checkpoint was trained on, with a hint when it has moved."""
+    location = config["data"]["location"]
+    try:
+        return open_dataset(location)
+    except DataError as error:
+        raise DataError(
+            f"The model was trained on {location}, which cannot be opened: {error.message}",
+            "Pass the prepared dataset with --data DIR.",
+        ) from None
 
 
 # -- sample --------------------------------------------------------------------------------------
