@@ -244,13 +244,9 @@ class ForwardCell(nn.Module):
 
     @staticmethod
     def update(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """LSTM state update from gate pre-activations [i, f, g, o]. One sigmoid over all four
-        blocks (the g block's is unused) costs less than three calls: the loop is op-bound."""
-        size = c.shape[-1]
-        sig = torch.sigmoid(gates)
-        i, f, o = sig[..., :size], sig[..., size : 2 * size], sig[..., 3 * size :]
-        c = torch.addcmul(f * c, i, torch.tanh(gates[..., 2 * size : 3 * size]))
-        return o * torch.tanh(c), c
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +400,7 @@ class ZForcing(nn.Module):
         for gates_in, post_in, eps in steps_in:
             from_h = h @ from_h_weight.t()  # (B, 4H+M)
             mean, logvar = post.stats(clipped_leaky_relu(from_h[:, 4 * size :] + post_in))
-            z = torch.addcmul(mean, torch.exp(0.5 * logvar), eps)  # reparameterised sample
+            z = mean + torch.exp(0.5 * logvar) * eps  # reparameterised sample
             gates = torch.addmm(gates_in + from_h[:, : 4 * size], z, z_weight.t())
             h, c = cell.update(gates, c)
             states.append(h)
