@@ -12,6 +12,7 @@ Results go to stdout as a table or JSON; docs/performance.md records them with t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from . import __version__
 from .data import EMBEDDED, open_dataset, prepare
 from .device import resolve_device
 from .evaluate import evaluate_split
-from .model import ZForcing
+from .model import ZForcing, count_parameters
 from .presets import preset_configs
 from .train import TrainConfig, step_generator, train_step
 
@@ -59,8 +60,10 @@ def bench_training(model: ZForcing, config: TrainConfig, batch: tuple, device: t
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train(True)
 
-    def one_update(step=iter(range(10**9))) -> None:
-        train_step(model, optimizer, batch, 1.0, config, step_generator(0, next(step), device))
+    steps = itertools.count()
+
+    def one_update() -> None:
+        train_step(model, optimizer, batch, 1.0, config, step_generator(0, next(steps), device))
         synchronize(device)
 
     one_update()  # warm-up
@@ -98,7 +101,7 @@ def run(device_spec: str, preset: str, updates: int, batch_size: int | None) -> 
         "machine": machine_description(device),
         "preset": preset,
         "batch_size": train_config.batch_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": count_parameters(model),
         "batch_fetch_us": bench_batches(train_config.batch_size) * 1e6,
         "train_ms_per_update": update * 1e3,
         "train_updates_per_s": 1.0 / update,

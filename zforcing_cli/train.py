@@ -35,7 +35,7 @@ from .data import PreparedDataset
 from .errors import TrainingError
 from .evaluate import evaluate_split
 from .fileio import check_can_write, write_json
-from .model import ZForcing, ZForcingConfig
+from .model import ZForcing, ZForcingConfig, count_parameters
 from .plots import write_training_curves
 
 METRICS_FILE = "metrics.jsonl"
@@ -270,7 +270,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, state = self.config.train, self.state
-        self.emit("start", {"parameters": sum(p.numel() for p in self.model.parameters())})
+        self.emit("start", {"parameters": count_parameters(self.model)})
         while state.step < self.total_steps:
             order = epoch_order(cfg.seed, state.epoch, len(self.train_split))
             while state.batch_in_epoch < self.batches_per_epoch and state.step < self.total_steps:
