@@ -252,6 +252,18 @@ def test_train_resume_continues_runs_latest(trained, cwd):
     assert len([p for p in runs.iterdir() if p.name != "latest"]) == 1  # no new run folder
 
 
+def test_train_resume_of_a_finished_run_says_how_to_continue(trained, cwd):
+    runs = copy_runs(trained[0], cwd)
+    before = sorted(p.name for p in (runs / "latest" / "checkpoints").iterdir())
+    result = invoke("train", "--resume", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "already took its 2 updates" in plain(result.stderr)
+    assert "--epochs N or --max-steps N" in plain(result.stderr)
+    steps = sorted((runs / "latest" / "checkpoints").glob("step-*"))
+    assert steps[-1].name == "step-00000002"
+    assert [name for name in before if name.startswith("step-")][-1] == "step-00000002"
+
+
 @pytest.mark.parametrize("option", [["--lr", "0.1"], ["--batch-size", "8"], ["--seed", "3"]])
 def test_train_resume_refuses_changing_the_configuration(trained, cwd, option):
     copy_runs(trained[0], cwd)

@@ -198,6 +198,11 @@ class TrainReporter:
             self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
             self.first_step = event.step
             stderr.print(f"{event.metrics['parameters']:,} parameters; {event.total_steps:,} updates", highlight=False)
+            if event.step >= event.total_steps:
+                stderr.print(
+                    f"The run already took its {event.total_steps:,} updates; "
+                    "pass --epochs N or --max-steps N with --resume to train longer."
+                )
         elif event.kind == "step":
             m = event.metrics
             now = time.perf_counter()
