@@ -11,6 +11,9 @@ u_t = y_{t-1} (u_1 is a start symbol), so the bound covers every target element.
     auxiliary    -log p(b_t | z_t)                       aux head, Eq. 8 (b_t detached)
                  -log p(u_t | b_t)                       backward head, Eq. 10
 
+Every Gaussian is parameterized by its mean and log-variance (the paper writes [mu, log sigma];
+the family is the same, and the ±clamp acts on the log-variance as in the authors' code).
+
 The per-step forward loop is written so that everything that does not depend on h_{t-1} is
 computed for all steps at once before the loop (input projections, the b_t half of the
 posterior's first layer, the noise) and everything that depends only on h_t or z_t after it
