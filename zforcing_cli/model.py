@@ -12,7 +12,8 @@ u_t = y_{t-1} (u_1 is a start symbol), so the bound covers every target element.
                  -log p(u_t | b_t)                       backward head, Eq. 10
 
 Every Gaussian is parameterized by its mean and log-variance (the paper writes [mu, log sigma];
-the family is the same, and the ±clamp acts on the log-variance as in the authors' code).
+the family is the same). The ±clamp acts on both outputs of the prior and posterior MLPs, as
+the authors' code clamped those MLPs' outputs.
 
 The per-step forward loop is written so that everything that does not depend on h_{t-1} is
 computed for all steps at once before the loop (input projections, the b_t half of the
