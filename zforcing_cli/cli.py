@@ -18,6 +18,7 @@ from .data import AVAILABLE_KINDS, EMBEDDED, PLANNED_KINDS, PreparedDataset, ope
 from .device import resolve_device
 from .errors import DataError, ZForcingError
 from .evaluate import evaluate_split
+from .fileio import check_can_write
 from .generate import sample_images
 from .presets import PRESETS, preset_configs
 from .train import RunConfig, TrainEvent, data_description, load_run_config, train
@@ -318,8 +319,7 @@ def sample_cli(
     out = out or Path("samples.png")
     if data["modality"] == "binary" and (seconds is not None or length is not None):
         raise usage_error("--seconds and --length do not apply to an image model.", "Images are always 28x28 = 784 pixels.")
-    if out.exists() and not force:
-        raise ZForcingError(f"{out} already exists.", "Choose another --out, or pass --force to replace it.")
+    check_can_write(out, force)
     with stderr.status(f"Sampling {num} sequences ..."):
         sample_images(model, data, out, num=num, temperature=temperature, seed=seed)
     stdout.print(escape(f"Wrote {num} samples to {out}"), soft_wrap=True)

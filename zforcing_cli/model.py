@@ -443,7 +443,7 @@ class ZForcing(nn.Module):
             mean, logvar = self.prior(h)
             noise = torch.randn(mean.shape, generator=generator, device=device, dtype=dtype)
             z = mean + torch.exp(0.5 * logvar) * noise
-            gates = cell.input_gates(self.embed(u)).squeeze(1) + h @ cell.hidden_to_gates.weight.t()
+            gates = cell.input_gates(self.embed(u)).squeeze(1) + h @ weight.t()
             h, c = cell.update(gates + z @ z_weight.t(), c)
             y = self.distribution.sample(self.output_head(h.unsqueeze(1)), temperature, generator)
             outputs.append(y)
