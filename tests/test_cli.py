@@ -473,12 +473,12 @@ def test_debug_variable_shows_the_traceback_of_an_expected_error(cwd):
 
 
 def test_unexpected_errors_are_one_line_unless_debugging(in_trained, monkeypatch):
-    import zforcing_cli.cli as cli_module
+    import zforcing_cli.cli.evaluate as evaluate_command
 
     def explode(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli_module, "evaluate_split", explode)
+    monkeypatch.setattr(evaluate_command, "evaluate_split", explode)
     result = invoke("evaluate", "--device", "cpu")
     line = assert_clean_error(result, 1, "RuntimeError", "kaboom")
     assert "ZFORCING_DEBUG" in plain(result.stderr)

@@ -1,0 +1,51 @@
+"""The `zforcing` command: one module per command, each a thin wrapper that parses options,
+calls the core and prints."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..console import handle_errors, stdout
+from . import evaluate, interpolate, prepare, sample, train
+
+app = typer.Typer(
+    name="zforcing",
+    help="Train, evaluate and sample the Z-Forcing stochastic recurrent model (Goyal et al., NIPS 2017).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"zforcing {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Z-Forcing: stochastic recurrent networks trained with an auxiliary cost."""
+
+
+COMMANDS = {
+    "prepare": prepare, "train": train, "evaluate": evaluate, "sample": sample, "interpolate": interpolate,
+}
+for name, module in COMMANDS.items():
+    app.command(name, epilog=module.EPILOG)(handle_errors(getattr(module, f"{name}_cli")))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
