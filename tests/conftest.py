@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["ZFORCING_THREADS"] = "1"  # the CLI's thread policy: one thread, as set below
 
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -142,9 +142,15 @@ def test_prepare_existing_output_needs_force(cwd, amat_folder):
     (out / "keep.txt").write_text("mine")
     assert_clean_error(invoke("prepare", "mnist", amat_folder[0], "--out", out), 1, "already exists")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --force replaces only a prepared dataset: a folder of the user's own is refused, named
+    line = assert_clean_error(invoke("prepare", "mnist", amat_folder[0], "--out", out, "--force"), 1, "not a prepared dataset")
+    assert "keep.txt" in line
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert invoke("prepare", "mnist", amat_folder[0], "--out", out).exit_code == 0  # an empty folder is used as it is
     result = invoke("prepare", "mnist", amat_folder[0], "--out", out, "--force")
     assert result.exit_code == 0, plain(result.output)
-    assert (out / "meta.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "meta.json").is_file()
 
 
 def corrupt_line(folder: Path, split: str, edit) -> None:
@@ -264,11 +270,16 @@ def test_train_resume_of_a_finished_run_says_how_to_continue(trained, cwd):
     assert [name for name in before if name.startswith("step-")][-1] == "step-00000002"
 
 
-@pytest.mark.parametrize("option", [["--lr", "0.1"], ["--batch-size", "8"], ["--seed", "3"]])
-def test_train_resume_refuses_changing_the_configuration(trained, cwd, option):
+@pytest.mark.parametrize(
+    ("option", "values"),
+    [(["--lr", "0.1"], "0.1 differs from the run's 0.002"), (["--batch-size", "8"], "8 differs from the run's 4"),
+     (["--seed", "3"], "3 differs from the run's 0"), (["--preset", "paper"], "paper differs from the run's small"),
+     (["--aux-condition", "hz"], "hz differs from the run's z")],
+)
+def test_train_resume_refuses_changing_the_configuration(trained, cwd, option, values):
     copy_runs(trained[0], cwd)
     before = sorted(p.name for p in (cwd / "runs" / "latest" / "checkpoints").iterdir())
-    assert_clean_error(invoke("train", "--resume", *option), 2, "cannot change when resuming")
+    assert_clean_error(invoke("train", "--resume", *option), 2, values)
     assert sorted(p.name for p in (cwd / "runs" / "latest" / "checkpoints").iterdir()) == before
 
 

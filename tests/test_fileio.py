@@ -53,12 +53,13 @@ def test_atomic_directory_force_replaces_only_on_success(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep").write_text("old")
+    ours = lambda folder: (folder / "keep").exists() or (folder / "new").exists()  # noqa: E731
     with pytest.raises(RuntimeError):
-        with atomic_directory(target, force=True) as staging:
+        with atomic_directory(target, force=True, is_ours=ours) as staging:
             (staging / "new").write_text("new")
             raise RuntimeError("boom")
     assert entries(target) == ["keep"]
-    with atomic_directory(target, force=True) as staging:
+    with atomic_directory(target, force=True, is_ours=ours) as staging:
         (staging / "new").write_text("new")
     assert entries(target) == ["new"]
     assert entries(tmp_path) == ["out"]

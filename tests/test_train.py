@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def final_checkpoint(run_dir: Path) -> Path:
     folder = newest_checkpoint(run_dir, "step")
     assert folder is not None
     return folder
+
+
+def model_tensors(folder: Path) -> dict[str, list]:
+    return {name: tensor.tolist() for name, tensor in load_file(folder / "model.safetensors").items()}
 
 
 def comparable_state(folder: Path) -> dict:
@@ -125,10 +130,20 @@ def test_stopping_mid_epoch_does_not_change_the_lr_schedule(two_step_epochs, tmp
     assert state_b == state_a
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(small_dataset, tmp_path):
-    (tmp_path / "run").mkdir()
-    with pytest.raises(TrainingError, match="no complete training checkpoint"):
-        train(tmp_path / "run", tiny_run_config(small_dataset), small_dataset, CPU, resume=True)
+def test_resume_without_a_checkpoint_starts_from_step_0(small_dataset, tmp_path):
+    """A run killed before its first checkpoint keeps only its config (and perhaps a cut-off
+    metrics line); resuming it trains it whole, exactly as a fresh run."""
+    config = tiny_run_config(small_dataset, max_steps=2)
+    fresh = train(tmp_path / "fresh", config, small_dataset, CPU)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"type": "train", "step": 1, "lo')
+    events = []
+    resumed = train(killed, config, small_dataset, CPU, events.append, resume=True)
+    assert [e.metrics for e in events if e.kind == "resume"] == [{"checkpoint": None}]
+    assert resumed.state.step == 2
+    assert model_tensors(resumed.last_checkpoint) == model_tensors(fresh.last_checkpoint)
+    assert [r["step"] for r in read_records(killed, "train")] == [1, 2]
 
 
 def test_new_run_refuses_an_existing_folder(small_dataset, tmp_path):
@@ -187,7 +202,8 @@ def run_with_bad_steps(dataset, run_dir, bad_calls, make_bad, **overrides):
 
     trainer = Trainer(run_dir, tiny_run_config(dataset, **overrides), dataset, CPU, callback)
     trainer_box["t"] = trainer
-    trainer.start_new()
+    trainer.create_run_folder()
+    trainer.write_config()
     return trainer, history, objective
 
 
@@ -283,10 +299,13 @@ def test_run_folder_has_best_and_pruned_step_checkpoints(finished_run):
     assert not [p for p in run_dir.rglob(".*")]  # no temporary folders or files left
 
 
-def test_runs_latest_points_at_the_run(finished_run):
-    runs, run_dir, _, _ = finished_run
-    assert (runs / "latest").exists()
-    assert resolve_latest(runs) == run_dir.resolve()
+def test_runs_latest_names_the_run_wherever_it_is(tiny_dataset, tmp_path):
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere" / "run"
+    train(runs / "inside", tiny_run_config(tiny_dataset, max_steps=1), tiny_dataset, CPU, latest_link=runs)
+    assert os.readlink(runs / "latest") == "inside"  # relative: runs/ can move as a whole
+    train(elsewhere, tiny_run_config(tiny_dataset, max_steps=1), tiny_dataset, CPU, latest_link=runs)
+    assert os.readlink(runs / "latest") == str(elsewhere)
+    assert resolve_latest(runs) == elsewhere.resolve()
 
 
 def test_metrics_have_train_and_valid_records(finished_run):

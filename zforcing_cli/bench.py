@@ -7,6 +7,10 @@ Measures, on this machine, with the default (small) MNIST preset unless told oth
 - evaluation (ELBO) sequences per second;
 - free-running sampling, sequences per second.
 Results go to stdout as a table or JSON; docs/performance.md records them with the machine.
+
+With --processes N it measures sharing instead: training speed of one process alone, then of N
+processes training at once (each under the thread policy of zforcing_cli/threads.py, or
+--threads), and each one's share of the solo speed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +36,10 @@ from .device import resolve_device
 from .evaluate import evaluate_split
 from .model import ZForcing, count_parameters
 from .presets import preset_configs
+from .threads import ThreadPolicy, available_cores
 from .train import TrainConfig, step_generator, train_step
+
+READY, GO = "ready", "go"  # the start barrier between bench_shared and its workers
 
 
 def time_calls(function, repeats: int) -> list[float]:
@@ -55,14 +64,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_training(model: ZForcing, config: TrainConfig, batch: tuple, device: torch.device, updates: int) -> float:
-    """Median seconds per update (forward, backward, clipping, Adam)."""
+def bench_training(
+    model: ZForcing, config: TrainConfig, batch: tuple, device: torch.device, updates: int, before_update=lambda: None
+) -> float:
+    """Median seconds per update (forward, backward, clipping, Adam), before_update() included."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train(True)
 
     steps = itertools.count()
 
     def one_update() -> None:
+        before_update()
         train_step(model, optimizer, batch, 1.0, config, step_generator(0, next(steps), device))
         synchronize(device)
 
@@ -70,8 +82,8 @@ def bench_training(model: ZForcing, config: TrainConfig, batch: tuple, device: t
     return statistics.median(time_calls(one_update, updates))
 
 
-def run(device_spec: str, preset: str, updates: int, batch_size: int | None) -> dict:
-    device = resolve_device(device_spec)
+def training_setup(device: torch.device, preset: str, batch_size: int | None):
+    """(embedded dataset, model, train config, first training batch) for a preset."""
     dataset = open_dataset(EMBEDDED)
     model_config, train_config = preset_configs(preset, dataset.meta)
     if batch_size:
@@ -80,6 +92,12 @@ def run(device_spec: str, preset: str, updates: int, batch_size: int | None) -> 
     model = ZForcing(model_config).to(device)
     indices = np.arange(train_config.batch_size)
     batch = tuple(t.to(device) for t in dataset.split("train").batch(indices))
+    return dataset, model, train_config, batch
+
+
+def run(device_spec: str, preset: str, updates: int, batch_size: int | None) -> dict:
+    device = resolve_device(device_spec)
+    dataset, model, train_config, batch = training_setup(device, preset, batch_size)
     update = bench_training(model, train_config, batch, device, updates)
 
     eval_count = 500
@@ -111,6 +129,85 @@ def run(device_spec: str, preset: str, updates: int, batch_size: int | None) -> 
     }
 
 
+def shared_worker(updates: int, threads: int | None, preset: str, batch_size: int | None) -> None:
+    """One process of bench_shared: set up, wait for GO on stdin, time CPU updates, print one JSON line.
+
+    It calls policy.refresh() before each update, as the trainer does, so the timing includes
+    the policy's cost and its reaction to the other processes.
+    """
+    device = torch.device("cpu")
+    with ThreadPolicy(threads) as policy:
+        _, model, train_config, batch = training_setup(device, preset, batch_size)
+        print(READY, flush=True)
+        sys.stdin.readline()  # GO: every worker is set up, so the timed updates overlap
+        seconds = bench_training(model, train_config, batch, device, updates, before_update=policy.refresh)
+        result = {
+            "ms_per_update": seconds * 1e3,
+            "batch_size": train_config.batch_size,
+            "threads": policy.threads,
+            "thread_changes": len(policy.changes),
+        }
+    print(json.dumps(result), flush=True)
+
+
+def run_workers(count: int, updates: int, threads: int | None, preset: str, batch_size: int | None) -> list[dict]:
+    """Start `count` shared_worker processes, release them together, return their results."""
+    command = [sys.executable, "-m", "zforcing_cli.bench", "--worker-updates", str(updates), "--preset", preset]
+    command += ["--threads", str(threads)] if threads is not None else []
+    command += ["--batch-size", str(batch_size)] if batch_size else []
+    workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    try:
+        for worker in workers:
+            if worker.stdout.readline().strip() != READY:
+                raise RuntimeError(f"benchmark worker exited early (status {worker.wait()})")
+        for worker in workers:
+            worker.stdin.write(GO + "\n")
+            worker.stdin.close()
+        return [worker_result(worker) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:  # only after a failure: do not leave the others training
+                worker.kill()
+                worker.wait()
+
+
+def worker_result(worker: subprocess.Popen) -> dict:
+    output = worker.stdout.read()
+    if worker.wait() != 0:
+        raise RuntimeError(f"benchmark worker failed (status {worker.returncode})")
+    return json.loads(output.splitlines()[-1])
+
+
+def bench_shared(
+    processes: int, updates: int, threads: int | None, preset: str = "small", batch_size: int | None = None
+) -> dict:
+    """Median ms per CPU update of one training alone, then of `processes` trainings at once.
+
+    share_of_solo_speed is solo_ms / concurrent_ms for each concurrent process: 0.5 means it
+    ran at half the speed it has alone.
+    """
+    solo = run_workers(1, updates, threads, preset, batch_size)[0]
+    concurrent = run_workers(processes, updates, threads, preset, batch_size)
+    shares = [solo["ms_per_update"] / result["ms_per_update"] for result in concurrent]
+    return {
+        "zforcing": __version__,
+        "torch": torch.__version__,
+        "machine": f"{cpu_model_name()}, {available_cores()} cores",
+        "preset": preset,
+        "batch_size": solo["batch_size"],
+        "processes": processes,
+        "updates": updates,
+        "thread_policy": "automatic" if threads is None else f"--threads {threads}",
+        "solo_ms_per_update": solo["ms_per_update"],
+        "solo_threads": solo["threads"],
+        "concurrent_ms_per_update": [result["ms_per_update"] for result in concurrent],
+        "concurrent_threads": [result["threads"] for result in concurrent],
+        "concurrent_thread_changes": [result["thread_changes"] for result in concurrent],
+        "share_of_solo_speed": shares,
+        "min_share_of_solo_speed": min(shares),
+    }
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -133,13 +230,30 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--processes", type=int, default=0, help="measure N concurrent CPU trainings against one alone")
+    parser.add_argument("--threads", type=int, default=None, help="fixed torch thread count (default: automatic policy)")
+    parser.add_argument("--worker-updates", type=int, default=None, help=argparse.SUPPRESS)  # bench_shared's workers
     args = parser.parse_args()
-    result = run(args.device, args.preset, args.updates, args.batch_size)
+    if args.worker_updates is not None:
+        shared_worker(args.worker_updates, args.threads, args.preset, args.batch_size)
+        return
+    if args.processes:
+        result = bench_shared(args.processes, args.updates, args.threads, args.preset, args.batch_size)
+    else:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        result = run(args.device, args.preset, args.updates, args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     for key, value in result.items():
-        print(f"{key:24} {value:,.2f}" if isinstance(value, float) else f"{key:24} {value}")
+        print(f"{key:24} {formatted(value)}")
+
+
+def formatted(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(formatted(item) for item in value)
+    return f"{value:,.2f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

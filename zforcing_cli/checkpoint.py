@@ -1,6 +1,6 @@
 """Checkpoint folders and run folders. No pickle: JSON and safetensors only.
 
-    runs/<name>/                       a run folder (`runs/latest` points at the newest)
+    runs/<name>/                       a run folder (`runs/latest` names the newest)
       config.json                      what was trained: model, data and training config
       metrics.jsonl                    one JSON record per logged step and per validation
       training_curves.svg              ELBO, KL and auxiliary cost over training (paper Fig. 2)
@@ -12,6 +12,10 @@
 
 Every checkpoint folder is written under a temporary name and renamed when complete, so a
 folder named step-* or best-* is always whole.
+
+`runs/latest`, in the folder where `zforcing train` was started, names the newest run started
+there, wherever its --out put it (a relative link inside runs/, an absolute one elsewhere), so
+bare `evaluate`, `sample` and `train --resume` find it.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Write one checkpoint folder atomically; optimizer state is included for resuming."""
-    with atomic_directory(folder, force=True) as staging:
+    with atomic_directory(folder, force=True, what="checkpoint folder", is_ours=is_checkpoint_folder) as staging:
         write_json(staging / CONFIG_FILE, {**config, "format_version": CHECKPOINT_FORMAT, "zforcing_version": __version__})
         save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}, staging / MODEL_FILE)
         if optimizer is not None:
@@ -112,9 +116,27 @@ def newest_checkpoint(run_dir: Path, prefix: str) -> Path | None:
     return max(folders, key=checkpoint_step) if folders else None
 
 
+def is_checkpoint_folder(folder: Path) -> bool:
+    return (Path(folder) / CONFIG_FILE).is_file() and (Path(folder) / MODEL_FILE).is_file()
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether folder is a run folder written by `zforcing train` (for --force)."""
+    try:
+        config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"model", "train", "data"} <= config.keys()
+
+
 def resolve_latest(runs_root: Path) -> Path:
     """The run folder that runs/latest names (a symlink, or a text file where links fail)."""
     latest = Path(runs_root) / LATEST
+    if latest.is_symlink() and not latest.exists():
+        raise CheckpointError(
+            f"{latest} names {os.readlink(latest)}, which no longer exists.",
+            "Pass a run folder, or train again to point runs/latest at a new run.",
+        )
     if latest.is_symlink() or latest.is_dir():
         return latest.resolve()
     if latest.is_file():
@@ -125,16 +147,20 @@ def resolve_latest(runs_root: Path) -> Path:
     )
 
 
-def point_latest(run_dir: Path) -> None:
-    """Make runs/latest name run_dir, atomically."""
-    latest = run_dir.parent / LATEST
-    tmp = run_dir.parent / f".{LATEST}.tmp"
+def point_latest(runs_root: Path, run_dir: Path) -> None:
+    """Make runs_root/latest name run_dir, atomically: a relative link when run_dir lies in
+    runs_root (the pair can move together), an absolute one elsewhere."""
+    runs_root = Path(runs_root)
+    runs_root.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir).absolute()
+    target = run_dir.name if run_dir.parent == runs_root.absolute() else str(run_dir)
+    latest, tmp = runs_root / LATEST, runs_root / f".{LATEST}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     try:
-        os.symlink(run_dir.name, tmp, target_is_directory=True)
+        os.symlink(target, tmp, target_is_directory=True)
     except OSError:  # no symlinks on this filesystem: a text file naming the run
-        tmp.write_text(run_dir.name + "\n")
+        tmp.write_text(target + "\n")
     os.replace(tmp, latest)
 
 
@@ -202,7 +228,18 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[ZForci
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{folder} does not match its config.json ({first}).", "Use another checkpoint of the run.") from None
+    check_finite_weights(folder, tensors)
     return model.to(device), config
+
+
+def check_finite_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise CheckpointError(
+            f"{folder} has non-finite weights (NaN or infinity in {', '.join(broken[:3])}"
+            f"{' and more' if len(broken) > 3 else ''}): the run diverged before this checkpoint.",
+            "Use an earlier checkpoint of the run, or train again with a lower --lr.",
+        )
 
 
 def read_trainer_state(folder: Path) -> dict:

@@ -15,7 +15,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import ZForcingError
+from typer.core import TyperGroup
+
+from .errors import ZForcingError, file_system_error
 
 stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
@@ -26,6 +28,11 @@ F = TypeVar("F", bound=Callable)
 
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 update', '2 updates', '1,563 updates'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def print_error(message: str, hint: str = "") -> None:
@@ -45,12 +52,11 @@ def handle_errors(command: F) -> F:
         except (typer.Exit, typer.Abort):
             raise
         except ZForcingError as error:
-            if debug_enabled():
-                traceback.print_exc(file=sys.stderr)
-            print_error(error.message, error.hint)
-            raise typer.Exit(1) from None
+            fail(error)
+        except OSError as error:
+            fail(file_system_error(error))
         except KeyboardInterrupt:
-            print_error("Interrupted.", "A training run can continue with `zforcing train --resume`.")
+            print_error("Interrupted.", "Outputs are written whole or not at all: nothing half-written was left behind.")
             raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the last line of defence for the user
             if debug_enabled():
@@ -62,6 +68,34 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(error: ZForcingError) -> None:
+    if debug_enabled():
+        traceback.print_exc(file=sys.stderr)
+    print_error(error.message, error.hint)
+    raise typer.Exit(error.exit_code) from None
+
+
+class CommandGroup(TyperGroup):
+    """The app's command group: a wrong command line (unknown option, value out of range) is
+    reported like every other error, one `Error:` line and a hint, exit 2, with no usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            print_error("Aborted.", "Nothing was changed.")
+            sys.exit(1)
+        except typer.TyperException as error:  # typer's usage errors (click's, vendored)
+            context = getattr(error, "ctx", None)
+            command = context.command_path if context is not None else "zforcing"
+            if error.format_message():  # empty when the help was shown for a bare command
+                print_error(error.format_message(), f"Run `{command} --help` for the options.")
+            sys.exit(getattr(error, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def training_progress() -> Progress:

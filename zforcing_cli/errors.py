@@ -1,15 +1,26 @@
-"""Errors a user can cause. The CLI prints them as one `Error:` line plus a hint, exit 1."""
+"""Errors a user can cause. The CLI prints them as one `Error:` line plus a hint and exits
+with the error's code: 2 for a wrong command line, 1 for everything else."""
 
 from __future__ import annotations
+
+import errno
 
 
 class ZForcingError(Exception):
     """An expected failure with a message for the user and a hint on what to do instead."""
 
+    exit_code = 1
+
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+class UsageError(ZForcingError):
+    """Options that cannot work together or a value out of range: the command line is wrong."""
+
+    exit_code = 2
 
 
 class DataError(ZForcingError):
@@ -22,3 +33,33 @@ class CheckpointError(ZForcingError):
 
 class TrainingError(ZForcingError):
     """Training that cannot go on (diverged, or asked to do something impossible)."""
+
+
+class FileSystemError(ZForcingError):
+    """The file system refused: permissions, a read-only or full disk, a file where a folder
+    belongs. Every OSError reaching the command line is described here, in one place."""
+
+
+OS_ERROR_ADVICE = {
+    errno.EACCES: ("permission denied", "Choose a location you may write to, or change its permissions."),
+    errno.EPERM: ("operation not permitted", "Choose a location you may write to, or change its permissions."),
+    errno.EROFS: ("the file system is read-only", "Choose a location on a writable file system."),
+    errno.ENOSPC: ("no space left on the device", "Free some space, or choose a location on another disk."),
+    errno.EDQUOT: ("the disk quota is exceeded", "Free some space, or choose a location on another disk."),
+    errno.EISDIR: ("it is a folder where a file was expected", "Give a file name, not a folder."),
+    errno.ENOTDIR: ("a part of the path is a file where a folder was expected", "Check the path, or choose another one."),
+    errno.ENOENT: ("no such file or folder", "Check the path; create the missing folder first."),
+    errno.ENOTEMPTY: ("the folder is not empty", "Choose another location, or empty the folder."),
+    errno.EEXIST: ("it already exists", "Choose another location."),
+    errno.ENAMETOOLONG: ("the name is too long", "Choose a shorter path."),
+    errno.EMFILE: ("too many open files", "Raise the open-file limit (ulimit -n) and run again."),
+    errno.EIO: ("an input/output error from the device", "Check the disk; run again once it works."),
+}
+
+
+def file_system_error(error: OSError) -> FileSystemError:
+    """The one-line description of an OSError, naming its path and what to do."""
+    reason, hint = OS_ERROR_ADVICE.get(error.errno, (error.strerror or str(error), "Check the path and run again."))
+    path = error.filename2 if error.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) and error.filename2 else error.filename
+    where = f"{path}: " if path is not None else ""
+    return FileSystemError(f"{where}{reason}.", hint)

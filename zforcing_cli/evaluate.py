@@ -8,9 +8,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .data import PreparedSplit
 from .model import ZForcing
+
+
+def bound_unit(modality: str) -> str:
+    """What one bound is per: an image for binarized MNIST, a sequence otherwise."""
+    return "nats per image" if modality == "binary" else "nats per sequence"
 
 
 @dataclass
@@ -39,28 +45,31 @@ def evaluate_split(
     iwae_samples: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Bounds on log p(y) averaged over the split's sequences (or its first `limit`)."""
+    """Bounds on log p(y) averaged over the split's sequences (or its first `limit`).
+
+    A forward pass holds at most batch_size (sequence, sample) pairs, whatever K is: with
+    K <= batch_size it takes batch_size // K sequences with all their K samples; with more
+    samples it takes one sequence and batch_size of its samples at a time.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     was_training = model.training
     model.train(False)
     count = min(len(split), limit) if limit else len(split)
-    repeats = max(iwae_samples, 1)
-    chunk = max(1, batch_size // repeats)  # sequences per forward pass, K copies each
+    samples = max(iwae_samples, 1)
+    sequences_per_pass = max(1, batch_size // samples)
+    chunks = sample_chunks(samples, batch_size)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     totals = {"elbo": 0.0, "kl": 0.0, "iwae": 0.0, "steps": 0}
-    for start in range(0, count, chunk):
-        targets, mask = split.batch(np.arange(start, min(start + chunk, count)))
-        targets = targets.to(device).repeat_interleave(repeats, dim=0)
-        mask = mask.to(device).repeat_interleave(repeats, dim=0)
-        out = model(targets, mask, generator=generator, auxiliary=False)
-        totals["elbo"] += out.elbo.double().sum().item() / repeats
-        totals["kl"] += out.kl.double().sum().item() / repeats
-        totals["steps"] += int(mask.sum().item()) // repeats
-        if iwae_samples:
-            log_weights = out.log_importance_weight.double().view(-1, repeats)  # (b, K)
-            totals["iwae"] += (torch.logsumexp(log_weights, dim=1) - math.log(repeats)).sum().item()
+    for start in range(0, count, sequences_per_pass):
+        stop = min(start + sequences_per_pass, count)
+        targets, mask = split.batch(np.arange(start, stop))
+        sums = _bound_sums(model, targets.to(device), mask.to(device), chunks, generator)
+        for name, value in sums.items():
+            totals[name] += value
         if progress is not None:
-            progress(min(start + chunk, count), count)
+            progress(stop, count)
     model.train(was_training)
     return EvalResult(
         elbo=totals["elbo"] / count,
@@ -70,3 +79,39 @@ def evaluate_split(
         sequences=count,
         steps=totals["steps"],
     )
+
+
+def sample_chunks(samples: int, batch_size: int) -> list[int]:
+    """How many of a sequence's K samples each forward pass takes: all K at once if they fit."""
+    full, rest = divmod(samples, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+def _bound_sums(
+    model: ZForcing, targets: Tensor, mask: Tensor, chunks: list[int], generator: torch.Generator
+) -> dict[str, float]:
+    """ELBO, KL and IWAE summed over these sequences, each with sum(chunks) samples."""
+    samples = sum(chunks)
+    sums = {"elbo": 0.0, "kl": 0.0, "steps": int(mask.sum().item())}
+    log_weight_sum = None  # per sequence: log Σ_k w_k over the samples drawn so far
+    for chunk in chunks:
+        out = model(
+            targets.repeat_interleave(chunk, dim=0), mask.repeat_interleave(chunk, dim=0),
+            generator=generator, auxiliary=False,
+        )
+        sums["elbo"] += out.elbo.double().sum().item() / samples
+        sums["kl"] += out.kl.double().sum().item() / samples
+        log_weights = out.log_importance_weight.double().view(-1, chunk)  # (sequences, chunk)
+        log_weight_sum = combine_logsumexp(log_weight_sum, log_weights)
+    sums["iwae"] = (log_weight_sum - math.log(samples)).sum().item()
+    return sums
+
+
+def combine_logsumexp(running: Tensor | None, log_terms: Tensor) -> Tensor:
+    """running (B,) = log Σ exp of the terms seen so far (None: none yet), extended by log_terms (B, n).
+
+    Each chunk is reduced on its own and merged with logaddexp, so no exp ever overflows and
+    only one chunk of terms exists at a time.
+    """
+    chunk_sum = torch.logsumexp(log_terms, dim=1)
+    return chunk_sum if running is None else torch.logaddexp(running, chunk_sum)

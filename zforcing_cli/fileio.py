@@ -1,4 +1,9 @@
-"""Atomic writes: a folder or file appears complete or not at all, never half-written."""
+"""Atomic writes: a folder or file appears complete or not at all, never half-written.
+
+Also the rules for replacing outputs: without --force nothing existing is replaced; with it,
+only what zforcing itself wrote (the caller says how to recognise that), and never a folder that
+holds the current working folder.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import ZForcingError
 
@@ -17,40 +22,114 @@ class OutputExistsError(ZForcingError):
     pass
 
 
-def check_can_write(target: Path, force: bool) -> None:
-    """Refuse to replace an existing folder or file unless force is set."""
-    if target.exists() and not force:
+Recogniser = Callable[[Path], bool]
+LISTED_ENTRIES = 5
+
+
+def check_can_write(target: Path, force: bool, what: str = "file", is_ours: Recogniser | None = None) -> None:
+    """Refuse an output location that cannot or must not be written.
+
+    `what` names the output ("file", "run folder", "prepared dataset"); a folder output may
+    replace an existing folder only with force, only when `is_ours` recognises it as zforcing's,
+    and never when it holds the current folder. An empty folder is used as it is.
+    """
+    target = Path(target)
+    wants_folder = what != "file"
+    if target.is_dir() and not wants_folder:
+        raise OutputExistsError(f"{target} is a folder; a {what} name is needed here.", "Give a file name inside it, e.g. --out samples.png.")
+    if target.exists() and not target.is_dir() and wants_folder:
+        raise OutputExistsError(f"{target} is a file, not a folder; the {what} must be a folder.", "Choose another --out.")
+    if wants_folder and target.is_dir() and not any(target.iterdir()):
+        return
+    if not target.exists() and not target.is_symlink():
+        check_parent(target, wants_folder)
+        return
+    if not force:
+        raise OutputExistsError(f"{target} already exists.", "Choose another --out, or pass --force to replace it.")
+    if wants_folder:
+        check_replaceable_folder(target, what, is_ours)
+
+
+def check_parent(target: Path, creates_parents: bool) -> None:
+    """A file output needs its folder to exist; a folder output creates missing parents, but a
+    file in the way is an error either way."""
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputExistsError(f"{parent} is a file, not a folder, so {target} cannot be written.", "Choose another --out.")
+            return
+        if not creates_parents:
+            raise OutputExistsError(f"The folder {target.parent} does not exist.", f"Create it first (mkdir -p {target.parent}) or choose another --out.")
+
+
+def check_replaceable_folder(target: Path, what: str, is_ours: Recogniser | None) -> None:
+    resolved = target.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise OutputExistsError(f"{target} holds the current folder; --force will not replace it.", "Choose another --out.")
+    if is_ours is None or not is_ours(target):
         raise OutputExistsError(
-            f"{target} already exists.", "Choose another --out, or pass --force to replace it."
+            f"{target} is not a {what} written by zforcing (it holds {describe_entries(target)}); --force only replaces zforcing's own outputs.",
+            "Choose another --out, or remove the folder yourself if you mean to replace it.",
         )
 
 
+def describe_entries(folder: Path) -> str:
+    names = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
+    shown = ", ".join(names[:LISTED_ENTRIES])
+    return shown + (f" and {len(names) - LISTED_ENTRIES} more" if len(names) > LISTED_ENTRIES else "")
+
+
 @contextmanager
-def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(target: Path, force: bool = False, what: str = "folder", is_ours: Recogniser | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside target; on success it is renamed to target.
 
-    On any exception the temporary folder is removed and target is left as it was. With
-    force, an existing target is replaced only once the new folder is complete.
+    On any exception the temporary folder (and any parent folder made for it) is removed and
+    target is left as it was. With force, an existing target that `is_ours` recognises is
+    replaced only once the new folder is complete.
     """
     target = Path(target)
-    check_can_write(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    check_can_write(target, force, what, is_ours)
+    made = make_parents(target.parent)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as error:
+        remove_made(made)
+        raise OSError(error.errno, error.strerror, str(target.parent)) from None
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield staging
         _sync_tree(staging)
-        if target.exists():
-            check_can_write(target, force)
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, trash / target.name)
-            os.rename(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(staging, target)
+        replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_made(made)
         raise
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Move staging to target; an existing target goes aside first and is removed after."""
+    if target.is_dir() and any(target.iterdir()):
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, trash / target.name)
+        os.rename(staging, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, target)  # an empty folder is replaced by the rename itself
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """mkdir -p that returns the folders it made, outermost first."""
+    missing = [parent for parent in [folder, *folder.parents] if not parent.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_made(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -65,7 +144,7 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, value: object) -> None:
-    write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
+    write_bytes(path, (json.dumps(value, indent=2, allow_nan=False) + "\n").encode())
 
 
 def _umask() -> int:
@@ -75,7 +154,11 @@ def _umask() -> int:
 
 
 def _sync_tree(folder: Path) -> None:
+    """Flush every file to disk, with the permissions a plain open() gives (some writers, such
+    as safetensors, make their files private)."""
+    mode = 0o666 & ~_umask()
     for file in folder.rglob("*"):
         if file.is_file():
+            os.chmod(file, mode)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -34,6 +34,14 @@ MNIST_PRESETS = {
 }
 
 
+def preset_defaults(field: str) -> str:
+    """The help's default for a training option the preset decides, e.g. 'small: 1, paper: 100'."""
+    shown = {name: "none" if (value := getattr(train, field)) is None else f"{value:g}" for name, (_, train) in MNIST_PRESETS.items()}
+    if len(set(shown.values())) == 1:
+        return next(iter(shown.values()))
+    return ", ".join(f"{name}: {text}" for name, text in shown.items())
+
+
 def preset_configs(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
     if name not in PRESETS:
         raise ZForcingError(f"Unknown preset {name!r}.", f"Choose one of: {', '.join(PRESETS)}.")

@@ -22,6 +22,7 @@ from .checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    is_run_folder,
     newest_checkpoint,
     point_latest,
     prune_checkpoints,
@@ -34,9 +35,11 @@ from .checkpoint import (
 from .data import PreparedDataset
 from .errors import TrainingError
 from .evaluate import evaluate_split
-from .fileio import check_can_write, write_json
+from .fileio import check_can_write, write_bytes, write_json
 from .model import ZForcing, ZForcingConfig, count_parameters
 from .plots import write_training_curves
+from .runlock import RunLock, RunLockedError
+from .runlock import holder as lock_holder
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.svg"
@@ -62,6 +65,7 @@ class TrainConfig:
     lr_decay: float = 0.5
     max_consecutive_skips: int = 20  # non-finite steps in a row before giving up
     checkpoint_every: int = 0  # also checkpoint every N updates (0: at the end of each epoch)
+    checkpoint_minutes: float = 10.0  # and when this long has passed since the last one (0: never)
     keep_checkpoints: int = 2
     log_every: int = 10
 
@@ -70,14 +74,15 @@ class TrainConfig:
 class RunConfig:
     model: ZForcingConfig
     train: TrainConfig
-    data: dict  # location, kind, modality, sequence_length, image_shape
+    data: dict  # data_description(): location, kind, protocol, counts, fingerprint, ...
+    preset: str = ""  # the preset the sizes came from ("" in runs written by 0.1.0)
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": self.data}
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": self.data, "preset": self.preset}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        return cls(ZForcingConfig.from_dict(values["model"]), TrainConfig(**values["train"]), values["data"])
+        return cls(ZForcingConfig.from_dict(values["model"]), TrainConfig(**values["train"]), values["data"], values.get("preset", ""))
 
 
 @dataclass
@@ -95,11 +100,17 @@ class TrainerState:
     lr_halvings: int = 0
     torch_rng_state: str = ""  # base64; drives dropout
     elapsed: float = 0.0
+    validated_step: int = -1  # the step of the last validation (a resumed run does not redo it)
 
 
 @dataclass
 class TrainEvent:
-    """What the trainer reports. kind: start | step | skip | validation | checkpoint | end."""
+    """What the trainer reports.
+
+    kind: resume (metrics: checkpoint, None when restarting from step 0) | stale_lock (metrics:
+    the dead holder) | warning (metrics: message) | start | step | skip | validation |
+    checkpoint | end.
+    """
 
     kind: str
     step: int
@@ -109,6 +120,26 @@ class TrainEvent:
 
 
 ProgressCallback = Callable[[TrainEvent], None]
+
+
+class StopRequest:
+    """Set (from a signal handler, another thread, a callback) to stop training cleanly: the
+    trainer finishes the update in progress, writes a training checkpoint and raises
+    TrainingStopped."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+
+
+class TrainingStopped(TrainingError):
+    """Training stopped on request after writing a complete training checkpoint."""
+
+    def __init__(self, reason: str, step: int, checkpoint: Path):
+        super().__init__(f"Stopped by {reason} at step {step:,}; the training checkpoint {checkpoint} holds it.")
+        self.reason, self.step, self.checkpoint = reason, step, checkpoint
 
 
 @dataclass
@@ -183,8 +214,9 @@ def annealed_kl_weight(config: TrainConfig, updates: int) -> float:
 
 def plateau_update(state: TrainerState, valid_elbo: float, config: TrainConfig) -> bool:
     """Track the best validation bound across epochs; halve the lr after `lr_patience` epochs
-    without improvement. Returns True when the lr was halved."""
-    if state.best_valid is None or valid_elbo > state.best_valid:
+    without improvement (a non-finite bound is no improvement). Returns True when the lr was
+    halved."""
+    if math.isfinite(valid_elbo) and (state.best_valid is None or valid_elbo > state.best_valid):
         state.best_valid = valid_elbo
         state.bad_epochs = 0
         return False
@@ -208,12 +240,14 @@ class Trainer:
         dataset: PreparedDataset,
         device: torch.device,
         callback: ProgressCallback | None = None,
+        stop: StopRequest | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.config = run_config
         self.dataset = dataset
         self.device = device
         self.callback = callback or (lambda event: None)
+        self.stop = stop or StopRequest()
         cfg = run_config.train
         torch.manual_seed(cfg.seed)
         self.model = ZForcing(run_config.model).to(device)
@@ -221,35 +255,42 @@ class Trainer:
         self.state = TrainerState(kl_weight=annealed_kl_weight(cfg, 0), lr=cfg.lr)
         self.train_split = dataset.split("train")
         self.valid_split = dataset.split("valid")
+        self.last_checkpoint_time = time.monotonic()
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def start_new(self, force: bool = False) -> None:
-        check_can_write(self.run_dir, force)
-        if self.run_dir.exists():
+    def create_run_folder(self, force: bool = False) -> None:
+        """An empty run folder; with force, replace a finished or abandoned run (never one that
+        another process is training, nor a folder zforcing did not write)."""
+        check_can_write(self.run_dir, force, "run folder", is_run_folder)
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            owner = lock_holder(self.run_dir)
+            if owner is not None:
+                raise RunLockedError(self.run_dir, owner)
             shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True)
-        write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())
-        point_latest(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def restore(self) -> Path:
-        """Load the newest complete training checkpoint of the run."""
+    def write_config(self) -> None:
+        write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())
+
+    def restore(self) -> Path | None:
+        """Load the newest complete training checkpoint of the run; None (and a fresh start)
+        when the run was stopped before its first one."""
         folder = newest_checkpoint(self.run_dir, "step")
         if folder is None:
-            raise TrainingError(
-                f"{self.run_dir} has no complete training checkpoint to resume from.",
-                "Start a new run without --resume.",
-            )
+            remove_file(self.run_dir / METRICS_FILE)
+            return None
         tensors = read_tensors(folder / MODEL_FILE)
         self.model.load_state_dict({name: t.to(self.device) for name, t in tensors.items()})
         saved = read_trainer_state(folder)
         groups = saved.pop("optimizer_param_groups")
         restore_optimizer_state(self.optimizer, read_tensors(folder / OPTIMIZER_FILE), groups)
+        saved.setdefault("validated_step", saved["step"])  # written by 0.1.0, which saved after validating
         self.state = TrainerState(**saved)
         self.set_lr(self.state.lr)
         if self.state.torch_rng_state:
             torch.set_rng_state(torch.tensor(bytearray(base64.b64decode(self.state.torch_rng_state)), dtype=torch.uint8))
-        truncate_metrics(self.run_dir / METRICS_FILE, self.state.step)
+        truncate_metrics(self.run_dir / METRICS_FILE, self.state.step, self.state.validated_step)
         return folder
 
     def set_lr(self, lr: float) -> None:
@@ -264,30 +305,53 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        cfg = self.config.train
-        total = cfg.epochs * self.batches_per_epoch
-        return min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        return planned_updates(self.config.train, len(self.train_split))
 
     def run(self) -> TrainResult:
-        cfg, state = self.config.train, self.state
+        """Train to total_steps. Validation comes at each epoch's end and at the last update; a
+        checkpoint taken before a due validation (by time, by step count or on a stop request)
+        leaves it due, so a resumed run validates exactly where an uninterrupted one did."""
+        state = self.state
         self.emit("start", {"parameters": count_parameters(self.model)})
-        while state.step < self.total_steps:
-            order = epoch_order(cfg.seed, state.epoch, len(self.train_split))
-            while state.batch_in_epoch < self.batches_per_epoch and state.step < self.total_steps:
-                start = state.batch_in_epoch * cfg.batch_size
-                self.take_step(order[start : start + cfg.batch_size])
-                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+        try:
+            while True:
+                if self.validation_due():
+                    self.validate()
                     self.save_training_checkpoint()
-            epoch_done = state.batch_in_epoch == self.batches_per_epoch
-            self.validate(epoch_done)
-            if epoch_done:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            self.save_training_checkpoint()
+                if state.step >= self.total_steps:
+                    break
+                self.train_until_validation()
+        except _StopNow:
+            raise TrainingStopped(self.stop.reason or "request", state.step, self.save_training_checkpoint()) from None
         self.model.train(False)
         write_training_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
         self.emit("end", {"best_valid_elbo": state.best_seen, "skipped_steps": state.skipped_steps})
         return TrainResult(self.run_dir, state, newest_checkpoint(self.run_dir, "best"), newest_checkpoint(self.run_dir, "step"))
+
+    def validation_due(self) -> bool:
+        state = self.state
+        at_boundary = state.batch_in_epoch == self.batches_per_epoch or state.step >= self.total_steps
+        return at_boundary and state.validated_step != state.step and state.step > 0
+
+    def train_until_validation(self) -> None:
+        cfg, state = self.config.train, self.state
+        order = epoch_order(cfg.seed, state.epoch, len(self.train_split))
+        while state.batch_in_epoch < self.batches_per_epoch and state.step < self.total_steps:
+            start = state.batch_in_epoch * cfg.batch_size
+            self.take_step(order[start : start + cfg.batch_size])
+            self.check_stop()
+            if self.checkpoint_due():
+                self.save_training_checkpoint()
+
+    def check_stop(self, *_progress) -> None:
+        if self.stop.reason is not None:
+            raise _StopNow
+
+    def checkpoint_due(self) -> bool:
+        cfg = self.config.train
+        by_steps = cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0
+        by_time = cfg.checkpoint_minutes and time.monotonic() - self.last_checkpoint_time >= cfg.checkpoint_minutes * 60
+        return bool(by_steps or by_time)
 
     def take_step(self, indices: np.ndarray) -> None:
         cfg, state = self.config.train, self.state
@@ -313,26 +377,37 @@ class Trainer:
         self.emit("step", metrics)
 
     def record_skip(self) -> None:
+        """A non-finite loss or gradient: the update is skipped. Weights that are no longer
+        finite cannot recover, so that stops at once; otherwise after too many in a row."""
         state = self.state
         state.skipped_steps += 1
         state.consecutive_skips += 1
         self.emit("skip", {"skipped_steps": state.skipped_steps})
+        lower_lr = f"Start a new run with a lower --lr (this one used {self.config.train.lr:g})."
+        if not all(torch.isfinite(parameter).all() for parameter in self.model.parameters()):
+            raise TrainingError(
+                f"Training diverged: the update at step {state.step - state.consecutive_skips:,} made the weights "
+                f"non-finite (NaN or infinity), so step {state.step:,} could not be taken.",
+                lower_lr,
+            )
         if state.consecutive_skips >= self.config.train.max_consecutive_skips:
             raise TrainingError(
                 f"Training diverged: {state.consecutive_skips} updates in a row had a non-finite loss "
-                f"(step {state.step}); the weights were not touched by them.",
-                "Lower --lr, or resume from the last checkpoint with --resume and a lower --lr.",
+                f"(steps {state.step - state.consecutive_skips + 1:,} to {state.step:,}); the weights were not touched by them.",
+                lower_lr,
             )
 
-    def validate(self, epoch_done: bool) -> None:
+    def validate(self) -> None:
         cfg, state = self.config.train, self.state
         result = evaluate_split(
             self.model, self.valid_split, batch_size=cfg.eval_batch_size, device=self.device,
-            seed=cfg.seed, limit=cfg.valid_limit or None,
+            seed=cfg.seed, limit=cfg.valid_limit or None, progress=self.check_stop,
         )
+        finite = math.isfinite(result.elbo)
         # A stop mid-epoch (--max-steps) validates too; only epoch ends feed the plateau rule, so
         # that a run stopped and resumed keeps the schedule of one never stopped.
-        improved = state.best_seen is None or result.elbo > state.best_seen
+        epoch_done = state.batch_in_epoch == self.batches_per_epoch
+        improved = finite and (state.best_seen is None or result.elbo > state.best_seen)
         if improved:
             state.best_seen = result.elbo
         halved = plateau_update(state, result.elbo, cfg) if epoch_done else False
@@ -341,6 +416,10 @@ class Trainer:
         metrics = {"elbo": result.elbo, "kl": result.kl, "nll_bound": -result.elbo, "lr": state.lr, "lr_halved": halved, "improved": improved}
         self.log({"type": "valid", "step": state.step, "epoch": state.epoch, **metrics})
         self.emit("validation", metrics)
+        state.validated_step = state.step
+        if epoch_done:
+            state.epoch += 1
+            state.batch_in_epoch = 0
         if improved:
             self.save_best_checkpoint()
 
@@ -351,6 +430,7 @@ class Trainer:
         folder = self.run_dir / CHECKPOINTS_DIR / f"step-{self.state.step:08d}"
         save_checkpoint(folder, self.model, self.config.to_dict(), asdict(self.state), self.optimizer)
         prune_checkpoints(self.run_dir, "step", self.config.train.keep_checkpoints)
+        self.last_checkpoint_time = time.monotonic()
         self.emit("checkpoint", {"path": str(folder)})
         return folder
 
@@ -362,18 +442,53 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_record(record), allow_nan=False) + "\n")
 
     def emit(self, kind: str, metrics: dict) -> None:
         self.callback(TrainEvent(kind, self.state.step, self.total_steps, self.state.epoch, metrics))
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after `step`: a resumed run re-does those updates."""
+class _StopNow(Exception):
+    """Unwinds the loop from wherever a stop request is noticed."""
+
+
+def planned_updates(config: TrainConfig, train_size: int) -> int:
+    """Updates a run takes: its epochs, or fewer when max_steps is set."""
+    total = config.epochs * math.ceil(train_size / config.batch_size)
+    return min(total, config.max_steps) if config.max_steps is not None else total
+
+
+def json_record(record: dict) -> dict:
+    """A metrics record that is valid JSON: non-finite numbers become null, and `status` says
+    whether any were."""
+    clean = {key: finite_or_none(value) for key, value in record.items()}
+    bad = sorted(key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value))
+    return {**clean, "status": "non-finite: " + ", ".join(bad) if bad else "ok"}
+
+
+def finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def truncate_metrics(path: Path, step: int, validated_step: int) -> None:
+    """Drop records a resumed run will write again: updates after `step` and validations after
+    `validated_step`. A line cut short by a kill is dropped too."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        limit = validated_step if record.get("type") == "valid" else step
+        if record.get("step", 0) <= limit:
+            kept.append(line)
+    write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+def remove_file(path: Path) -> None:
+    Path(path).unlink(missing_ok=True)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -391,20 +506,50 @@ def train(
     callback: ProgressCallback | None = None,
     resume: bool = False,
     force: bool = False,
+    stop: StopRequest | None = None,
+    latest_link: Path | None = None,
 ) -> TrainResult:
-    """Train a new run in run_dir, or (resume=True) continue its newest complete checkpoint."""
-    trainer = Trainer(run_dir, run_config, dataset, device, callback)
-    if resume:
-        trainer.restore()
-        write_json(trainer.run_dir / CONFIG_FILE, run_config.to_dict())
-        point_latest(trainer.run_dir)
-    else:
-        trainer.start_new(force)
-    return trainer.run()
+    """Train a new run in run_dir, or (resume=True) continue its newest complete checkpoint.
+
+    The run folder is locked for the whole call: a second process gets RunLockedError. With
+    latest_link (a runs folder), its `latest` names this run once the run's config is written.
+    """
+    trainer = Trainer(run_dir, run_config, dataset, device, callback, stop)
+    made = not resume and not trainer.run_dir.exists()
+    if not resume:
+        trainer.create_run_folder(force)
+    lock = RunLock(trainer.run_dir)
+    try:
+        lock.acquire()
+    except BaseException:
+        if made:
+            shutil.rmtree(trainer.run_dir, ignore_errors=True)
+        raise
+    try:
+        if lock.stale_owner:
+            trainer.emit("stale_lock", lock.stale_owner)
+        if resume:
+            folder = trainer.restore()
+            trainer.emit("resume", {"checkpoint": None if folder is None else str(folder)})
+        trainer.write_config()
+        if latest_link is not None:
+            link_latest(trainer, latest_link)
+        return trainer.run()
+    finally:
+        lock.release()
+
+
+def link_latest(trainer: Trainer, runs_root: Path) -> None:
+    """Point runs_root/latest at the run; a runs folder that cannot be written only warns."""
+    try:
+        point_latest(runs_root, trainer.run_dir)
+    except OSError as error:
+        trainer.emit("warning", {"message": f"{runs_root / 'latest'} was not updated ({error.strerror}); pass the run folder to evaluate and sample."})
 
 
 def data_description(dataset: PreparedDataset) -> dict:
-    """What a checkpoint records about its data, so evaluate and sample need no flags."""
+    """What a checkpoint records about its data, so evaluate and sample need no flags, and a
+    resumed run can recognise its dataset in a new place."""
     meta = dataset.meta
     return {
         "location": dataset.location,
@@ -413,7 +558,23 @@ def data_description(dataset: PreparedDataset) -> dict:
         "modality": meta.modality,
         "sequence_length": meta.sequence_length,
         "image_shape": meta.image_shape,
+        "counts": meta.counts,
+        "fingerprint": meta.fingerprint,
     }
 
 
-__all__ = ["RunConfig", "TrainConfig", "TrainEvent", "TrainResult", "Trainer", "train", "data_description"]
+def dataset_differences(recorded: dict, dataset: PreparedDataset) -> list[str]:
+    """How a dataset differs from the one a run recorded (kind, protocol, counts, content);
+    empty when it is the same data, wherever it now lies."""
+    current = data_description(dataset)
+    return [
+        f"{name} {current[name]} instead of {recorded[name]}"
+        for name in ("kind", "protocol", "counts", "fingerprint")
+        if recorded.get(name) and current.get(name) and recorded[name] != current[name]
+    ]
+
+
+__all__ = [
+    "RunConfig", "TrainConfig", "TrainEvent", "TrainResult", "Trainer", "StopRequest", "TrainingStopped",
+    "train", "data_description", "dataset_differences", "planned_updates",
+]

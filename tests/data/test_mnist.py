@@ -197,10 +197,8 @@ def test_existing_output_without_force_is_refused_and_untouched(amat_folder, tmp
 def test_existing_output_with_force_is_replaced(amat_folder, tmp_path):
     folder, pixels = amat_folder
     out = tmp_path / "mnist"
-    out.mkdir()
-    (out / "precious.txt").write_text("old")
+    prepare("mnist", EMBEDDED, out)
     dataset = prepare("mnist", str(folder), out, force=True)
-    assert not (out / "precious.txt").exists()
     assert (out / "meta.json").is_file()
     assert dataset.meta.counts["train"] == 24
     np.testing.assert_array_equal(open_dataset(out).split("valid").batch(np.arange(8))[0].numpy(), pixels["valid"])

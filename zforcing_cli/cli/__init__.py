@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from ..console import handle_errors, stdout
+from ..console import CommandGroup, handle_errors, stdout
 from . import evaluate, interpolate, prepare, sample, train
 
 app = typer.Typer(
     name="zforcing",
+    cls=CommandGroup,
     help="Train, evaluate and sample the Z-Forcing stochastic recurrent model (Goyal et al., NIPS 2017).",
     no_args_is_help=True,
     add_completion=False,

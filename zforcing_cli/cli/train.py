@@ -1,96 +1,198 @@
-"""`zforcing train`: parse the options, set up or reopen the run, report progress."""
+"""`zforcing train`: parse the options, set up or reopen the run, report progress, stop cleanly
+on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import math
+import shlex
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.markup import escape
 
 from .. import __version__
 from ..checkpoint import resolve_latest
-from ..console import stderr, stdout, training_progress
+from ..console import plural, stderr, stdout, training_progress
 from ..data import EMBEDDED, PreparedDataset, open_dataset
 from ..device import resolve_device
-from ..presets import PRESETS, preset_configs
-from ..train import RunConfig, TrainEvent, data_description, load_run_config, train
-from .common import RUNS_ROOT, DeviceOption, usage_error
+from ..errors import DataError, TrainingError
+from ..evaluate import bound_unit
+from ..presets import PRESETS, preset_configs, preset_defaults
+from ..threads import ThreadPolicy
+from ..train import (
+    RunConfig,
+    StopRequest,
+    TrainEvent,
+    TrainingStopped,
+    data_description,
+    dataset_differences,
+    load_run_config,
+    train,
+)
+from .common import RUNS_ROOT, DeviceOption, ThreadsOption, usage_error
 
 EPILOG = (
     "**Examples:** `zforcing train` (binarized MNIST, small preset, under 10 minutes on 2 CPU cores); "
     "`zforcing train --preset paper --device cuda --epochs 50`; "
-    "`zforcing train --resume` continues runs/latest."
+    "`zforcing train --resume` continues runs/latest. Ctrl-C stops after the current update and "
+    "writes a checkpoint that `--resume` continues."
 )
+MAX_SEED = 2**64 - 1
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def train_cli(
-    data: Annotated[Optional[str], typer.Option("--data", help="Prepared dataset folder, or `embedded` (binarized MNIST in the package).", show_default="embedded")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Prepared dataset folder, or `embedded` (binarized MNIST in the package). With --resume: the run's dataset in a new place.", show_default="embedded")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help=f"Model and training sizes: {' or '.join(PRESETS)}.", show_default="small")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder. Default: a new folder under runs/; with --resume, runs/latest.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder. Default: a new folder under runs/; with --resume, runs/latest.", show_default=False)] = None,
     device: DeviceOption = "auto",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training split.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many updates.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help="Adam learning rate.")] = None,
-    aux_weight: Annotated[Optional[float], typer.Option("--aux-weight", min=0.0, help="α: weight of the auxiliary cost -log p(b_t|z_t).")] = None,
-    bwd_weight: Annotated[Optional[float], typer.Option("--bwd-weight", min=0.0, help="β: weight of the backward prediction -log p(u_t|b_t).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training split; lifts the preset's update limit.", show_default=preset_defaults("epochs"))] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many updates; takes more epochs when it needs them.", show_default=preset_defaults("max_steps"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences per update.", show_default=preset_defaults("batch_size"))] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (finite, > 0).", show_default=preset_defaults("lr"))] = None,
+    aux_weight: Annotated[Optional[float], typer.Option("--aux-weight", help="α: weight of the auxiliary cost -log p(b_t|z_t).", show_default=preset_defaults("aux_weight"))] = None,
+    bwd_weight: Annotated[Optional[float], typer.Option("--bwd-weight", help="β: weight of the backward prediction -log p(u_t|b_t).", show_default=preset_defaults("bwd_weight"))] = None,
     kl_anneal: Annotated[Optional[bool], typer.Option("--kl-anneal/--no-kl-anneal", help="KL weight from 0.2 to 1 by 5e-5 per update.", show_default="off")] = None,
     aux_condition: Annotated[Optional[str], typer.Option("--aux-condition", help="Condition the auxiliary head on `z` (the paper's Eq. 8) or `hz` (h_{t-1} and z_t, the original code).", show_default="z")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run's newest complete checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the weights, the data order and the noise of every update.", show_default=preset_defaults("seed"))] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.", show_default=preset_defaults("checkpoint_every"))] = None,
+    checkpoint_minutes: Annotated[Optional[float], typer.Option("--checkpoint-minutes", help="Also checkpoint when this many minutes have passed since the last checkpoint (0: never).", show_default=preset_defaults("checkpoint_minutes"))] = None,
+    threads: ThreadsOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run's newest complete checkpoint (or restart it from step 0 if it has none). Options that repeat the run's own values are accepted.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out run folder (only a run folder written by zforcing).")] = False,
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
+    check_numbers(lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight, checkpoint_minutes=checkpoint_minutes)
     torch_device = resolve_device(device)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
-                    kl_anneal=kl_anneal, seed=seed, data=data, aux_condition=aux_condition)
+                    kl_anneal=kl_anneal, seed=seed, aux_condition=aux_condition)
     if resume:
-        run_dir, run_config, dataset = resumed_run(out, settings)
+        run_dir, run_config, dataset = resumed_run(out, data, settings)
     else:
-        run_dir, run_config, dataset = new_run(out, settings)
-    lengths = {name: value for name, value in dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every).items() if value is not None}
-    if epochs is not None and max_steps is None:
-        lengths["max_steps"] = None  # asking for epochs lifts a preset's update budget
-    run_config.train = replace(run_config.train, **lengths)
+        run_dir, run_config, dataset = new_run(out, data, settings)
+    run_config.train = with_lengths(run_config, len(dataset.split("train")), epochs, max_steps)
+    run_config.train = replace(run_config.train, **given(checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes))
 
     stderr.print(
         escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) on {torch_device}; run folder {run_dir}"),
         soft_wrap=True,
     )
-    with training_progress() as progress:
-        result = train(run_dir, run_config, dataset, torch_device, TrainReporter(progress), resume=resume, force=force)
+    stop = StopRequest()
+    continue_command = shlex.join(["zforcing", "train", "--resume", "--out", str(run_dir), *runtime_options(device, threads)])
+    with ThreadPolicy(threads) as policy, training_progress() as progress, stop_on_signals(stop, progress.console):
+        reporter = TrainReporter(progress, policy, bound_unit(dataset.meta.modality))
+        try:
+            result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force, stop=stop, latest_link=RUNS_ROOT)
+        except TrainingStopped as stopped:
+            progress.stop()
+            stderr.print(escape(f"{stopped.message}\nTo continue: {continue_command}"), soft_wrap=True)
+            raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
+    report_result(result, run_dir, bound_unit(dataset.meta.modality))
+
+
+def report_result(result, run_dir: Path, unit: str) -> None:
     best = result.state.best_seen
-    stdout.print(
-        f"Best validation bound: NLL ≤ {float('nan') if best is None else -best:.2f} nats per sequence; "
-        f"checkpoint {escape(str(result.best_checkpoint))}", soft_wrap=True,
-    )
-    stdout.print(escape(f"Next: zforcing evaluate {run_dir}  or  zforcing sample {run_dir}"), soft_wrap=True)
-
-
-def resumed_run(out: Path | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
-    """The run to continue; a resumed run keeps every setting but its length and device."""
-    changed = [name for name, value in settings.items() if value is not None]
-    if changed:
-        raise usage_error(
-            f"--{changed[0].replace('_', '-')} cannot change when resuming.",
-            "A resumed run keeps its configuration; only --epochs, --max-steps, --checkpoint-every and --device may be given.",
+    if best is None:
+        raise TrainingError(
+            f"Training ended without a finite validation bound, so {run_dir} has no best checkpoint.",
+            "The run diverged; start a new one with a lower --lr.",
         )
+    stdout.print(escape(f"Best validation bound: NLL ≤ {-best:.2f} {unit}; checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
+    quoted = shlex.quote(str(run_dir))
+    stdout.print(escape(f"Next: zforcing evaluate {quoted}  or  zforcing sample {quoted}"), soft_wrap=True)
+
+
+def check_numbers(**values: float | None) -> None:
+    """Real-valued options must be finite, and the learning rate above zero."""
+    for name, value in values.items():
+        option = "--" + name.replace("_", "-")
+        if value is not None and (not math.isfinite(value) or value < 0 or (name == "lr" and value == 0)):
+            bound = "above 0" if name == "lr" else "0 or more"
+            raise usage_error(f"{option} must be a finite number {bound}, not {value}.", f"For example {option} {preset_defaults(name)}.")
+
+
+def given(**values) -> dict:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def runtime_options(device: str, threads: int | None) -> list[str]:
+    """The options a resumed run does not remember, to repeat in the command that continues."""
+    return (["--device", device] if device != "auto" else []) + (["--threads", str(threads)] if threads else [])
+
+
+def with_lengths(run_config: RunConfig, train_size: int, epochs: int | None, max_steps: int | None):
+    """The run's length: --epochs lifts the update limit; --max-steps takes as many epochs as it
+    needs. Both together: the shorter wins, and the note says so."""
+    config = run_config.train
+    batches = math.ceil(train_size / config.batch_size)
+    if epochs is not None and max_steps is None:
+        return replace(config, epochs=epochs, max_steps=None)
+    if max_steps is not None and epochs is None:
+        return replace(config, epochs=max(config.epochs, math.ceil(max_steps / batches)), max_steps=max_steps)
+    if epochs is not None and max_steps is not None and epochs * batches < max_steps:
+        stderr.print(f"Note: --epochs {epochs} ends the run after {plural(epochs * batches, 'update')}, before --max-steps {max_steps:,}.")
+    return replace(config, **given(epochs=epochs, max_steps=max_steps))
+
+
+def resumed_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
+    """The run to continue. It keeps its configuration: options that repeat it are accepted,
+    different values are an error; --data may give the same dataset's new place."""
     run_dir = out or resolve_latest(RUNS_ROOT)
     run_config = load_run_config(run_dir)
-    return run_dir, run_config, open_dataset(run_config.data["location"])
+    recorded = recorded_settings(run_config)
+    for name, value in settings.items():
+        if value is not None and recorded.get(name) not in (None, value):
+            option = "--" + name.replace("_", "-")
+            raise usage_error(
+                f"{option} {value} differs from the run's {recorded[name]}; a resumed run keeps its configuration.",
+                f"Drop {option} to continue the run, or start a new run with --out NEW.",
+            )
+    return run_dir, run_config, resumed_dataset(run_config, data)
 
 
-def new_run(out: Path | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
+def recorded_settings(run_config: RunConfig) -> dict:
+    train_config = run_config.train
+    return {
+        "preset": run_config.preset or None, "batch_size": train_config.batch_size, "lr": train_config.lr,
+        "aux_weight": train_config.aux_weight, "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
+        "seed": train_config.seed, "aux_condition": "hz" if run_config.model.aux_on_hidden else "z",
+    }
+
+
+def resumed_dataset(run_config: RunConfig, data: str | None) -> PreparedDataset:
+    recorded = run_config.data["location"]
+    if data is None:
+        try:
+            return open_dataset(recorded)
+        except DataError as error:
+            raise DataError(f"The run's dataset cannot be opened: {error.message}", "If it moved, pass its new place with --data DIR.") from None
+    dataset = open_dataset(data)
+    if dataset.location == recorded:
+        return dataset
+    differences = dataset_differences(run_config.data, dataset)
+    if differences:
+        raise DataError(
+            f"{data} is not the dataset the run was trained on ({'; '.join(differences)}).",
+            f"Pass the run's dataset (it was at {recorded}), or start a new run with --out NEW.",
+        )
+    stderr.print(escape(f"The run's dataset now lies at {dataset.location} (it was at {recorded})."), soft_wrap=True)
+    run_config.data = {**run_config.data, "location": dataset.location}
+    return dataset
+
+
+def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
     """A new run: the preset's sizes for the dataset, with the options given on top."""
-    dataset = open_dataset(settings.pop("data") or EMBEDDED)
-    model_config, train_config = preset_configs(settings.pop("preset") or "small", dataset.meta)
+    dataset = open_dataset(data or EMBEDDED)
+    preset = settings.pop("preset") or "small"
+    model_config, train_config = preset_configs(preset, dataset.meta)
     model_config = apply_model_options(model_config, settings.pop("aux_condition"))
-    train_config = replace(train_config, **{name: value for name, value in settings.items() if value is not None})
-    return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset)), dataset
+    train_config = replace(train_config, **given(**settings))
+    return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset), preset), dataset
 
 
 def apply_model_options(config, aux_condition: str | None):
@@ -110,6 +212,27 @@ def new_run_dir() -> Path:
     return run_dir
 
 
+@contextmanager
+def stop_on_signals(stop: StopRequest, console) -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM asks the trainer to stop after the current update (it then
+    writes a checkpoint); a second one stops at once, as the default handlers do."""
+    originals = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(number, frame) -> None:
+        stop.set(signal.Signals(number).name)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        console.print(f"{signal.Signals(number).name}: stopping after this update to write a checkpoint (Ctrl-C again abandons it).")
+
+    for number in originals:
+        signal.signal(number, request_stop)
+    try:
+        yield
+    finally:
+        for number, handler in originals.items():
+            signal.signal(number, handler)
+
+
 class TrainReporter:
     """Turns TrainEvents into a rich progress bar and validation lines on stderr.
 
@@ -119,39 +242,66 @@ class TrainReporter:
 
     LOG_SECONDS = 30.0
 
-    def __init__(self, progress):
+    def __init__(self, progress, policy: ThreadPolicy, unit: str):
         self.progress = progress
+        self.policy = policy
+        self.unit = unit
         self.task = None
         self.started = time.perf_counter()
         self.last_line = self.started
         self.first_step: int | None = None
 
+    def say(self, text: str) -> None:
+        self.progress.console.print(escape(text), soft_wrap=True)
+
     def __call__(self, event: TrainEvent) -> None:
-        if event.kind == "start":
-            self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
-            self.first_step = event.step
-            stderr.print(f"{event.metrics['parameters']:,} parameters; {event.total_steps:,} updates", highlight=False)
-            if event.step >= event.total_steps:
-                stderr.print(
-                    f"The run already took its {event.total_steps:,} updates; "
-                    "pass --epochs N or --max-steps N with --resume to train longer."
-                )
-        elif event.kind == "step":
-            m = event.metrics
-            now = time.perf_counter()
-            rate = (event.step - self.first_step) / max(now - self.started, 1e-9)
-            metrics = f"loss {m['loss']:.1f} KL {m['kl']:.2f} aux {m['aux']:.0f}"
-            self.progress.update(self.task, completed=event.step, speed=f"{rate:.2f} steps/s", metrics=metrics)
-            if not stderr.is_terminal and now - self.last_line >= self.LOG_SECONDS:
-                self.last_line = now
-                stderr.print(f"step {event.step}/{event.total_steps} {rate:.2f} steps/s {metrics}")
-        elif event.kind == "skip":
-            self.progress.update(self.task, completed=event.step)
-            self.progress.console.print(f"[yellow]step {event.step}: non-finite loss, update skipped ({event.metrics['skipped_steps']} so far)")
-        elif event.kind == "validation":
-            m = event.metrics
-            note = " [green]best[/]" if m["improved"] else ""
-            note += f" [yellow]lr halved to {m['lr']:.2g}[/]" if m["lr_halved"] else ""
-            self.progress.console.print(
-                f"epoch {event.epoch + 1} step {event.step}: valid NLL ≤ {m['nll_bound']:.2f} nats, KL {m['kl']:.2f}{note}"
+        handler = getattr(self, f"on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def on_stale_lock(self, event: TrainEvent) -> None:
+        owner = event.metrics
+        self.say(f"Took over the run's lock from process {owner.get('pid', '?')} on {owner.get('host', '?')}, which is no longer running.")
+
+    def on_resume(self, event: TrainEvent) -> None:
+        checkpoint = event.metrics["checkpoint"]
+        if checkpoint is None:
+            self.say("The run has no training checkpoint yet: starting it again from step 0 with its saved configuration.")
+        else:
+            self.say(f"Resuming from {checkpoint} (step {event.step:,} of {event.total_steps:,}).")
+
+    def on_warning(self, event: TrainEvent) -> None:
+        self.progress.console.print(f"[yellow]Warning:[/] {escape(event.metrics['message'])}", soft_wrap=True)
+
+    def on_start(self, event: TrainEvent) -> None:
+        self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
+        self.first_step = event.step
+        self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.policy.threads, 'thread')}")
+        if event.step >= event.total_steps:
+            self.say(
+                f"The run already took its {plural(event.total_steps, 'update')}; "
+                "pass --epochs N or --max-steps N with --resume to train longer."
             )
+
+    def on_step(self, event: TrainEvent) -> None:
+        self.policy.refresh()
+        m = event.metrics
+        now = time.perf_counter()
+        rate = (event.step - self.first_step) / max(now - self.started, 1e-9)
+        metrics = f"loss {m['loss']:.1f} KL {m['kl']:.2f} aux {m['aux']:.0f}"
+        self.progress.update(self.task, completed=event.step, speed=f"{rate:.2f} steps/s", metrics=metrics)
+        if not stderr.is_terminal and now - self.last_line >= self.LOG_SECONDS:
+            self.last_line = now
+            stderr.print(f"step {event.step}/{event.total_steps} {rate:.2f} steps/s {metrics}")
+
+    def on_skip(self, event: TrainEvent) -> None:
+        self.progress.update(self.task, completed=event.step)
+        skipped = event.metrics["skipped_steps"]
+        self.progress.console.print(f"[yellow]step {event.step}: non-finite loss, update skipped ({plural(skipped, 'skipped update')} so far)")
+
+    def on_validation(self, event: TrainEvent) -> None:
+        m = event.metrics
+        bound = f"{m['nll_bound']:.2f} {self.unit}" if math.isfinite(m["nll_bound"]) else f"not finite ({m['nll_bound']}); no best checkpoint"
+        note = " [green]best[/]" if m["improved"] else ""
+        note += f" [yellow]lr halved to {m['lr']:.2g}[/]" if m["lr_halved"] else ""
+        self.progress.console.print(f"epoch {event.epoch + 1} step {event.step}: valid NLL ≤ {bound}, KL {m['kl']:.2f}{note}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .prepared import SPLITS, DatasetMeta, PreparedDataset, PreparedSplit
+from .prepared import SPLITS, DatasetMeta, PreparedDataset, PreparedSplit, arrays_fingerprint
 
 PIXELS = 784
 IMAGE_SHAPE = [28, 28]
@@ -44,7 +44,9 @@ def embedded_arrays() -> dict[str, np.ndarray]:
 def open_embedded() -> PreparedDataset:
     packed = embedded_arrays()
     meta = mnist_meta({split: len(rows) for split, rows in packed.items()}, EMBEDDED, "binarized-mnist-embedded")
-    splits = {split: PreparedSplit(meta, {"pixels": rows}) for split, rows in packed.items()}
+    arrays = {split: {"pixels": rows} for split, rows in packed.items()}
+    meta.fingerprint = arrays_fingerprint(arrays)
+    splits = {split: PreparedSplit(meta, fields) for split, fields in arrays.items()}
     return PreparedDataset(meta, splits, EMBEDDED)
 
 

@@ -12,6 +12,7 @@ layout; `PreparedSplit.batch` is the one place that turns stored rows into model
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class DatasetMeta:
     image_shape: list[int] | None = None
     source: str = ""
     attribution: str = ""
+    fingerprint: str = ""  # sha256 of the arrays: the same data wherever the folder moves
     format_version: int = FORMAT_VERSION
 
     @property
@@ -86,12 +88,33 @@ class PreparedDataset:
         return self.splits[name]
 
 
+def arrays_fingerprint(arrays: dict[str, dict[str, np.ndarray]]) -> str:
+    """A digest of every array's name, type, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+    for split in sorted(arrays):
+        for name in sorted(arrays[split]):
+            array = np.ascontiguousarray(arrays[split][name])
+            digest.update(f"{split}.{name}:{array.dtype.str}:{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+    return "sha256:" + digest.hexdigest()
+
+
+def is_prepared_dataset(folder: Path) -> bool:
+    """Whether folder looks like a prepared dataset written by zforcing (for --force)."""
+    try:
+        values = json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"kind", "protocol", "modality"} <= values.keys()
+
+
 def write_prepared(
     out: Path, meta: DatasetMeta, arrays: dict[str, dict[str, np.ndarray]], force: bool = False
 ) -> Path:
     """Write a prepared dataset atomically. arrays maps split -> field -> array."""
     out = Path(out)
-    with atomic_directory(out, force=force) as staging:
+    with atomic_directory(out, force=force, what="prepared dataset", is_ours=is_prepared_dataset) as staging:
+        meta.fingerprint = arrays_fingerprint(arrays)
         meta.files = {}
         for split, fields in arrays.items():
             meta.files[split] = {}

@@ -1,0 +1,148 @@
+"""The thread policy: fair shares among live zforcing processes, fixed counts, and no crash ever."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from zforcing_cli.errors import ZForcingError
+from zforcing_cli.threads import ThreadPolicy, auto_threads
+
+# Another process that registers the way zforcing does, then waits to be killed.
+HOLD_LOCK = textwrap.dedent(
+    """
+    import fcntl, os, sys, time
+    fd = os.open(os.path.join(sys.argv[1], "other.lock"), os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_afterwards():
+    yield
+    torch.set_num_threads(1)  # the suite runs on one thread (conftest.py)
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    folder = tmp_path / "active"
+    monkeypatch.setenv("ZFORCING_ACTIVE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def other_process(registry):
+    """A live process holding a lock in the registry."""
+    registry.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "locked\n"
+    yield process
+    process.kill()
+    process.wait()
+
+
+def lock_files(folder):
+    return sorted(path.name for path in folder.glob("*.lock"))
+
+
+@pytest.mark.parametrize(("active", "cores", "threads"), [(1, 2, 2), (2, 2, 1), (3, 2, 1), (2, 16, 8), (3, 16, 5), (0, 4, 4)])
+def test_auto_threads_shares_the_cores_with_at_least_one_each(active, cores, threads):
+    assert auto_threads(active, cores) == threads
+
+
+def test_a_lone_automatic_process_uses_every_core(registry):
+    with ThreadPolicy(None) as policy:
+        assert policy.active == 1
+        assert policy.threads == torch.get_num_threads() == auto_threads(1, policy.cores)
+        assert len(lock_files(registry)) == 1
+
+
+def test_another_live_process_is_counted_and_lowers_the_share_after_refresh(registry, monkeypatch):
+    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 4)
+    with ThreadPolicy(None, refresh_seconds=0) as policy:
+        assert (policy.active, policy.threads) == (1, 4)
+        with ThreadPolicy(None):  # a second registration: a new open file, so a lock of its own
+            policy.refresh()
+            assert (policy.active, policy.threads, torch.get_num_threads()) == (2, 2, 2)
+        policy.refresh()
+        assert (policy.active, policy.threads) == (1, 4)
+        assert [threads for _, threads in policy.changes] == [2, 4]
+
+
+def test_a_process_started_before_is_counted_on_entry(other_process, registry, monkeypatch):
+    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
+    with ThreadPolicy(None) as policy:
+        assert (policy.active, policy.threads) == (2, 1)
+    assert lock_files(registry) == ["other.lock"]  # someone else's live lock stays
+
+
+def test_refresh_waits_for_refresh_seconds(other_process, registry, monkeypatch):
+    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
+    with ThreadPolicy(None, refresh_seconds=3600) as policy:
+        other_process.kill()
+        other_process.wait()
+        policy.refresh()
+        assert (policy.active, policy.threads, policy.changes) == (2, 1, [])
+
+
+def test_a_stale_lock_file_is_not_counted_and_is_removed(registry):
+    registry.mkdir()
+    (registry / "12345-dead.lock").write_text("")  # its owner died: nobody holds it
+    with ThreadPolicy(None) as policy:
+        assert policy.active == 1
+        assert "12345-dead.lock" not in lock_files(registry)
+
+
+def test_a_killed_process_stops_counting(other_process, registry, monkeypatch):
+    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
+    with ThreadPolicy(None, refresh_seconds=0) as policy:
+        assert policy.threads == 1
+        other_process.kill()  # SIGKILL: no cleanup, the kernel drops the lock
+        other_process.wait()
+        policy.refresh()
+        assert (policy.active, policy.threads) == (1, 2)
+        assert "other.lock" not in lock_files(registry)
+
+
+def test_a_requested_count_is_fixed_but_still_registered(other_process, registry):
+    with ThreadPolicy(3, refresh_seconds=0) as policy:
+        assert len(lock_files(registry)) == 2  # automatic runs beside it count it
+        other_process.kill()
+        other_process.wait()
+        policy.refresh()
+        assert (policy.threads, torch.get_num_threads(), policy.changes) == (3, 3, [])
+
+
+def test_a_requested_count_below_one_is_refused():
+    with pytest.raises(ZForcingError):
+        ThreadPolicy(0)
+
+
+def test_exit_removes_the_lock_file_and_restores_the_thread_count(registry):
+    torch.set_num_threads(1)
+    with ThreadPolicy(2):
+        assert len(lock_files(registry)) == 1
+    assert lock_files(registry) == [] and list(registry.iterdir()) == []
+    assert torch.get_num_threads() == 1
+
+
+def test_an_unusable_registry_falls_back_to_counting_itself_alone(tmp_path, monkeypatch):
+    if os.geteuid() == 0:  # root ignores permissions: a folder "inside" a file fails for everyone
+        (tmp_path / "a-file").write_text("")
+        unusable = tmp_path / "a-file" / "active"
+    else:
+        unusable = tmp_path / "read-only"
+        unusable.mkdir(mode=0o500)
+    monkeypatch.setenv("ZFORCING_ACTIVE_DIR", str(unusable))
+    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
+    with ThreadPolicy(None, refresh_seconds=0) as policy:
+        policy.refresh()
+        assert (policy.active, policy.threads) == (1, 2)
