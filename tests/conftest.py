@@ -15,9 +15,15 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
+import re  # noqa: E402
+import shutil  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from zforcing_cli.cli import app  # noqa: E402
 
 from zforcing_cli.data import open_dataset, prepare  # noqa: E402
 from zforcing_cli.model import ZForcingConfig  # noqa: E402
@@ -103,6 +109,75 @@ def tiny_model_config() -> ZForcingConfig:
     return ZForcingConfig(
         modality="binary", input_size=2, start_index=2, embed_size=4, hidden_size=8, latent_size=4, mlp_size=8,
     )
+
+
+# -- the command line, in-process (stdout and stderr kept apart) -------------------------------------
+
+runner = CliRunner()
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(arg) for arg in args], env=env)
+
+
+def plain(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def assert_clean_error(result, code: int = 1, *fragments: str) -> str:
+    """One `Error:` line and a `Hint:` line on stderr, nothing on stdout, no traceback; returns
+    the error line."""
+    stderr, output = plain(result.stderr), plain(result.output)
+    assert result.exit_code == code, output
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, output
+    assert errors[0] in stderr.splitlines()
+    assert any(line.startswith("Hint:") for line in stderr.splitlines()), output
+    assert "Traceback" not in output
+    assert "Error" not in plain(result.stdout)
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def copy_runs(work: Path, into: Path) -> Path:
+    shutil.copytree(work / "runs", into / "runs", symlinks=True)
+    return into / "runs"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A two-update CLI training run (small preset) in its own working folder."""
+    work = tmp_path_factory.mktemp("cli_work")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.delenv("ZFORCING_DEBUG", raising=False)
+        result = invoke("train", "--data", tiny_data, "--max-steps", 2, "--batch-size", 4, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    return work, result
+
+
+@pytest.fixture
+def in_trained(trained, monkeypatch):
+    """cwd = the trained run's working folder (read-only use)."""
+    work, _ = trained
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture
+def best_checkpoint(trained) -> Path:
+    work, _ = trained
+    (best,) = (work / "runs" / "latest" / "checkpoints").glob("best-*")
+    return best
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.fixture(autouse=True)

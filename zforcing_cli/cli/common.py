@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,19 @@ CheckpointArgument = Annotated[
     Optional[Path],
     typer.Argument(help="A run folder or a checkpoint folder. Default: runs/latest.", show_default=False),
 ]
+
+
+MAX_SEED = 2**64 - 1  # what numpy's and torch's seeding take
+SeedOption = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Same seed, same numbers.")]
+
+
+def check_real(option: str, value: float | None, low: float = 0.0, example: str = "", above: bool = False) -> None:
+    """A real-valued option must be finite and at least `low` (above it, with above=True):
+    typer's range check lets nan and inf through."""
+    if value is None or (math.isfinite(value) and (value > low if above else value >= low)):
+        return
+    bound = f"above {low:g}" if above else f"{low:g} or more"
+    raise usage_error(f"{option} must be a finite number {bound}, not {value}.", f"For example {option} {example}." if example else f"Give {option} a number {bound}.")
 
 
 def usage_error(message: str, hint: str = "") -> UsageError:

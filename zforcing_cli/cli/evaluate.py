@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..console import results_table, simple_progress, stderr, stdout
+from ..console import plural, results_table, simple_progress, stderr, stdout
 from ..data import PreparedDataset, open_dataset
 from ..device import resolve_device
 from ..errors import DataError, ZForcingError
-from ..evaluate import evaluate_split
-from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, usage_error
+from ..evaluate import EvalResult, bound_unit, evaluate_split
+from ..threads import ThreadPolicy
+from ..train import json_record
+from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, usage_error
 
 EPILOG = "**Examples:** `zforcing evaluate runs/latest --iwae 50`; `zforcing evaluate --split valid --json`"
 
@@ -23,18 +26,19 @@ def evaluate_cli(
     checkpoint: CheckpointArgument = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Prepared dataset; default: the one the model was trained on.")] = None,
     split: Annotated[str, typer.Option("--split", help="test or valid.")] = "test",
-    iwae: Annotated[int, typer.Option("--iwae", min=0, help="Also report the importance-weighted bound with K samples.")] = 0,
+    iwae: Annotated[int, typer.Option("--iwae", min=0, help="Also report the importance-weighted bound with K samples (K times the work of the ELBO).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences (times K samples) per forward pass.")] = 500,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequence copies (sequences times IWAE samples) per forward pass: bounds the memory.")] = 500,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Evaluate only the first N sequences (0: all).")] = 0,
     device: DeviceOption = "auto",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: SeedOption = 0,
+    threads: ThreadsOption = None,
 ) -> None:
     """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats."""
     if split not in ("test", "valid"):
         raise usage_error(f"--split must be test or valid, not {split!r}.", "Use --split test (the default) or --split valid.")
     torch_device = resolve_device(device)
-    folder = resolve_checkpoint(checkpoint, RUNS_ROOT)
+    folder = resolve_checkpoint(checkpoint, RUNS_ROOT).resolve()
     model, config = load_model(folder, torch_device)
     dataset = open_training_data(config) if data is None else open_dataset(data)
     if dataset.meta.modality != model.config.modality:
@@ -42,28 +46,59 @@ def evaluate_cli(
             f"The dataset holds {dataset.meta.modality} data but the model models {model.config.modality} data.",
             "Pass the --data the model was trained on.",
         )
-    with simple_progress(f"Evaluating {split}") as progress:
-        task = progress.add_task("eval", total=None)
+    with ThreadPolicy(threads), simple_progress(f"Evaluating {split}") as progress:
         result = evaluate_split(
             model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,
-            limit=limit or None, iwae_samples=iwae,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            limit=limit or None, iwae_samples=iwae, progress=EvaluationProgress(progress),
         )
-    report = {"checkpoint": str(folder), "split": split, "data": dataset.location, **result.to_dict(),
-              "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae}
+    unit = bound_unit(dataset.meta.modality)
+    report = json_record({
+        "checkpoint": str(folder), "split": split, "data": dataset.location, "unit": unit, **result.to_dict(),
+        "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae,
+    })
     if as_json:
-        stdout.print_json(json.dumps(report))
-        return
-    unit = "nats per image" if dataset.meta.modality == "binary" else "nats per sequence"
-    rows = [
-        ("sequences", f"{result.sequences:,}"),
-        (f"NLL ≤ (ELBO), {unit}", f"{-result.elbo:.2f}"),
-        ("KL per sequence", f"{result.kl:.2f}"),
-    ]
+        stdout.print_json(json.dumps(report, allow_nan=False))
+    else:
+        stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
+        stdout.print(results_table(f"{dataset.meta.kind}, {split} split", result_rows(result, unit)))
+    if report["status"] != "ok":
+        raise ZForcingError(
+            f"The bounds came out non-finite ({report['status'].split(': ')[1]}): they are not results.",
+            "The model overflows on this data; check the checkpoint with another split, or train again with a lower --lr.",
+        )
+
+
+def result_rows(result: EvalResult, unit: str) -> list[tuple[str, str]]:
+    rows = [("sequences", f"{result.sequences:,}"), (f"NLL ≤ (ELBO), {unit}", f"{-result.elbo:.2f}")]
     if result.iwae is not None:
-        rows.insert(2, (f"NLL ≤ (IWAE, K={iwae}), {unit}", f"{-result.iwae:.2f}"))
-    stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
-    stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows))
+        rows.append((f"NLL ≤ (IWAE, K={result.iwae_samples}), {unit}", f"{-result.iwae:.2f}"))
+    return rows + [(f"KL, {unit}", f"{result.kl:.2f}")]
+
+
+class EvaluationProgress:
+    """Feeds the progress bar (with its ETA); when stderr is not a terminal, where the bar is
+    not drawn, one line after the first batch says how long the whole will take."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.task = progress.add_task("eval", total=None)
+        self.started = time.perf_counter()
+        self.estimated = stderr.is_terminal
+
+    def __call__(self, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=total)
+        if not self.estimated and done < total:
+            self.estimated = True
+            remaining = (time.perf_counter() - self.started) / done * (total - done)
+            stderr.print(f"Evaluating {plural(total, 'sequence')}: about {format_duration(remaining)} to go.")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def open_training_data(config: dict) -> PreparedDataset:

@@ -9,7 +9,7 @@ import typer
 
 from ..checkpoint import load_model, resolve_checkpoint
 from ..errors import ZForcingError
-from .common import RUNS_ROOT
+from .common import RUNS_ROOT, SeedOption
 
 EPILOG = '**Example:** `zforcing interpolate runs/imdb "this movie was great ." "i hated every minute ."`'
 
@@ -20,7 +20,7 @@ def interpolate_cli(
     sentence_b: Annotated[str, typer.Argument(help="Second sentence.")],
     points: Annotated[int, typer.Option("--points", min=2, help="Mixing points from α=0 to α=1.")] = 11,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: SeedOption = 0,
 ) -> None:
     """Walk the latent space between two sentences (the paper's Table 3) with a text model."""
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT)

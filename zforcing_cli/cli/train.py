@@ -34,7 +34,7 @@ from ..train import (
     load_run_config,
     train,
 )
-from .common import RUNS_ROOT, DeviceOption, ThreadsOption, usage_error
+from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, usage_error
 
 EPILOG = (
     "**Examples:** `zforcing train` (binarized MNIST, small preset, under 10 minutes on 2 CPU cores); "
@@ -42,7 +42,6 @@ EPILOG = (
     "`zforcing train --resume` continues runs/latest. Ctrl-C stops after the current update and "
     "writes a checkpoint that `--resume` continues."
 )
-MAX_SEED = 2**64 - 1
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -67,7 +66,9 @@ def train_cli(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out run folder (only a run folder written by zforcing).")] = False,
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
-    check_numbers(lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight, checkpoint_minutes=checkpoint_minutes)
+    check_real("--lr", lr, example="0.001", above=True)
+    for option, value in (("--aux-weight", aux_weight), ("--bwd-weight", bwd_weight), ("--checkpoint-minutes", checkpoint_minutes)):
+        check_real(option, value)
     torch_device = resolve_device(device)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
                     kl_anneal=kl_anneal, seed=seed, aux_condition=aux_condition)
@@ -105,15 +106,6 @@ def report_result(result, run_dir: Path, unit: str) -> None:
     stdout.print(escape(f"Best validation bound: NLL ≤ {-best:.2f} {unit}; checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
     quoted = shlex.quote(str(run_dir))
     stdout.print(escape(f"Next: zforcing evaluate {quoted}  or  zforcing sample {quoted}"), soft_wrap=True)
-
-
-def check_numbers(**values: float | None) -> None:
-    """Real-valued options must be finite, and the learning rate above zero."""
-    for name, value in values.items():
-        option = "--" + name.replace("_", "-")
-        if value is not None and (not math.isfinite(value) or value < 0 or (name == "lr" and value == 0)):
-            bound = "above 0" if name == "lr" else "0 or more"
-            raise usage_error(f"{option} must be a finite number {bound}, not {value}.", f"For example {option} {preset_defaults(name)}.")
 
 
 def given(**values) -> dict:

@@ -1,0 +1,101 @@
+"""`zforcing train --resume` as a user types it: repeated options, a moved dataset, run lengths,
+and `runs/latest` wherever the run lies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from zforcing_cli.data import prepare
+
+from conftest import assert_clean_error, invoke, plain, write_amat_folder
+
+TRAIN = ("train", "--batch-size", 4, "--seed", 1, "--device", "cpu")
+
+
+def trainer_step(run_dir) -> int:
+    (folder,) = sorted((run_dir / "checkpoints").glob("step-*"))[-1:]
+    return json.loads((folder / "trainer_state.json").read_text())["step"]
+
+
+@pytest.fixture
+def two_step_run(cwd, tiny_data):
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 2)
+    assert result.exit_code == 0, plain(result.output)
+    return cwd / "run"
+
+
+def test_resume_accepts_the_original_options_repeated(two_step_run, tiny_data):
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", two_step_run, "--max-steps", 3, "--preset", "small",
+                    "--aux-condition", "z", "--resume")
+    assert result.exit_code == 0, plain(result.output)
+    assert "Resuming from" in plain(result.stderr) and "(step 2 of 3)" in plain(result.stderr)
+    assert trainer_step(two_step_run) == 3
+
+
+def test_resume_names_both_values_of_a_changed_option(two_step_run):
+    line = assert_clean_error(invoke("train", "--out", two_step_run, "--resume", "--seed", 2), 2)
+    assert "--seed 2 differs from the run's 1" in line
+
+
+def test_resume_finds_its_dataset_in_a_new_place(two_step_run, tiny_data, cwd):
+    moved = shutil.copytree(tiny_data, cwd / "moved-data")
+    result = invoke("train", "--out", two_step_run, "--resume", "--max-steps", 3, "--data", moved, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "now lies at" in plain(result.stderr)
+    assert json.loads((two_step_run / "config.json").read_text())["data"]["location"] == str(moved.resolve())
+
+
+def test_resume_refuses_a_different_dataset(two_step_run, cwd):
+    write_amat_folder(cwd / "other-amat", seed=9)
+    prepare("mnist", str(cwd / "other-amat"), cwd / "other")
+    line = assert_clean_error(invoke("train", "--out", two_step_run, "--resume", "--data", cwd / "other"), 1)
+    assert "is not the dataset the run was trained on" in line and "fingerprint" in line
+    assert trainer_step(two_step_run) == 2
+
+
+def test_resume_after_the_dataset_moved_says_to_pass_data(cwd, tiny_data):
+    data = shutil.copytree(tiny_data, cwd / "data")
+    assert invoke(*TRAIN, "--data", data, "--out", "run", "--max-steps", 1).exit_code == 0
+    data.rename(cwd / "elsewhere")
+    result = invoke("train", "--out", "run", "--resume", "--max-steps", 2)
+    assert_clean_error(result, 1, "The run's dataset cannot be opened")
+    assert "--data" in plain(result.stderr)
+
+
+def test_max_steps_beyond_one_epoch_trains_as_asked(cwd, tiny_data):
+    """24 images in batches of 4: an epoch is 6 updates, and the small preset is one epoch."""
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 8)
+    assert result.exit_code == 0, plain(result.output)
+    assert trainer_step(cwd / "run") == 8
+
+
+def test_epochs_below_max_steps_say_which_wins(cwd, tiny_data):
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 8, "--epochs", 1)
+    assert result.exit_code == 0, plain(result.output)
+    assert "--epochs 1 ends the run after 6 updates, before --max-steps 8" in plain(result.stderr)
+    assert trainer_step(cwd / "run") == 6
+
+
+def test_runs_latest_finds_a_run_trained_anywhere(cwd, tiny_data, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "my run"
+    assert invoke(*TRAIN, "--data", tiny_data, "--out", elsewhere, "--max-steps", 1).exit_code == 0
+    assert os.readlink(cwd / "runs" / "latest") == str(elsewhere)
+    evaluated = invoke("evaluate", "--device", "cpu", "--json")
+    assert evaluated.exit_code == 0, plain(evaluated.output)
+    assert json.loads(evaluated.stdout)["checkpoint"].startswith(str(elsewhere.resolve()))
+    assert invoke("sample", "--num", 1, "--device", "cpu").exit_code == 0
+    resumed = invoke("train", "--resume", "--max-steps", 2, "--device", "cpu")
+    assert resumed.exit_code == 0, plain(resumed.output)
+    assert trainer_step(elsewhere) == 2
+
+
+def test_next_line_is_shell_quoted_and_counts_are_singular(cwd, tiny_data):
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "my run", "--max-steps", 1)
+    assert result.exit_code == 0, plain(result.output)
+    assert "Next: zforcing evaluate 'my run'  or  zforcing sample 'my run'" in plain(result.stdout)
+    assert "; 1 update;" in plain(result.stderr)
+    assert "nats per image" in plain(result.stdout) and "per sequence" not in plain(result.output)
