@@ -54,7 +54,13 @@ def write_png(path: Path, grey: np.ndarray, scale: int = 1) -> None:
 def read_metrics(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            continue
+    return records
 
 
 def write_training_curves(metrics_path: Path, out: Path) -> None:
@@ -62,8 +68,8 @@ def write_training_curves(metrics_path: Path, out: Path) -> None:
     records = read_metrics(metrics_path)
     panels = []
     for index, (title, key) in enumerate(CURVE_PANELS):
-        train = [(r["step"], r[key]) for r in records if r["type"] == "train" and key in r]
-        valid = [(r["step"], r[key]) for r in records if r["type"] == "valid" and key in r]
+        train = [(r["step"], r[key]) for r in records if r["type"] == "train" and r.get(key) is not None]
+        valid = [(r["step"], r[key]) for r in records if r["type"] == "valid" and r.get(key) is not None]
         panels.append(svg_panel(index * (PANEL_WIDTH + MARGIN), title, train, valid))
     width = len(CURVE_PANELS) * (PANEL_WIDTH + MARGIN) + MARGIN
     height = PANEL_HEIGHT + 84

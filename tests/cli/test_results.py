@@ -1,0 +1,169 @@
+"""What the commands report: never a non-finite number passed off as a result, valid JSON
+everywhere, memory bounded by --batch-size, and the details a researcher notices."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import shutil
+import stat
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.main import get_command
+
+from zforcing_cli.cli import app
+from zforcing_cli.evaluate import EvalResult
+from zforcing_cli.model import ZForcing
+from zforcing_cli.presets import MNIST_PRESETS
+
+from conftest import assert_clean_error, invoke, plain
+
+train_module = importlib.import_module("zforcing_cli.train")
+TINY_TRAIN = ("train", "--batch-size", 4, "--device", "cpu")
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as every JSON reader but Python's does."""
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def nan_validation(*args, **kwargs) -> EvalResult:
+    return EvalResult(elbo=math.nan, kl=math.inf, iwae=None, iwae_samples=0, sequences=8, steps=8 * 784)
+
+
+def test_a_non_finite_validation_bound_is_never_a_result(cwd, tiny_data, monkeypatch):
+    monkeypatch.setattr(train_module, "evaluate_split", nan_validation)
+    result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 2)
+    line = assert_clean_error(result, 1, "without a finite validation bound")
+    assert "nan" not in plain(result.stdout).lower()
+    assert "not finite" in plain(result.stderr)
+    assert not list((cwd / "run" / "checkpoints").glob("best-*"))
+    records = [strict_json(line) for line in (cwd / "run" / "metrics.jsonl").read_text().splitlines()]
+    (valid,) = [record for record in records if record["type"] == "valid"]
+    assert valid["elbo"] is None and valid["kl"] is None and valid["improved"] is False
+    assert valid["status"] == "non-finite: elbo, kl, nll_bound"
+    assert all(record["status"] == "ok" for record in records if record["type"] == "train")
+    assert line
+
+
+def test_a_non_finite_bound_is_not_the_best_after_a_finite_one(cwd, tiny_data, monkeypatch):
+    """best-* keeps the finite bound, and a later NaN does not replace it."""
+    real = train_module.evaluate_split
+    calls = {"n": 0}
+
+    def finite_then_nan(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs) if calls["n"] == 1 else nan_validation()
+
+    monkeypatch.setattr(train_module, "evaluate_split", finite_then_nan)
+    result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--epochs", 2)
+    assert result.exit_code == 0, plain(result.output)
+    assert [p.name for p in (cwd / "run" / "checkpoints").glob("best-*")] == ["best-00000006"]
+    assert "Best validation bound: NLL ≤ " in plain(result.stdout) and "nan" not in plain(result.stdout)
+
+
+def test_evaluate_json_stays_valid_when_a_bound_is_not_finite(in_trained, monkeypatch):
+    evaluate_command = importlib.import_module("zforcing_cli.cli.evaluate")
+    monkeypatch.setattr(evaluate_command, "evaluate_split", nan_validation)
+    result = invoke("evaluate", "--json", "--device", "cpu")
+    assert result.exit_code == 1
+    report = strict_json(result.stdout)
+    assert report["elbo"] is None and report["nll_elbo"] is None and report["status"].startswith("non-finite")
+    assert "Error: The bounds came out non-finite" in plain(result.stderr)
+
+
+def test_evaluate_json_paths_are_absolute_and_units_named(in_trained):
+    result = invoke("evaluate", "--json", "--device", "cpu", "--limit", 2)
+    assert result.exit_code == 0, plain(result.output)
+    report = strict_json(result.stdout)
+    assert report["checkpoint"].startswith("/") and report["data"].startswith("/")
+    assert report["unit"] == "nats per image" and report["status"] == "ok"
+
+
+@pytest.fixture
+def nan_checkpoint(best_checkpoint, cwd):
+    folder = shutil.copytree(best_checkpoint, cwd / "broken")
+    tensors = load_file(folder / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], math.nan)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_non_finite_weights_are_a_clear_error(nan_checkpoint, command, cwd):
+    line = assert_clean_error(invoke(command, nan_checkpoint, "--device", "cpu"), 1, "non-finite weights")
+    assert "Unexpected" not in line
+    assert not (cwd / "samples.png").exists()
+
+
+def test_a_diverging_lr_stops_with_the_step_named(cwd, tiny_data, monkeypatch):
+    model, small = MNIST_PRESETS["small"]
+    monkeypatch.setitem(MNIST_PRESETS, "small", (model, replace(small, max_consecutive_skips=3)))
+    line = assert_clean_error(invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--lr", 1e30, "--max-steps", 6), 1, "Training diverged")
+    assert "(steps 2 to 4)" in line
+    assert not list((cwd / "run").glob("checkpoints/best-*"))
+
+
+def test_skipped_updates_are_shown(cwd, tiny_data, monkeypatch):
+    real = train_module.objective
+    calls = {"n": 0}
+
+    def second_is_nan(out, kl_weight, config):
+        calls["n"] += 1
+        return real(out, kl_weight, config) * (math.nan if calls["n"] == 2 else 1.0)
+
+    monkeypatch.setattr(train_module, "objective", second_is_nan)
+    result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 3)
+    assert result.exit_code == 0, plain(result.output)
+    assert "step 2: non-finite loss, update skipped (1 skipped update so far)" in plain(result.stderr)
+
+
+def test_iwae_holds_at_most_batch_size_copies(in_trained, monkeypatch):
+    rows = []
+    real_forward = ZForcing.forward
+
+    def recording_forward(self, targets, *args, **kwargs):
+        rows.append(targets.shape[0])
+        return real_forward(self, targets, *args, **kwargs)
+
+    monkeypatch.setattr(ZForcing, "forward", recording_forward)
+    result = invoke("evaluate", "--iwae", 10, "--limit", 1, "--batch-size", 3, "--json", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert max(rows) <= 3 and sum(rows) == 10
+    report = strict_json(result.stdout)
+    assert report["iwae"] >= report["elbo"] - 1.0  # a bound at least as tight, up to the noise of K=10
+
+
+def test_evaluate_says_how_long_it_will_take(in_trained):
+    result = invoke("evaluate", "--batch-size", 2, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "Evaluating 8 sequences: about" in plain(result.stderr)
+
+
+def test_checkpoint_files_have_the_run_folder_permissions(trained):
+    work, _ = trained
+    run = (work / "runs" / "latest").resolve()
+    config_mode = stat.S_IMODE((run / "config.json").stat().st_mode)
+    for file in (run / "checkpoints").rglob("*"):
+        if file.is_file():
+            assert stat.S_IMODE(file.stat().st_mode) == config_mode, file
+
+
+def test_train_help_shows_defaults_per_preset(cwd):
+    text = "".join(plain(invoke("train", "--help", env={"COLUMNS": "300"}).stdout).split())
+    for shown in ("small: 1, paper: 100", "small: 1000, paper: none", "small: 0.002, paper: 0.001"):
+        assert "".join(shown.split()) in text, shown
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "interpolate"])
+def test_every_option_has_a_description(command):
+    for param in get_command(app).commands[command].params:
+        assert param.help, f"{command} {param.name} has no description"
