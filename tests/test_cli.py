@@ -155,7 +155,7 @@ def test_prepare_timit_is_not_available(cwd):
 
 
 def test_prepare_unknown_kind(cwd):
-    line = assert_clean_error(invoke("prepare", "cifar10", cwd), 1, "Unknown data kind")
+    line = assert_clean_error(invoke("prepare", "cifar10", cwd), 2, "Unknown data kind")
     assert "cifar10" in line
 
 
@@ -246,7 +246,7 @@ def test_train_missing_data(cwd):
 
 
 def test_train_unknown_preset(cwd, tiny_data):
-    assert_clean_error(invoke("train", "--data", tiny_data, "--preset", "huge"), 1, "Unknown preset")
+    assert_clean_error(invoke("train", "--data", tiny_data, "--preset", "huge"), 2, "Unknown preset")
 
 
 @pytest.mark.parametrize("command", [["train"], ["evaluate"], ["sample"]])
@@ -258,7 +258,7 @@ def test_cuda_without_cuda(cwd, monkeypatch, command, device):
 
 
 def test_unknown_device(cwd):
-    assert_clean_error(invoke("evaluate", "--device", "tpu"), 1, "Unknown device")
+    assert_clean_error(invoke("evaluate", "--device", "tpu"), 2, "Unknown device")
 
 
 # -- evaluate --------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .errors import ZForcingError
+from .errors import UsageError, ZForcingError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -18,7 +18,7 @@ class DeviceError(ZForcingError):
 def resolve_device(spec: str) -> torch.device:
     spec = spec.strip().lower()
     if not DEVICE_PATTERN.match(spec):
-        raise DeviceError(f"Unknown device {spec!r}.", "Use auto, cpu, cuda or cuda:N.")
+        raise UsageError(f"Unknown device {spec!r}.", "Use auto, cpu, cuda or cuda:N.")
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":

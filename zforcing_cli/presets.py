@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .data import DatasetMeta
-from .errors import ZForcingError
+from .errors import UsageError, ZForcingError
 from .model import ZForcingConfig
 from .train import TrainConfig
 
@@ -44,7 +44,7 @@ def preset_defaults(field: str) -> str:
 
 def preset_configs(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
     if name not in PRESETS:
-        raise ZForcingError(f"Unknown preset {name!r}.", f"Choose one of: {', '.join(PRESETS)}.")
+        raise UsageError(f"Unknown preset {name!r}.", f"Choose one of: {', '.join(PRESETS)}.")
     if meta.modality != "binary":
         raise ZForcingError(
             f"Training on {meta.kind!r} data is not available in this version of zforcing yet.",

@@ -354,7 +354,9 @@ def test_a_second_training_of_a_running_run_is_refused(launch, tiny_data, tmp_pa
     first = launch("train", *base_options(tiny_data, steps=50), "--checkpoint-minutes", "0", "--out", "run")
     wait_until_training(first, run_dir)
 
-    # Both at once: each takes ~4 s to start, and the first keeps training meanwhile.
+    # A stopped process still holds its lock; pausing it leaves both cores to the two
+    # newcomers, which take ~5 s each to import torch and build their trainer.
+    first.signal(signal.SIGSTOP)
     resume = launch("train", "--resume", "--out", "run", "--device", "cpu", name="resume")
     force = launch("train", *base_options(tiny_data), "--out", "run", "--force", name="force")
     for second in (resume, force):
@@ -369,6 +371,7 @@ def test_a_second_training_of_a_running_run_is_refused(launch, tiny_data, tmp_pa
     assert first.process.poll() is None, first.stderr()
     assert (run_dir / "config.json").is_file()
     assert (lock_record(run_dir) or {}).get("pid") == first.pid
+    first.process.send_signal(signal.SIGCONT)
     first.signal(signal.SIGTERM)
     code, stderr = first.finish()
     assert code == 143, stderr

@@ -7,7 +7,7 @@ import pytest
 
 from zforcing_cli.data import EMBEDDED, open_dataset, prepare
 from zforcing_cli.data.mnist import read_amat_folder
-from zforcing_cli.errors import DataError, ZForcingError
+from zforcing_cli.errors import DataError, UsageError, ZForcingError
 
 AMAT_FILES = ("binarized_mnist_train.amat", "binarized_mnist_valid.amat", "binarized_mnist_test.amat")
 
@@ -224,6 +224,6 @@ def test_planned_kinds_are_not_available_yet(kind, tmp_path):
 
 
 def test_unknown_kind(tmp_path):
-    with pytest.raises(DataError, match="Unknown data kind 'cifar'") as caught:
+    with pytest.raises(UsageError, match="Unknown data kind 'cifar'") as caught:
         prepare("cifar", str(tmp_path), tmp_path / "out")
     assert "mnist" in caught.value.hint

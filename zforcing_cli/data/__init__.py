@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from .mnist import EMBEDDED, mnist_meta, open_embedded, read_amat_folder, embedded_arrays
 from .prepared import DatasetMeta, PreparedDataset, PreparedSplit, open_prepared, write_prepared
 
@@ -20,7 +20,7 @@ def prepare(kind: str, source: str, out: Path, force: bool = False) -> PreparedD
             f"Available now: {', '.join(AVAILABLE_KINDS)}. Speech and text support are on the roadmap.",
         )
     if kind != "mnist":
-        raise DataError(
+        raise UsageError(
             f"Unknown data kind {kind!r}.",
             f"Choose one of: {', '.join(AVAILABLE_KINDS + PLANNED_KINDS)}.",
         )
