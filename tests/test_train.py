@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 import json
 import math
 import os
@@ -353,3 +354,14 @@ def test_evaluating_the_best_checkpoint_reproduces_the_validation_bound(finished
                            seed=config["train"]["seed"])
     assert again.elbo == pytest.approx(result.state.best_valid, rel=1e-6)
     assert again.sequences == 8
+
+
+def test_resume_clears_checkpoint_writes_cut_short_by_a_kill(small_dataset, tmp_path):
+    config = tiny_run_config(small_dataset, max_steps=1)
+    run_dir = tmp_path / "run"
+    train(run_dir, config, small_dataset, CPU)
+    half_written = run_dir / "checkpoints" / ".step-00000002.tmp-x1y2"
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"partial")
+    train(run_dir, replace(config, train=replace(config.train, max_steps=2)), small_dataset, CPU, resume=True)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best-00000002", "step-00000001", "step-00000002"]

@@ -43,6 +43,7 @@ STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 STEP_PATTERN = re.compile(r"^(step|best)-(\d+)$")
+UNFINISHED_PATTERN = re.compile(r"^\.(step|best)-\d+\.(tmp|old)-")
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -84,6 +85,16 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str,
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def remove_unfinished(run_dir: Path) -> None:
+    """Remove the temporary folders of checkpoint writes that a kill cut short (only the run's
+    lock holder calls this, so no write is in progress)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for folder in root.glob(".*-*"):
+            if UNFINISHED_PATTERN.match(folder.name):
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def prune_checkpoints(run_dir: Path, prefix: str, keep: int) -> None:

@@ -29,6 +29,7 @@ from .checkpoint import (
     read_config,
     read_tensors,
     read_trainer_state,
+    remove_unfinished,
     restore_optimizer_state,
     save_checkpoint,
 )
@@ -276,6 +277,7 @@ class Trainer:
     def restore(self) -> Path | None:
         """Load the newest complete training checkpoint of the run; None (and a fresh start)
         when the run was stopped before its first one."""
+        remove_unfinished(self.run_dir)
         folder = newest_checkpoint(self.run_dir, "step")
         if folder is None:
             remove_file(self.run_dir / METRICS_FILE)

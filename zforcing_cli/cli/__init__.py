@@ -3,6 +3,7 @@ calls the core and prints."""
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -45,7 +46,14 @@ for name, module in COMMANDS.items():
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so that half-written outputs are cleaned up on the way out
+    # (`zforcing train` replaces this with its own stop-after-the-update handler).
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     app()
+
+
+def exit_on_sigterm(number, frame) -> None:
+    raise SystemExit(128 + number)
 
 
 if __name__ == "__main__":
