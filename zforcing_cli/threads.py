@@ -43,11 +43,16 @@ ACTIVE_DIR_ENV = "ZFORCING_ACTIVE_DIR"
 LOCK_SUFFIX = ".lock"
 
 
+# torch's own choice at start-up (physical cores, or OMP_NUM_THREADS when set): a ceiling, so
+# that a lone training runs exactly as it would without the policy.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
 def available_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity where the OS tells)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """Cores this process may run on (taskset/cgroup affinity where the OS tells), at most
+    torch's default thread count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, TORCH_DEFAULT_THREADS)
 
 
 def auto_threads(active: int, cores: int) -> int:
