@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import CheckpointError
-from .fileio import atomic_directory, write_json
+from .fileio import atomic_directory, holds_json_object, write_json
 from .model import ZForcing, ZForcingConfig
 
 CHECKPOINT_FORMAT = 1
@@ -133,11 +133,7 @@ def is_checkpoint_folder(folder: Path) -> bool:
 
 def is_run_folder(folder: Path) -> bool:
     """Whether folder is a run folder written by `zforcing train` (for --force)."""
-    try:
-        config = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and {"model", "train", "data"} <= config.keys()
+    return holds_json_object(Path(folder) / CONFIG_FILE, {"model", "train", "data"})
 
 
 def resolve_latest(runs_root: Path) -> Path:

@@ -73,6 +73,15 @@ def check_replaceable_folder(target: Path, what: str, is_ours: Recogniser | None
         )
 
 
+def holds_json_object(path: Path, keys: set[str]) -> bool:
+    """Whether path is a JSON object with all of keys: how zforcing recognises its own outputs."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and keys <= value.keys()
+
+
 def describe_entries(folder: Path) -> str:
     names = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
     shown = ", ".join(names[:LISTED_ENTRIES])

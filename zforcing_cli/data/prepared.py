@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..fileio import atomic_directory, write_json
+from ..fileio import atomic_directory, holds_json_object, write_json
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -100,12 +100,8 @@ def arrays_fingerprint(arrays: dict[str, dict[str, np.ndarray]]) -> str:
 
 
 def is_prepared_dataset(folder: Path) -> bool:
-    """Whether folder looks like a prepared dataset written by zforcing (for --force)."""
-    try:
-        values = json.loads((Path(folder) / META_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(values, dict) and {"kind", "protocol", "modality"} <= values.keys()
+    """Whether folder is a prepared dataset written by zforcing (for --force)."""
+    return holds_json_object(Path(folder) / META_FILE, {"kind", "protocol", "modality"})
 
 
 def write_prepared(
