@@ -19,7 +19,7 @@ from zforcing_cli.data import open_dataset, prepare
 from zforcing_cli.errors import TrainingError, ZForcingError
 from zforcing_cli.model import ZForcing
 from zforcing_cli.plots import CURVE_PANELS
-from zforcing_cli.train import Trainer, train
+from zforcing_cli.train import StopRequest, Trainer, TrainingStopped, train
 
 from conftest import tiny_run_config, write_amat_folder
 
@@ -365,3 +365,27 @@ def test_resume_clears_checkpoint_writes_cut_short_by_a_kill(small_dataset, tmp_
     (half_written / "model.safetensors").write_bytes(b"partial")
     train(run_dir, replace(config, train=replace(config.train, max_steps=2)), small_dataset, CPU, resume=True)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best-00000002", "step-00000001", "step-00000002"]
+
+
+def test_a_stop_at_the_last_update_leaves_the_final_validation_due(small_dataset, tmp_path):
+    """Stopped right after its last update, a run is not finished: its resume validates (and
+    says nothing of having taken all its updates); a finished run's resume does nothing."""
+    config = tiny_run_config(small_dataset, max_steps=2)
+    stop = StopRequest()
+
+    def stop_at_the_end(event):
+        if event.kind == "step" and event.step == 2:
+            stop.set("SIGINT")
+
+    with pytest.raises(TrainingStopped, match="at step 2"):
+        train(tmp_path / "run", config, small_dataset, CPU, stop_at_the_end, stop=stop)
+    assert read_records(tmp_path / "run", "valid") == []
+    events = []
+    resumed = train(tmp_path / "run", config, small_dataset, CPU, events.append, resume=True)
+    assert [e.metrics["finished"] for e in events if e.kind == "start"] == [False]
+    assert [r["step"] for r in read_records(tmp_path / "run", "valid")] == [2]
+    assert resumed.best_checkpoint.name == "best-00000002"
+    again = []
+    train(tmp_path / "run", config, small_dataset, CPU, again.append, resume=True)
+    assert [e.metrics["finished"] for e in again if e.kind == "start"] == [True]
+    assert [r["step"] for r in read_records(tmp_path / "run", "valid")] == [2]

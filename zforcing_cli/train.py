@@ -109,8 +109,8 @@ class TrainEvent:
     """What the trainer reports.
 
     kind: resume (metrics: checkpoint, None when restarting from step 0) | stale_lock (metrics:
-    the dead holder) | warning (metrics: message) | start | step | skip | validation |
-    checkpoint | end.
+    the dead holder) | warning (metrics: message) | start (metrics: parameters, finished: True
+    when nothing is left to do) | step | skip | validation | checkpoint | end.
     """
 
     kind: str
@@ -314,7 +314,8 @@ class Trainer:
         checkpoint taken before a due validation (by time, by step count or on a stop request)
         leaves it due, so a resumed run validates exactly where an uninterrupted one did."""
         state = self.state
-        self.emit("start", {"parameters": count_parameters(self.model)})
+        finished = state.step >= self.total_steps and not self.validation_due()
+        self.emit("start", {"parameters": count_parameters(self.model), "finished": finished})
         try:
             while True:
                 if self.validation_due():

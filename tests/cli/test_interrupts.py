@@ -125,13 +125,23 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"))
 
 
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
 def trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    return read_json(checkpoint / "trainer_state.json")
 
 
 def assert_complete_checkpoint(checkpoint: Path) -> None:
     assert checkpoint.is_dir(), checkpoint
     assert CHECKPOINT_FILES <= {path.name for path in checkpoint.iterdir()}, sorted(checkpoint.iterdir())
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall time of each update."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in records]
 
 
 def assert_same_tensors(file: Path, reference_file: Path) -> None:
@@ -143,7 +153,8 @@ def assert_same_tensors(file: Path, reference_file: Path) -> None:
 
 def assert_same_training(run_dir: Path, reference_dir: Path) -> None:
     """The run ended exactly where the uninterrupted one did: the same final training
-    checkpoint (model, optimizer, trainer state but its wall time) and the same best one."""
+    checkpoint (model, optimizer, trainer state but its wall time), the same metrics (but the
+    wall time) and the same best checkpoint."""
     final, expected = step_checkpoints(run_dir)[-1], step_checkpoints(reference_dir)[-1]
     assert final.name == expected.name == f"step-{STEPS:08d}"
     assert_complete_checkpoint(final)
@@ -152,6 +163,7 @@ def assert_same_training(run_dir: Path, reference_dir: Path) -> None:
     state, expected_state = trainer_state(final), trainer_state(expected)
     state.pop("elapsed"), expected_state.pop("elapsed")  # wall time, the one legitimate difference
     assert state == expected_state
+    assert metrics(run_dir) == metrics(reference_dir)
     (best,) = (run_dir / "checkpoints").glob("best-*")
     (expected_best,) = (reference_dir / "checkpoints").glob("best-*")
     assert best.name == expected_best.name
@@ -204,11 +216,12 @@ def reference(tiny_data, tmp_path_factory, child_env):
 
 @pytest.fixture
 def launch(tmp_path, child_env):
-    """launch(*args): start `zforcing <args>` in tmp_path; anything left running is killed."""
+    """launch(*args, name=, cwd=): start `zforcing <args>` in cwd (default tmp_path); anything
+    left running is killed at the end of the test."""
     started: list[Training] = []
 
-    def start(*args, name: str = "train") -> Training:
-        training = Training(tmp_path, child_env, list(args), name)
+    def start(*args, name: str = "train", cwd: Path | None = None) -> Training:
+        training = Training(cwd or tmp_path, child_env, list(args), name)
         started.append(training)
         return training
 
@@ -220,44 +233,52 @@ def launch(tmp_path, child_env):
 # -- Ctrl-C and SIGTERM ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_signal_writes_a_checkpoint_that_the_printed_command_continues(
-    signal_name, exit_code, reference, launch, tiny_data, tmp_path, child_env,
-):
-    run_dir = tmp_path / "run"
-    training = launch("train", *base_options(tiny_data), "--checkpoint-minutes", "0", "--out", "run")
-    wait_until_training(training, run_dir)
-    training.signal(getattr(signal, signal_name))
-    code, stderr = training.finish()
+SIGNAL_EXITS = {"SIGINT": 130, "SIGTERM": 143}
 
-    assert code == exit_code, stderr
-    assert "Traceback" not in stderr
-    assert f"{signal_name}: stopping after this update" in stderr
-    stopped = STOPPED.search(stderr)
-    assert stopped, stderr
-    assert stopped.group(1) == signal_name
-    step = int(stopped.group(2))
-    assert 1 <= step <= STEPS
-    # No step nor time checkpoints were asked for: the one checkpoint is the stop's.
-    checkpoint = run_dir / "checkpoints" / f"step-{step:08d}"
-    assert step_checkpoints(run_dir) == [checkpoint]
-    assert Path(stopped.group(3)) == Path("run") / "checkpoints" / checkpoint.name
-    assert_complete_checkpoint(checkpoint)
-    assert trainer_state(checkpoint)["step"] == step
-    assert not (run_dir / "train.lock").exists()  # released on the way out
 
-    args = continue_command(stderr)
-    assert args == ["train", "--resume", "--out", "run", "--device", "cpu", "--threads", "1"]
-    resumed = launch(*args, name="resume")
-    code, resume_stderr = resumed.finish()
-    assert code == 0, resume_stderr
-    assert f"Resuming from {Path('run') / 'checkpoints' / checkpoint.name} (step {step} of {STEPS})." in resume_stderr
-    assert "Best validation bound" in resumed.stdout()
+def test_ctrl_c_and_sigterm_write_a_checkpoint_that_the_printed_command_continues(reference, launch, tiny_data, tmp_path):
+    """One training per signal, side by side (one core each), then each printed command."""
+    trainings = {}
+    for name in SIGNAL_EXITS:
+        (tmp_path / name).mkdir()
+        trainings[name] = launch("train", *base_options(tiny_data), "--checkpoint-minutes", "0", "--out", "run", cwd=tmp_path / name)
+    for name, training in trainings.items():
+        wait_until_training(training, tmp_path / name / "run")
+        training.signal(getattr(signal, name))
+
+    resumes = {}
+    for name, training in trainings.items():
+        run_dir = tmp_path / name / "run"
+        code, stderr = training.finish()
+        assert code == SIGNAL_EXITS[name], stderr
+        assert "Traceback" not in stderr
+        assert f"{name}: stopping after this update" in stderr
+        stopped = STOPPED.search(stderr)
+        assert stopped and stopped.group(1) == name, stderr
+        step = int(stopped.group(2))
+        assert 1 <= step <= STEPS
+        # Neither step nor time checkpoints were asked for: the one checkpoint is the stop's.
+        checkpoint = run_dir / "checkpoints" / f"step-{step:08d}"
+        assert step_checkpoints(run_dir) == [checkpoint], stderr
+        assert Path(stopped.group(3)) == Path("run") / "checkpoints" / checkpoint.name
+        assert_complete_checkpoint(checkpoint)
+        assert trainer_state(checkpoint)["step"] == step
+        assert not (run_dir / "train.lock").exists()  # released on the way out
+
+        args = continue_command(stderr)  # --max-steps is not repeated: the run remembers it
+        assert args == ["train", "--resume", "--out", "run", "--device", "cpu", "--threads", "1"]
+        resumes[name] = (launch(*args, name="resume", cwd=tmp_path / name), checkpoint, step)
 
     expected = reference.finished()
-    assert_same_training(run_dir, expected)
-    final = step_checkpoints(run_dir)[-1]
-    assert json.loads((final / "config.json").read_text()) == json.loads((step_checkpoints(expected)[-1] / "config.json").read_text())
+    for name, (resumed, checkpoint, step) in resumes.items():
+        run_dir = tmp_path / name / "run"
+        code, stderr = resumed.finish()
+        assert code == 0, stderr
+        assert f"Resuming from {Path('run') / 'checkpoints' / checkpoint.name} (step {step} of {STEPS})." in stderr
+        assert "Best validation bound" in resumed.stdout()
+        assert_same_training(run_dir, expected)
+        final = step_checkpoints(run_dir)[-1]
+        assert read_json(final / "config.json") == read_json(step_checkpoints(expected)[-1] / "config.json")
 
 
 def test_ctrl_c_twice_abandons_at_once_without_a_traceback(launch, tiny_data, tmp_path):
@@ -273,6 +294,7 @@ def test_ctrl_c_twice_abandons_at_once_without_a_traceback(launch, tiny_data, tm
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("Error:")] == ["Error: Interrupted."], stderr
     assert "To continue:" not in stderr
+    assert not (run_dir / "train.lock").exists()
 
 
 # -- SIGKILL: the newest complete checkpoint, or none ------------------------------------------------
@@ -343,7 +365,7 @@ def test_checkpoint_minutes_0_writes_only_the_final_checkpoint(reference):
     run_dir = reference.finished()
     assert [path.name for path in step_checkpoints(run_dir)] == [f"step-{STEPS:08d}"]
     assert trainer_state(step_checkpoints(run_dir)[0])["step"] == STEPS
-    assert json.loads((run_dir / "config.json").read_text())["train"]["checkpoint_minutes"] == 0
+    assert read_json(run_dir / "config.json")["train"]["checkpoint_minutes"] == 0
 
 
 # -- one training per run folder --------------------------------------------------------------------

@@ -11,6 +11,7 @@ import typer
 from .. import __version__
 from ..console import CommandGroup, handle_errors, stdout
 from . import evaluate, interpolate, prepare, sample, train
+from .common import exit_on_signal
 
 app = typer.Typer(
     name="zforcing",
@@ -48,12 +49,8 @@ for name, module in COMMANDS.items():
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so that half-written outputs are cleaned up on the way out
     # (`zforcing train` replaces this with its own stop-after-the-update handler).
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_signal)
     app()
-
-
-def exit_on_sigterm(number, frame) -> None:
-    raise SystemExit(128 + number)
 
 
 if __name__ == "__main__":

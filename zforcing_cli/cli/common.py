@@ -39,5 +39,11 @@ def check_real(option: str, value: float | None, low: float = 0.0, example: str 
     raise usage_error(f"{option} must be a finite number {bound}, not {value}.", f"For example {option} {example}." if example else f"Give {option} a number {bound}.")
 
 
+def exit_on_signal(number, frame) -> None:
+    """A signal handler that unwinds the stack (finally blocks run, temporary outputs go) and
+    exits with the shell's code for the signal, 128 + its number."""
+    raise SystemExit(128 + number)
+
+
 def usage_error(message: str, hint: str = "") -> UsageError:
     return UsageError(message, hint)

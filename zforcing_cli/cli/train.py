@@ -34,7 +34,7 @@ from ..train import (
     load_run_config,
     train,
 )
-from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, usage_error
+from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, exit_on_signal, usage_error
 
 EPILOG = (
     "**Examples:** `zforcing train` (binarized MNIST, small preset, under 10 minutes on 2 CPU cores); "
@@ -213,7 +213,7 @@ def stop_on_signals(stop: StopRequest, console) -> Iterator[None]:
     def request_stop(number, frame) -> None:
         stop.set(signal.Signals(number).name)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, exit_on_signal)
         console.print(f"{signal.Signals(number).name}: stopping after this update to write a checkpoint (Ctrl-C again abandons it).")
 
     for number in originals:
@@ -269,7 +269,7 @@ class TrainReporter:
         self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
         self.first_step = event.step
         self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.policy.threads, 'thread')}")
-        if event.step >= event.total_steps:
+        if event.metrics["finished"]:
             self.say(
                 f"The run already took its {plural(event.total_steps, 'update')}; "
                 "pass --epochs N or --max-steps N with --resume to train longer."
