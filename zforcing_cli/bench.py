@@ -36,7 +36,7 @@ from .device import resolve_device
 from .evaluate import evaluate_split
 from .model import ZForcing, count_parameters
 from .presets import preset_configs
-from .threads import ThreadPolicy, available_cores
+from .threads import TORCH_DEFAULT_THREADS, ThreadPolicy, available_cores
 from .train import TrainConfig, step_generator, train_step
 
 READY, GO = "ready", "go"  # the start barrier between bench_shared and its workers
@@ -64,17 +64,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_training(
-    model: ZForcing, config: TrainConfig, batch: tuple, device: torch.device, updates: int, before_update=lambda: None
-) -> float:
-    """Median seconds per update (forward, backward, clipping, Adam), before_update() included."""
+def bench_training(model: ZForcing, config: TrainConfig, batch: tuple, device: torch.device, updates: int) -> float:
+    """Median seconds per update (forward, backward, clipping, Adam)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train(True)
 
     steps = itertools.count()
 
     def one_update() -> None:
-        before_update()
         train_step(model, optimizer, batch, 1.0, config, step_generator(0, next(steps), device))
         synchronize(device)
 
@@ -129,8 +126,9 @@ def run(device_spec: str, preset: str, updates: int, batch_size: int | None) -> 
     }
 
 
-def shared_worker(updates: int, threads: int | None, preset: str, batch_size: int | None) -> None:
-    """One process of bench_shared: set up, wait for GO on stdin, time CPU updates, print one JSON line.
+def shared_worker(seconds: float, threads: int | None, preset: str, batch_size: int | None) -> None:
+    """One process of bench_shared: set up, wait for GO on stdin, train for `seconds`, print one
+    JSON line. Every worker trains through the same window, so their timings overlap fully.
 
     It calls policy.refresh() before each update, as the trainer does, so the timing includes
     the policy's cost and its reaction to the other processes.
@@ -138,11 +136,20 @@ def shared_worker(updates: int, threads: int | None, preset: str, batch_size: in
     device = torch.device("cpu")
     with ThreadPolicy(threads) as policy:
         _, model, train_config, batch = training_setup(device, preset, batch_size)
+        optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr)
+        model.train(True)
+        steps = itertools.count()
+        train_step(model, optimizer, batch, 1.0, train_config, step_generator(0, next(steps), device))  # warm-up
         print(READY, flush=True)
-        sys.stdin.readline()  # GO: every worker is set up, so the timed updates overlap
-        seconds = bench_training(model, train_config, batch, device, updates, before_update=policy.refresh)
+        sys.stdin.readline()  # GO: every worker is set up
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            policy.refresh()
+            train_step(model, optimizer, batch, 1.0, train_config, step_generator(0, next(steps), device))
+        elapsed, updates = time.perf_counter() - began, next(steps) - 1
         result = {
-            "ms_per_update": seconds * 1e3,
+            "ms_per_update": elapsed / updates * 1e3,
+            "updates": updates,
             "batch_size": train_config.batch_size,
             "threads": policy.threads,
             "thread_changes": len(policy.changes),
@@ -150,9 +157,9 @@ def shared_worker(updates: int, threads: int | None, preset: str, batch_size: in
     print(json.dumps(result), flush=True)
 
 
-def run_workers(count: int, updates: int, threads: int | None, preset: str, batch_size: int | None) -> list[dict]:
+def run_workers(count: int, seconds: float, threads: int | None, preset: str, batch_size: int | None) -> list[dict]:
     """Start `count` shared_worker processes, release them together, return their results."""
-    command = [sys.executable, "-m", "zforcing_cli.bench", "--worker-updates", str(updates), "--preset", preset]
+    command = [sys.executable, "-m", "zforcing_cli.bench", "--worker-seconds", str(seconds), "--preset", preset]
     command += ["--threads", str(threads)] if threads is not None else []
     command += ["--batch-size", str(batch_size)] if batch_size else []
     workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(count)]
@@ -179,15 +186,18 @@ def worker_result(worker: subprocess.Popen) -> dict:
 
 
 def bench_shared(
-    processes: int, updates: int, threads: int | None, preset: str = "small", batch_size: int | None = None
+    processes: int, seconds: float, threads: int | None, preset: str = "small", batch_size: int | None = None
 ) -> dict:
-    """Median ms per CPU update of one training alone, then of `processes` trainings at once.
+    """CPU training speed alone and shared, each measured over the same `seconds` window.
 
-    share_of_solo_speed is solo_ms / concurrent_ms for each concurrent process: 0.5 means it
-    ran at half the speed it has alone.
+    - policy_cost_alone: how much slower one training is under the thread policy than with
+      torch's own thread count (TORCH_DEFAULT_THREADS, as without the policy);
+    - share_of_solo_speed: for each of `processes` trainings started together, solo ms per
+      update / its ms per update (0.5: half the speed it has alone).
     """
-    solo = run_workers(1, updates, threads, preset, batch_size)[0]
-    concurrent = run_workers(processes, updates, threads, preset, batch_size)
+    unmanaged = run_workers(1, seconds, TORCH_DEFAULT_THREADS, preset, batch_size)[0]
+    solo = run_workers(1, seconds, threads, preset, batch_size)[0]
+    concurrent = run_workers(processes, seconds, threads, preset, batch_size)
     shares = [solo["ms_per_update"] / result["ms_per_update"] for result in concurrent]
     return {
         "zforcing": __version__,
@@ -196,10 +206,12 @@ def bench_shared(
         "preset": preset,
         "batch_size": solo["batch_size"],
         "processes": processes,
-        "updates": updates,
+        "seconds": seconds,
         "thread_policy": "automatic" if threads is None else f"--threads {threads}",
+        "torch_default_ms_per_update": unmanaged["ms_per_update"],
         "solo_ms_per_update": solo["ms_per_update"],
         "solo_threads": solo["threads"],
+        "policy_cost_alone": solo["ms_per_update"] / unmanaged["ms_per_update"] - 1.0,
         "concurrent_ms_per_update": [result["ms_per_update"] for result in concurrent],
         "concurrent_threads": [result["threads"] for result in concurrent],
         "concurrent_thread_changes": [result["thread_changes"] for result in concurrent],
@@ -232,13 +244,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--processes", type=int, default=0, help="measure N concurrent CPU trainings against one alone")
     parser.add_argument("--threads", type=int, default=None, help="fixed torch thread count (default: automatic policy)")
-    parser.add_argument("--worker-updates", type=int, default=None, help=argparse.SUPPRESS)  # bench_shared's workers
+    parser.add_argument("--seconds", type=float, default=30.0, help="with --processes: the window each measurement trains for")
+    parser.add_argument("--worker-seconds", type=float, default=None, help=argparse.SUPPRESS)  # bench_shared's workers
     args = parser.parse_args()
-    if args.worker_updates is not None:
-        shared_worker(args.worker_updates, args.threads, args.preset, args.batch_size)
+    if args.worker_seconds is not None:
+        shared_worker(args.worker_seconds, args.threads, args.preset, args.batch_size)
         return
     if args.processes:
-        result = bench_shared(args.processes, args.updates, args.threads, args.preset, args.batch_size)
+        result = bench_shared(args.processes, args.seconds, args.threads, args.preset, args.batch_size)
     else:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
