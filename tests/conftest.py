@@ -184,3 +184,67 @@ def cwd(tmp_path, monkeypatch) -> Path:
 def _no_debug_env(monkeypatch):
     """Tests see the user's view of errors unless they ask for ZFORCING_DEBUG themselves."""
     monkeypatch.delenv("ZFORCING_DEBUG", raising=False)
+
+
+# -- audio: tiny TIMIT trees and folders of audio files ---------------------------------------------
+
+import soundfile  # noqa: E402
+
+TIMIT_RATE = 16000
+
+
+def random_speech(seconds: float, rng: np.random.Generator, rate: int = TIMIT_RATE) -> np.ndarray:
+    """int16 noise with a sine in it: never silent, never clipping."""
+    count = int(seconds * rate)
+    tone = np.sin(2 * np.pi * rng.uniform(100, 400) * np.arange(count) / rate)
+    return np.clip(3000 * tone + 1500 * rng.standard_normal(count), -32768, 32767).astype(np.int16)
+
+
+def write_timit_tree(
+    root: Path, lower: bool = False, sphere: bool = True, riff_copies: bool = False, seed: int = 0,
+    regions: int = 2, train_speakers: int = 2, test_speakers: int = 1, utterances: int = 3,
+    seconds: tuple[float, float] = (0.55, 0.9),
+) -> dict[str, np.ndarray]:
+    """A tiny LDC-layout TIMIT tree: TRAIN|TEST/DRn/<speaker>/<utt>.WAV (NIST SPHERE, and/or RIFF
+    `.WAV.wav` copies) with .PHN/.WRD/.TXT beside; returns {utterance id: int16 samples}.
+
+    The defaults give 12 train and 6 test utterances of 0.55..0.9 s (one held out for valid, and
+    long enough for a 40-frame sequence). RIFF copies beside SPHERE files hold *different* audio
+    (negated), so a test can tell which one was read.
+    """
+    rng = np.random.default_rng(seed)
+    written = {}
+    name = str.lower if lower else str.upper
+    for split, speakers in (("train", train_speakers), ("test", test_speakers)):
+        for region in range(1, regions + 1):
+            for speaker_index in range(speakers):
+                speaker = f"{'fm'[speaker_index % 2]}spk{region}{speaker_index}"
+                folder = root / name(split) / name(f"dr{region}") / name(speaker)
+                folder.mkdir(parents=True, exist_ok=True)
+                for utterance in ("sa1", "si1027", "sx37", "sx127", "si657")[:utterances]:
+                    samples = random_speech(rng.uniform(*seconds), rng)
+                    written[f"{split}/dr{region}/{speaker}/{utterance}"] = samples
+                    stem = folder / name(utterance)
+                    if sphere:
+                        soundfile.write(f"{stem}{name('.wav')}", samples, TIMIT_RATE, format="NIST", subtype="PCM_16")
+                    if riff_copies or not sphere:
+                        copy = samples if not sphere else (-samples.astype(np.int32)).clip(-32768, 32767).astype(np.int16)
+                        soundfile.write(f"{stem}{name('.wav')}.wav", copy, TIMIT_RATE, format="WAV", subtype="PCM_16")
+                    for extension in (".phn", ".wrd", ".txt"):
+                        Path(f"{stem}{name(extension)}").write_text("0 1600 h#\n")
+    return written
+
+
+@pytest.fixture(scope="session")
+def timit_tree(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A shared tiny upper-case TIMIT tree (12 train, 6 test utterances); tests must not modify it."""
+    root = tmp_path_factory.mktemp("timit") / "TIMIT"
+    return root, write_timit_tree(root)
+
+
+@pytest.fixture(scope="session")
+def timit_data(timit_tree, tmp_path_factory) -> Path:
+    """The shared tiny TIMIT tree, prepared; tests must not modify it."""
+    out = tmp_path_factory.mktemp("prepared") / "timit"
+    prepare("timit", str(timit_tree[0]), out)
+    return out

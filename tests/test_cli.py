@@ -150,8 +150,8 @@ def test_prepare_error_quoting_file_content_that_looks_like_markup(cwd, amat_fol
     assert "[/b]" in line
 
 
-def test_prepare_timit_is_not_available(cwd):
-    assert_clean_error(invoke("prepare", "timit", cwd), 1, "not available")
+def test_prepare_imdb_is_not_available(cwd):
+    assert_clean_error(invoke("prepare", "imdb", cwd), 1, "not available")
 
 
 def test_prepare_unknown_kind(cwd):

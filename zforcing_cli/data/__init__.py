@@ -5,25 +5,72 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError, UsageError
-from .mnist import EMBEDDED, mnist_meta, open_embedded, read_amat_folder, embedded_arrays
-from .prepared import DatasetMeta, PreparedDataset, PreparedSplit, open_prepared, write_prepared
+from .audio import ProgressCallback, prepare_audio_folder
+from .mnist import (
+    EMBEDDED,
+    embedded_arrays,
+    mnist_meta,
+    open_embedded,
+    read_amat_folder,
+)
+from .prepared import (
+    DatasetMeta,
+    PreparedDataset,
+    PreparedSplit,
+    open_prepared,
+    write_prepared,
+)
+from .timit import prepare_timit
 
-AVAILABLE_KINDS = ("mnist",)
-PLANNED_KINDS = ("timit", "blizzard", "imdb", "wav", "text")
+AVAILABLE_KINDS = ("mnist", "timit", "blizzard", "wav")
+PLANNED_KINDS = ("imdb", "text")
+AUDIO_KINDS = ("timit", "blizzard", "wav")
+WAV_OPTIONS = ("sample_rate", "frame_size", "sequence_length", "split")
 
 
-def prepare(kind: str, source: str, out: Path, force: bool = False) -> PreparedDataset:
-    """Read raw data of the given kind from source and write a prepared dataset folder at out."""
+def prepare(
+    kind: str, source: str, out: Path, force: bool = False, progress: ProgressCallback | None = None, **options,
+) -> PreparedDataset:
+    """Read raw data of the given kind from source and write a prepared dataset folder at out.
+
+    progress(files_done, files_total, seconds_of_audio_done) follows the audio kinds; options
+    (sample_rate, frame_size, sequence_length, split) apply to `wav` only. The returned dataset's
+    `warnings` say what preparing noticed (a partial TIMIT, skipped files).
+    """
     if kind in PLANNED_KINDS:
         raise DataError(
             f"Preparing {kind!r} data is not available in this version of zforcing yet.",
-            f"Available now: {', '.join(AVAILABLE_KINDS)}. Speech and text support are on the roadmap.",
+            f"Available now: {', '.join(AVAILABLE_KINDS)}. Text support is on the roadmap.",
         )
-    if kind != "mnist":
+    if kind not in AVAILABLE_KINDS:
         raise UsageError(
             f"Unknown data kind {kind!r}.",
             f"Choose one of: {', '.join(AVAILABLE_KINDS + PLANNED_KINDS)}.",
         )
+    options = wav_options(kind, options)
+    if kind == "timit":
+        return prepare_timit(Path(source), out, force=force, progress=progress)
+    if kind in ("blizzard", "wav"):
+        return prepare_audio_folder(Path(source), out, kind=kind, force=force, progress=progress, **options)
+    return prepare_mnist(source, out, force)
+
+
+def wav_options(kind: str, options: dict) -> dict:
+    """The options actually given (None means not given); only `wav` takes any."""
+    given = {name: value for name, value in options.items() if value is not None}
+    unknown = sorted(set(given) - set(WAV_OPTIONS))
+    if unknown:
+        raise TypeError(f"prepare() got unexpected options: {', '.join(unknown)}")
+    if given and kind != "wav":
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(
+            f"{flags} applies only to `zforcing prepare wav`; {kind} has a fixed protocol.",
+            "Leave it out, or prepare your own audio with `zforcing prepare wav DIR`.",
+        )
+    return given
+
+
+def prepare_mnist(source: str, out: Path, force: bool) -> PreparedDataset:
     if source == EMBEDDED:
         packed, protocol = embedded_arrays(), "binarized-mnist-embedded"
     else:
@@ -42,6 +89,14 @@ def open_dataset(location: str | Path) -> PreparedDataset:
 
 
 __all__ = [
-    "AVAILABLE_KINDS", "PLANNED_KINDS", "EMBEDDED", "DatasetMeta", "PreparedDataset", "PreparedSplit",
-    "open_dataset", "prepare",
+    "AUDIO_KINDS",
+    "AVAILABLE_KINDS",
+    "EMBEDDED",
+    "PLANNED_KINDS",
+    "DatasetMeta",
+    "PreparedDataset",
+    "PreparedSplit",
+    "ProgressCallback",
+    "open_dataset",
+    "prepare",
 ]

@@ -5,15 +5,19 @@ A prepared dataset folder holds
     meta.json                 kind, protocol, modality, splits with counts and array files, ...
     <split>.<field>.npy       arrays; memory-mapped when training, so a batch reads only its rows
 
-Binary images are stored bit-packed (`pixels`, uint8 rows of ceil(784 / 8) bytes). Later data
-kinds add their own fields (int16 samples with offsets, token ids with offsets) to the same
-layout; `PreparedSplit.batch` is the one place that turns stored rows into model targets.
+Binary images are stored bit-packed (`pixels`, uint8 rows of ceil(784 / 8) bytes). Audio
+(modality "frames") is stored as int16 `samples` with int64 `offsets`, normalised on the fly (see
+`PreparedSplit.sequence` and audio.py); token ids with offsets will follow the same layout.
+`PreparedSplit.batch` turns stored pixel rows into model targets; `PreparedSplit.sequence` does
+it for one audio sequence.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from ..fileio import atomic_directory, holds_json_object, write_json
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "valid", "test")
+SAMPLE_SCALE = 32768.0  # an int16 sample is the float waveform (in [-1, 1)) times this
+HASH_CHUNK = 1 << 26  # bytes hashed at a time, so that fingerprinting a memory-mapped corpus stays small
 
 
 @dataclass
@@ -41,12 +47,18 @@ class DatasetMeta:
     attribution: str = ""
     fingerprint: str = ""  # sha256 of the arrays: the same data wherever the folder moves
     format_version: int = FORMAT_VERSION
+    # modality "frames" only: sample_rate, frame_size, sequence_frames, mean, std (of the train
+    # split's float waveform), layout {split: "stream"|"utterances"}, seconds {split: ...},
+    # skipped_files
+    audio: dict | None = None
 
     @property
     def input_size(self) -> int:
         """What the model's `input_size` must be for this data."""
         if self.modality == "binary":
             return 2
+        if self.modality == "frames" and self.audio:
+            return int(self.audio["frame_size"])
         raise DataError(f"Datasets of modality {self.modality!r} are not supported by this version.")
 
     @classmethod
@@ -56,14 +68,57 @@ class DatasetMeta:
 
 
 class PreparedSplit:
-    """One split: stored rows and the conversion of a set of rows into a batch of targets."""
+    """One split: stored rows and the conversion of a set of rows into a batch of targets.
 
-    def __init__(self, meta: DatasetMeta, arrays: dict[str, np.ndarray]):
+    Audio splits come in two layouts (meta.audio["layout"][name]):
+    - "stream": one waveform; sequence i is frames i*S .. (i+1)*S (S = sequence_frames), the
+      first of them the context (the model's first input, a real frame) and the S after it the
+      targets. Consecutive sequences share a frame, so there are (frames - 1) // S of them.
+    - "utterances": whole utterances one after another, `offsets` holding the N + 1 start
+      positions; utterance j's first frame is its context, the other T - 1 frames the targets.
+    """
+
+    def __init__(self, meta: DatasetMeta, arrays: dict[str, np.ndarray], name: str = ""):
         self.meta = meta
         self.arrays = arrays
+        self.name = name
 
     def __len__(self) -> int:
-        return len(self.arrays["pixels"])
+        if "pixels" in self.arrays:
+            return len(self.arrays["pixels"])
+        if self.layout == "utterances":
+            return len(self.arrays["offsets"]) - 1
+        frames = len(self.arrays["samples"]) // self.audio["frame_size"]
+        return max(0, (frames - 1) // self.audio["sequence_frames"])
+
+    @property
+    def audio(self) -> dict:
+        if not self.meta.audio:
+            raise DataError(f"This dataset holds no audio (modality {self.meta.modality!r}).")
+        return self.meta.audio
+
+    @property
+    def layout(self) -> str:
+        return self.audio["layout"][self.name]
+
+    def sequence(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Context frame (F,) and targets (T, F) of one audio sequence, float32 and normalised:
+        (int16 / 32768 - mean) / std with the train split's mean and std."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} is out of range for the {self.name} split ({len(self)} sequences)")
+        frame_size = self.audio["frame_size"]
+        if self.layout == "utterances":
+            start, stop = int(self.arrays["offsets"][index]), int(self.arrays["offsets"][index + 1])
+        else:
+            start = index * self.audio["sequence_frames"] * frame_size
+            stop = start + (self.audio["sequence_frames"] + 1) * frame_size
+        frames = self.normalise(self.arrays["samples"][start:stop]).reshape(-1, frame_size)
+        return frames[0], frames[1:]
+
+    def normalise(self, samples: np.ndarray) -> np.ndarray:
+        """int16 samples -> the float32 values the model sees."""
+        waveform = np.asarray(samples, dtype=np.float32) / np.float32(SAMPLE_SCALE)
+        return (waveform - np.float32(self.audio["mean"])) / np.float32(self.audio["std"])
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets (B, T) and mask (B, T) for the sequences at indices."""
@@ -74,10 +129,11 @@ class PreparedSplit:
 
 
 class PreparedDataset:
-    def __init__(self, meta: DatasetMeta, splits: dict[str, PreparedSplit], location: str):
+    def __init__(self, meta: DatasetMeta, splits: dict[str, PreparedSplit], location: str, warnings: list[str] | None = None):
         self.meta = meta
         self.splits = splits
         self.location = location  # a folder path, or "embedded"
+        self.warnings = warnings or []  # what preparing noticed (a partial copy, skipped files); not stored
 
     def split(self, name: str) -> PreparedSplit:
         if name not in self.splits:
@@ -95,7 +151,9 @@ def arrays_fingerprint(arrays: dict[str, dict[str, np.ndarray]]) -> str:
         for name in sorted(arrays[split]):
             array = np.ascontiguousarray(arrays[split][name])
             digest.update(f"{split}.{name}:{array.dtype.str}:{array.shape}".encode())
-            digest.update(memoryview(array).cast("B"))
+            data = memoryview(array).cast("B")
+            for start in range(0, len(data), HASH_CHUNK):  # the same digest as one update
+                digest.update(data[start:start + HASH_CHUNK])
     return "sha256:" + digest.hexdigest()
 
 
@@ -120,6 +178,26 @@ def write_prepared(
                 meta.files[split][name] = filename
         write_json(staging / META_FILE, asdict(meta))
     return out
+
+
+@contextmanager
+def prepared_staging(out: Path, force: bool = False) -> Iterator[Path]:
+    """A staging folder for a prepared dataset written piece by piece (audio streams to disk);
+    it becomes out only when the block ends without an error. Finish it with seal_prepared."""
+    with atomic_directory(Path(out), force=force, what="prepared dataset", is_ours=is_prepared_dataset) as staging:
+        yield staging
+
+
+def seal_prepared(staging: Path, meta: DatasetMeta) -> None:
+    """Fingerprint the arrays that meta.files names in staging (memory-mapped, so a corpus larger
+    than memory is fine) and write meta.json, last, so that a folder with meta.json is complete."""
+    arrays = {
+        split: {name: np.load(staging / file, mmap_mode="r") for name, file in fields.items()}
+        for split, fields in meta.files.items()
+    }
+    meta.fingerprint = arrays_fingerprint(arrays)
+    del arrays
+    write_json(staging / META_FILE, asdict(meta))
 
 
 def open_prepared(folder: Path) -> PreparedDataset:
@@ -152,5 +230,5 @@ def open_prepared(folder: Path) -> PreparedDataset:
                 f"{folder} is incomplete or corrupted: cannot read {split} arrays ({error}).",
                 "Prepare the dataset again with --force.",
             ) from None
-        splits[split] = PreparedSplit(meta, arrays)
+        splits[split] = PreparedSplit(meta, arrays, split)
     return PreparedDataset(meta, splits, str(folder.resolve()))

@@ -1,0 +1,350 @@
+"""Audio corpora into the prepared format: framing, streaming writers, and the pipeline for a
+folder of audio files (`prepare blizzard` and `prepare wav`).
+
+Memory stays bounded by one decoded file. Each file is decoded, made mono, resampled and
+appended as int16 to a headerless stream file in the staging folder; the split arrays are then
+copied out of that stream in chunks (the `.npy` header first, then the bytes), and the train
+split's mean and std are accumulated during that copy. Nothing concatenates the corpus in memory.
+
+A stream split of n frames holds (n - 1) // S sequences of S + 1 frames: sequence i is frames
+i*S .. (i+1)*S, the first its context (the model's first input, a real frame, as SRNN's
+preprocessing does) and the S after it the targets, so targets are always the context's own
+continuation shifted by one frame, never the next stored segment (REFERENCE.md, defect 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+
+from ..errors import DataError, UsageError
+from .prepared import (
+    SAMPLE_SCALE,
+    SPLITS,
+    DatasetMeta,
+    PreparedDataset,
+    open_prepared,
+    prepared_staging,
+    seal_prepared,
+)
+
+# progress(files_done, files_total, seconds_of_audio_done), called once before the first file
+# and once after each file.
+ProgressCallback = Callable[[int, int, float], None]
+
+AUDIO_EXTENSIONS = (
+    ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".aifc",
+    ".au", ".snd", ".caf", ".w64", ".rf64", ".sph", ".nist",
+)
+COPY_CHUNK = 1 << 18  # samples copied (and counted into the statistics) at a time: 512 KB, 2 MB as float64
+STREAM_FILE = "stream.raw"
+BLIZZARD_PROTOCOL = "blizzard-16k-0.5s-90-5-5"
+BLIZZARD_ATTRIBUTION = "Blizzard Challenge 2013 audiobook speech (Lessac Technologies); used under its own licence"
+DEFAULT_SPLIT = (90.0, 5.0, 5.0)
+UNREADABLE_HINT = "Check that the file is complete and in a format libsndfile reads (WAV, FLAC, MP3, OGG, SPHERE, ...), or remove it."
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a waveform is cut: frames of frame_size samples, sequences of sequence_frames targets."""
+
+    sample_rate: int = 16000
+    frame_size: int = 200
+    sequence_frames: int = 40
+
+    @property
+    def sequence_samples(self) -> int:
+        """Samples one stream sequence spans: its context frame and its targets."""
+        return (self.sequence_frames + 1) * self.frame_size
+
+    def stream_sequences(self, samples: int) -> int:
+        """Sequences in a stream of this many samples (consecutive ones share a frame)."""
+        return max(0, (samples // self.frame_size - 1) // self.sequence_frames)
+
+    def stream_range(self, first_sequence: int, count: int) -> tuple[int, int]:
+        """Samples [start, stop) that sequences first_sequence .. first_sequence + count - 1 span."""
+        start = first_sequence * self.sequence_frames * self.frame_size
+        return start, start + (count * self.sequence_frames + 1) * self.frame_size
+
+    def check(self) -> None:
+        for name, value in (("--sample-rate", self.sample_rate), ("--frame-size", self.frame_size),
+                            ("--sequence-length", self.sequence_frames)):
+            if value < 1:
+                raise UsageError(f"{name} must be a positive number, not {value}.")
+
+
+@dataclass
+class Moments:
+    """Running sum and sum of squares (float64) of waveform samples: the mean and std of a
+    split without holding it in memory."""
+
+    count: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+
+    def add(self, samples: np.ndarray) -> None:
+        waveform = samples.astype(np.float64) / SAMPLE_SCALE
+        self.count += waveform.size
+        self.total += float(waveform.sum())
+        self.squares += float(np.dot(waveform, waveform))
+
+    def mean_std(self) -> tuple[float, float]:
+        mean = self.total / max(self.count, 1)
+        return mean, math.sqrt(max(self.squares / max(self.count, 1) - mean * mean, 0.0))
+
+
+class RawStream:
+    """int16 samples appended to a headerless file, and the position where each piece starts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = open(path, "wb")  # noqa: SIM115 - closed by close(), e.g. through contextlib.closing
+        self.length = 0
+        self.starts: list[int] = []
+
+    def append(self, samples: np.ndarray) -> None:
+        self.starts.append(self.length)
+        self.handle.write(np.ascontiguousarray(samples, dtype="<i2").tobytes())
+        self.length += len(samples)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class ProgressCounter:
+    """Files and seconds of audio done, reported to an optional progress callback."""
+
+    def __init__(self, total: int, sample_rate: int, callback: ProgressCallback | None):
+        self.total, self.sample_rate, self.callback = total, sample_rate, callback
+        self.files, self.seconds = 0, 0.0
+        if callback:
+            callback(0, total, 0.0)
+
+    def add_audio(self, samples: int) -> None:
+        self.seconds += samples / self.sample_rate
+
+    def file_done(self) -> None:
+        self.files += 1
+        if self.callback:
+            self.callback(self.files, self.total, self.seconds)
+
+
+def copy_to_npy(raw: Path, npy: Path, start: int, stop: int, moments: Moments | None = None) -> None:
+    """Samples [start, stop) of a raw int16 stream as a 1-D .npy file, copied in chunks."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<i2")), "fortran_order": False, "shape": (stop - start,)}
+    with open(raw, "rb") as source, open(npy, "wb") as target:
+        np.lib.format.write_array_header_1_0(target, header)
+        source.seek(start * 2)
+        for position in range(start, stop, COPY_CHUNK):
+            chunk = np.fromfile(source, dtype="<i2", count=min(COPY_CHUNK, stop - position))
+            target.write(chunk.tobytes())
+            if moments is not None:
+                moments.add(chunk)
+
+
+def offsets_within(starts: Sequence[int], start: int, stop: int) -> list[int]:
+    """Where pieces (files) begin inside samples [start, stop), relative to start: 0 first (a
+    split may begin inside a file), the length last. Informational for stream splits."""
+    return [0, *(position - start for position in starts if start < position < stop), stop - start]
+
+
+def write_split(staging: Path, split: str, stream: RawStream, start: int, stop: int, offsets: list[int],
+                moments: Moments | None = None) -> dict[str, str]:
+    """Write <split>.samples.npy and <split>.offsets.npy; returns the field -> file names."""
+    files = {"samples": f"{split}.samples.npy", "offsets": f"{split}.offsets.npy"}
+    copy_to_npy(stream.path, staging / files["samples"], start, stop, moments)
+    np.save(staging / files["offsets"], np.asarray(offsets, dtype=np.int64))
+    return files
+
+
+def to_int16(waveform: np.ndarray) -> np.ndarray:
+    """A float waveform in [-1, 1) as int16 samples (x * 32768, rounded, clipped)."""
+    return np.clip(np.rint(waveform * SAMPLE_SCALE), -32768, 32767).astype(np.int16)
+
+
+def read_audio(path: Path, dtype: str = "float32") -> tuple[np.ndarray, int]:
+    """(samples (N, channels), sample rate) of one file, or a DataError naming it."""
+    try:
+        data, rate = soundfile.read(str(path), dtype=dtype, always_2d=True)
+    except (soundfile.SoundFileError, RuntimeError) as error:
+        reason = getattr(error, "error_string", "") or str(error)
+        raise DataError(f"Cannot read {path}: {reason.rstrip('.')}.", UNREADABLE_HINT) from None
+    return data, rate
+
+
+def to_mono(data: np.ndarray) -> np.ndarray:
+    """(N, channels) -> (N,): the average of the channels."""
+    return data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
+
+
+def decode_file(path: Path, sample_rate: int) -> np.ndarray:
+    """One file as mono int16 at sample_rate (resampled with soxr when it differs)."""
+    data, rate = read_audio(path)
+    waveform = to_mono(data)
+    if rate != sample_rate:
+        waveform = soxr.resample(waveform, rate, sample_rate)
+    return to_int16(waveform)
+
+
+def audio_meta(kind: str, protocol: str, framing: Framing, counts: dict[str, int], layout: dict[str, str],
+               seconds: dict[str, float], train_moments: Moments, source: str, attribution: str,
+               skipped_files: int = 0) -> DatasetMeta:
+    mean, std = train_moments.mean_std()
+    if std == 0.0:
+        raise DataError(
+            f"The train split of {source} is silent (every sample is the same), so it cannot be normalised.",
+            "Check the audio files: they hold no sound.",
+        )
+    audio = {
+        "sample_rate": framing.sample_rate, "frame_size": framing.frame_size, "sequence_frames": framing.sequence_frames,
+        "mean": mean, "std": std, "layout": layout, "seconds": seconds, "skipped_files": skipped_files,
+    }
+    return DatasetMeta(
+        kind=kind, protocol=protocol, modality="frames", sequence_length=framing.sequence_frames,
+        counts=counts, source=source, attribution=attribution, audio=audio,
+    )
+
+
+# -- a folder of audio files: blizzard and wav -------------------------------------------------------
+
+
+@dataclass
+class Skipped:
+    """Files left out of the stream, by reason."""
+
+    silent: list[Path] = field(default_factory=list)
+    too_short: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.silent) + len(self.too_short)
+
+    def warning(self, total: int, framing: Framing) -> str | None:
+        if not len(self):
+            return None
+        reasons = []
+        if self.silent:
+            reasons.append(f"{len(self.silent)} silent (e.g. {self.silent[0]})")
+        if self.too_short:
+            shortest = framing.sequence_samples / framing.sample_rate
+            reasons.append(f"{len(self.too_short)} shorter than one sequence of {shortest:g} s (e.g. {self.too_short[0]})")
+        return f"Skipped {len(self)} of {total} audio files: {'; '.join(reasons)}."
+
+
+def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
+    """'90,5,5' (percentages of the sequences for train, valid, test) -> (90.0, 5.0, 5.0)."""
+    hint = "Give three positive percentages for train, valid and test that sum to 100, e.g. --split 90,5,5."
+    try:
+        parts = tuple(float(part) for part in (split.split(",") if isinstance(split, str) else split))
+    except ValueError:
+        raise UsageError(f"--split {split!r} is not a list of numbers.", hint) from None
+    if len(parts) != 3 or min(parts) <= 0 or not math.isclose(sum(parts), 100.0):
+        raise UsageError(f"--split {split!r} is not three positive percentages that sum to 100.", hint)
+    return parts  # type: ignore[return-value]
+
+
+def split_counts(sequences: int, split: tuple[float, float, float]) -> dict[str, int]:
+    """Sequences per split, in order: valid and test get their share (at least one each),
+    train the rest."""
+    valid = max(1, int(sequences * split[1] / 100))
+    test = max(1, int(sequences * split[2] / 100))
+    return {"train": sequences - valid - test, "valid": valid, "test": test}
+
+
+def find_audio_files(folder: Path) -> list[Path]:
+    """Every audio file under folder (recursively, hidden files and folders left out), sorted
+    by relative path so that the stream's order, hence the split, is the same everywhere."""
+    hint = "SOURCE must be a folder of audio files (searched recursively)."
+    if not folder.exists():
+        raise DataError(f"{folder} does not exist.", hint)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder of audio files.", hint)
+    found = [
+        path for path in folder.rglob("*")
+        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+    if not found:
+        raise DataError(
+            f"No audio files in {folder} (looked for {', '.join(AUDIO_EXTENSIONS)}, in every subfolder).", hint,
+        )
+    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def stream_files(files: list[Path], stream: RawStream, framing: Framing, progress: ProgressCallback | None) -> Skipped:
+    """Decode each file in turn and append it to stream; silent and too-short files are skipped."""
+    skipped, counter = Skipped(), ProgressCounter(len(files), framing.sample_rate, progress)
+    for path in files:
+        samples = decode_file(path, framing.sample_rate)
+        if not samples.any():
+            skipped.silent.append(path)
+        elif len(samples) < framing.sequence_samples:
+            skipped.too_short.append(path)
+        else:
+            stream.append(samples)
+            counter.add_audio(len(samples))
+        counter.file_done()
+    return skipped
+
+
+def prepare_audio_folder(
+    folder: Path, out: Path, kind: str = "wav", force: bool = False, progress: ProgressCallback | None = None,
+    sample_rate: int = 16000, frame_size: int = 200, sequence_length: int = 40,
+    split: str | Sequence[float] = DEFAULT_SPLIT,
+) -> PreparedDataset:
+    """Every audio file under folder, in order, as one mono stream at sample_rate, cut into
+    sequences of sequence_length frames of frame_size samples and split in order (the first
+    90% of the sequences are train, then valid, then test, by default)."""
+    framing, shares = Framing(sample_rate, frame_size, sequence_length), parse_split(split)
+    framing.check()
+    folder = Path(folder)
+    files = find_audio_files(folder)
+    source = str(folder.resolve())
+    with prepared_staging(out, force) as staging:
+        with closing(RawStream(staging / STREAM_FILE)) as stream:
+            skipped = stream_files(files, stream, framing, progress)
+        counts = split_counts(framing.stream_sequences(stream.length), shares)
+        if counts["train"] < 1:
+            raise DataError(
+                f"{folder} holds too little usable audio ({stream.length / sample_rate:.1f} s) for a train, "
+                f"a valid and a test sequence of {framing.sequence_samples / sample_rate:g} s each.",
+                "Add audio, or use a shorter --sequence-length or --frame-size.",
+            )
+        meta = write_stream_splits(staging, stream, framing, counts, kind, source, len(skipped))
+        stream.path.unlink()
+        seal_prepared(staging, meta)
+    warnings = [warning] if (warning := skipped.warning(len(files), framing)) else []
+    return open_prepared_with(out, warnings)
+
+
+def write_stream_splits(staging: Path, stream: RawStream, framing: Framing, counts: dict[str, int], kind: str,
+                        source: str, skipped_files: int) -> DatasetMeta:
+    """Cut the stream into consecutive ranges of sequences, one per split, each with its own
+    context frame (the frame before its first target: valid continues where train ends)."""
+    moments, files, seconds, first = Moments(), {}, {}, 0
+    for split in SPLITS:
+        start, stop = framing.stream_range(first, counts[split])
+        offsets = offsets_within(stream.starts, start, stop)
+        files[split] = write_split(staging, split, stream, start, stop, offsets, moments if split == "train" else None)
+        seconds[split] = (stop - start) / framing.sample_rate
+        first += counts[split]
+    if kind == "blizzard":
+        protocol, attribution = BLIZZARD_PROTOCOL, BLIZZARD_ATTRIBUTION
+    else:
+        protocol, attribution = f"wav-{framing.sample_rate}-{framing.frame_size}x{framing.sequence_frames}", ""
+    meta = audio_meta(kind, protocol, framing, counts, dict.fromkeys(SPLITS, "stream"), seconds, moments, source,
+                      attribution, skipped_files)
+    meta.files = files
+    return meta
+
+
+def open_prepared_with(out: Path, warnings: list[str]) -> PreparedDataset:
+    dataset = open_prepared(Path(out))
+    dataset.warnings = warnings
+    return dataset
