@@ -599,7 +599,7 @@ def test_latent_clamps_hold_with_huge_weights():
         y = make_targets("binary", model.config, 4, 5, seed=52)
         emb_u = model.embed(model.shift_right(y))
         backward = model.backward_states(model.embed(y), torch.full((4,), 5))
-        _, _, q_mean, q_logvar = model.posterior_rollout(emb_u, backward, make_noise(model, 4, 5, seed=53))
+        _, _, q_mean, q_logvar, _ = model.posterior_rollout(emb_u, backward, make_noise(model, 4, 5, seed=53))
         stats += [q_mean, q_logvar]
         for s in stats:
             assert s.abs().max() <= 2.5
@@ -780,3 +780,38 @@ def test_plateau_tracks_best_across_epochs():
     # patience 1: every non-improving epoch halves
     state, halved = run_plateau([-100.0, -100.0, -90.0, -91.0], patience=1)
     assert halved == [False, True, False, True] and state.lr_halvings == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A real first input (the SRNN speech protocol's context frame) and continuing a sequence
+
+
+def test_first_input_replaces_the_start_frame():
+    """A zero first_input is the default start frame; any other u_1 changes the bound."""
+    model = make_model("frames")
+    y = make_targets("frames", model.config, 3, 6, seed=61)
+    noise = make_noise(model, 3, 6, seed=62)
+    default = model(y, noise=noise)
+    zero = model(y, noise=noise, first_input=torch.zeros(3, model.config.input_size, dtype=y.dtype))
+    other = model(y, noise=noise, first_input=torch.full((3, model.config.input_size), 0.7, dtype=y.dtype))
+    for term in TERMS:
+        assert torch.equal(getattr(default, term), getattr(zero, term)), term
+    assert not torch.allclose(default.nll, other.nll)
+    assert torch.equal(model.shift_right(y, y[:, 0])[:, 1:], y[:, :-1])
+
+
+def test_encode_ends_where_the_rollout_ends():
+    """encode's (h_T, c_T) continues the sequence: one more step from it equals the rollout of
+    the sequence one step longer."""
+    model = make_model("frames")
+    y = make_targets("frames", model.config, 2, 5, seed=63)
+    first = torch.randn(2, model.config.input_size, generator=torch.Generator().manual_seed(64), dtype=y.dtype)
+    h, c = model.encode(y, first_input=first, generator=torch.Generator().manual_seed(65))
+    noise = torch.randn(2, 5, model.config.latent_size, generator=torch.Generator().manual_seed(65), dtype=y.dtype)
+    lengths = torch.full((2,), 5)
+    states, *_ = model.posterior_rollout(model.embed(model.shift_right(y, first)), model.backward_states(model.embed(y), lengths), noise)
+    assert torch.equal(h, states[:, -1])
+    continued = model.generate(2, 3, generator=torch.Generator().manual_seed(66), first_input=y[:, -1], state=(h, c))
+    fresh = model.generate(2, 3, generator=torch.Generator().manual_seed(66))
+    assert continued.shape == fresh.shape == (2, 3, model.config.input_size)
+    assert not torch.allclose(continued, fresh)

@@ -283,12 +283,16 @@ class ZForcing(nn.Module):
     def start_input(self, batch: int, device: torch.device) -> Tensor:
         """u_1: the zero frame, or the start symbol."""
         if self.config.modality == "frames":
-            return torch.zeros(batch, 1, self.config.input_size, device=device)
+            return torch.zeros(batch, 1, self.config.input_size, device=device, dtype=self.forward_cell.hidden_to_gates.weight.dtype)
         return torch.full((batch, 1), self.config.start_index, dtype=torch.long, device=device)
 
-    def shift_right(self, y: Tensor) -> Tensor:
-        """u_t = y_{t-1}, with u_1 the start input. (B, T[, F]) -> (B, T[, F])."""
-        start = self.start_input(y.shape[0], y.device).to(y.dtype)
+    def shift_right(self, y: Tensor, first_input: Tensor | None = None) -> Tensor:
+        """u_t = y_{t-1}, with u_1 the start input, or first_input (B[, F]) when given: the real
+        frame before the sequence, as in the SRNN speech protocol. (B, T[, F]) -> (B, T[, F])."""
+        if first_input is None:
+            start = self.start_input(y.shape[0], y.device).to(y.dtype)
+        else:
+            start = first_input.unsqueeze(1).to(y.dtype)
         return torch.cat([start, y[:, :-1]], dim=1)
 
     def embed(self, x: Tensor) -> Tensor:
@@ -319,12 +323,14 @@ class ZForcing(nn.Module):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         auxiliary: bool = True,
+        first_input: Tensor | None = None,
     ) -> ZForcingOutput:
         """Terms of the training objective (Eq. 10) for targets y (B, T[, F]), one posterior sample.
 
         mask (B, T) marks valid steps (a prefix of each row). noise (B, T, Z), if given, is the
         standard-normal draw of the reparameterisation; otherwise it is drawn with generator.
         auxiliary=False skips the two auxiliary terms (zero), which evaluation does not need.
+        first_input (B[, F]), if given, is u_1 in place of the start input (see shift_right).
         """
         c = self.config
         batch, steps = y.shape[:2]
@@ -341,9 +347,9 @@ class ZForcing(nn.Module):
                 dtype=mask.dtype,
             )
 
-        embedded_u = self.embed(self.shift_right(y))  # (B, T, E)
+        embedded_u = self.embed(self.shift_right(y, first_input))  # (B, T, E)
         backward = self.backward_states(self.embed(y), lengths)  # (B, T, H)
-        states, z, q_mean, q_logvar = self.posterior_rollout(embedded_u, backward, noise)
+        states, z, q_mean, q_logvar, _ = self.posterior_rollout(embedded_u, backward, noise)
         h_prev, h = states[:, :-1], states[:, 1:]  # h_{t-1} and h_t, (B, T, H) each
 
         p_mean, p_logvar = self.prior(h_prev)  # (B, T, Z) each
@@ -379,10 +385,11 @@ class ZForcing(nn.Module):
 
     def posterior_rollout(
         self, embedded_u: Tensor, backward: Tensor, noise: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Run the forward LSTM with z_t ~ q(z_t | h_{t-1}, b_t).
 
-        Returns h_0..h_T (B, T+1, H), z_t (B, T, Z) and the posterior's mean and log-variance.
+        Returns h_0..h_T (B, T+1, H), z_t (B, T, Z), the posterior's mean and log-variance, and
+        the last cell state c_T (B, H) (to continue a sequence from where it ends).
         """
         cell, post = self.forward_cell, self.posterior
         batch = embedded_u.shape[0]
@@ -411,7 +418,19 @@ class ZForcing(nn.Module):
             zs.append(z)
             means.append(mean)
             logvars.append(logvar)
-        return tuple(torch.stack(x, dim=1) for x in (states, zs, means, logvars))  # type: ignore[return-value]
+        stacked = tuple(torch.stack(x, dim=1) for x in (states, zs, means, logvars))
+        return (*stacked, c)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def encode(self, y: Tensor, first_input: Tensor | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The forward LSTM's state (h_T, c_T), each (B, H), after reading whole (unpadded)
+        sequences y (B, T[, F]) with posterior latents: where a continuation starts."""
+        lengths = torch.full((y.shape[0],), y.shape[1], dtype=torch.long, device=y.device)
+        dtype = self.forward_cell.hidden_to_gates.weight.dtype
+        noise = torch.randn(y.shape[0], y.shape[1], self.config.latent_size, generator=generator, device=y.device, dtype=dtype)
+        backward = self.backward_states(self.embed(y), lengths)
+        states, _, _, _, c = self.posterior_rollout(self.embed(self.shift_right(y, first_input)), backward, noise)
+        return states[:, -1], c
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -423,20 +442,27 @@ class ZForcing(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         stop: Callable[[Tensor], Tensor] | None = None,
+        first_input: Tensor | None = None,
+        state: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Free-running samples from the prior: z_t ~ p(z_t|h_{t-1}), y_t ~ p(y_t|h_t), u_{t+1} = y_t.
 
         Returns (num, steps[, F]). stop, if given, maps the sampled y_t (num,) to a bool mask of
-        finished rows; generation ends early when every row has finished.
+        finished rows; generation ends early when every row has finished. first_input (num[, F])
+        and state (h, c) (from encode) continue a sequence instead of starting one: first_input
+        is then its last element.
         """
         cell = self.forward_cell
         weight = cell.hidden_to_gates.weight
         device, dtype = weight.device, weight.dtype
         size = self.config.hidden_size
         z_weight = cell.latent_to_gates_weight()
-        h = torch.zeros(num, size, device=device, dtype=dtype)
-        c = torch.zeros(num, size, device=device, dtype=dtype)
-        u = self.start_input(num, device)  # (num, 1[, F])
+        if state is None:
+            h = torch.zeros(num, size, device=device, dtype=dtype)
+            c = torch.zeros(num, size, device=device, dtype=dtype)
+        else:
+            h, c = state
+        u = self.start_input(num, device) if first_input is None else first_input.unsqueeze(1)  # (num, 1[, F])
         outputs = []
         finished = torch.zeros(num, dtype=torch.bool, device=device)
         for _ in range(steps):

@@ -563,6 +563,7 @@ def data_description(dataset: PreparedDataset) -> dict:
         "image_shape": meta.image_shape,
         "counts": meta.counts,
         "fingerprint": meta.fingerprint,
+        "audio": meta.audio,  # sample rate, frame size and the normalisation, to write audio back
     }
 
 
