@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from zforcing_cli.data import Batch
 from zforcing_cli.evaluate import combine_logsumexp, evaluate_split, sample_chunks
 from zforcing_cli.model import ZForcing
 
@@ -22,8 +23,8 @@ class ShortSplit:
         return len(self.split)
 
     def batch(self, indices):
-        targets, mask = self.split.batch(indices)
-        return targets[:, : self.steps], mask[:, : self.steps]
+        targets, mask, _ = self.split.batch(indices)
+        return Batch(targets[:, : self.steps], mask[:, : self.steps])
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def reference_bounds(model, split, passes, seed: int) -> tuple[float, float, flo
     elbo = kl = 0.0
     log_weights: dict[int, list[torch.Tensor]] = {}
     for indices, samples in passes:
-        targets, mask = split.batch(np.array(indices))
+        targets, mask, _ = split.batch(np.array(indices))
         out = model(targets.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0),
                     generator=generator, auxiliary=False)
         elbo += out.elbo.double().sum().item()

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 
+from zforcing_cli.data import Batch
 from zforcing_cli.evaluate import evaluate_split
 from zforcing_cli.model import (
     GaussianHead,
@@ -513,7 +514,7 @@ class TinySplit:
 
     def batch(self, indices):
         targets = self.data[torch.as_tensor(np.asarray(indices))]
-        return targets, torch.ones_like(targets)
+        return Batch(targets, torch.ones_like(targets))
 
 
 def tiny_binary_split(count: int, steps: int, seed: int) -> TinySplit:
@@ -532,7 +533,7 @@ def test_iwae_at_least_elbo_and_k1_consistent():
     # K = 1: iwae - elbo = mean over sequences of (KL - (log q - log p)), zero in expectation
     res1 = evaluate_split(model, split, batch_size=1000, iwae_samples=1, seed=5)
     gen = torch.Generator().manual_seed(5)
-    targets, mask = split.batch(np.arange(count))
+    targets, mask, _ = split.batch(np.arange(count))
     with torch.no_grad():
         out = model(targets, mask, generator=gen, auxiliary=False)  # the same draw evaluate_split made
     diff = (out.kl - out.log_q_minus_log_p).double()
@@ -567,7 +568,7 @@ def test_iwae_exact_when_posterior_equals_prior():
     k = 10
     res = evaluate_split(model, split, batch_size=1000, iwae_samples=k, seed=2)
     gen = torch.Generator().manual_seed(2)
-    targets, mask = split.batch(np.arange(12))
+    targets, mask, _ = split.batch(np.arange(12))
     with torch.no_grad():
         out = model(targets.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), generator=gen, auxiliary=False)
     log_w = -out.nll.double().view(12, k)

@@ -88,7 +88,7 @@ def training_setup(device: torch.device, preset: str, batch_size: int | None):
     torch.manual_seed(0)
     model = ZForcing(model_config).to(device)
     indices = np.arange(train_config.batch_size)
-    batch = tuple(t.to(device) for t in dataset.split("train").batch(indices))
+    batch = dataset.split("train").batch(indices).to(device)
     return dataset, model, train_config, batch
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import PreparedSplit
+from .data import Batch, PreparedSplit
 from .model import ZForcing
 
 
@@ -64,8 +64,7 @@ def evaluate_split(
     totals = {"elbo": 0.0, "kl": 0.0, "iwae": 0.0, "steps": 0}
     for start in range(0, count, sequences_per_pass):
         stop = min(start + sequences_per_pass, count)
-        targets, mask = split.batch(np.arange(start, stop))
-        sums = _bound_sums(model, targets.to(device), mask.to(device), chunks, generator)
+        sums = _bound_sums(model, split.batch(np.arange(start, stop)).to(device), chunks, generator)
         for name, value in sums.items():
             totals[name] += value
         if progress is not None:
@@ -87,18 +86,14 @@ def sample_chunks(samples: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-def _bound_sums(
-    model: ZForcing, targets: Tensor, mask: Tensor, chunks: list[int], generator: torch.Generator
-) -> dict[str, float]:
+def _bound_sums(model: ZForcing, batch: Batch, chunks: list[int], generator: torch.Generator) -> dict[str, float]:
     """ELBO, KL and IWAE summed over these sequences, each with sum(chunks) samples."""
     samples = sum(chunks)
-    sums = {"elbo": 0.0, "kl": 0.0, "steps": int(mask.sum().item())}
+    sums = {"elbo": 0.0, "kl": 0.0, "steps": int(batch.mask.sum().item())}
     log_weight_sum = None  # per sequence: log Σ_k w_k over the samples drawn so far
     for chunk in chunks:
-        out = model(
-            targets.repeat_interleave(chunk, dim=0), mask.repeat_interleave(chunk, dim=0),
-            generator=generator, auxiliary=False,
-        )
+        copies = batch.repeat_interleave(chunk)
+        out = model(copies.targets, copies.mask, generator=generator, auxiliary=False, first_input=copies.first_input)
         sums["elbo"] += out.elbo.double().sum().item() / samples
         sums["kl"] += out.kl.double().sum().item() / samples
         log_weights = out.log_importance_weight.double().view(-1, chunk)  # (sequences, chunk)

@@ -34,6 +34,28 @@ MNIST_PRESETS = {
 }
 
 
+# Speech (frames of 200 samples at 16 kHz, 40-frame sequences).
+# paper: the paper's Table 1 sizes as the authors' code used them. TIMIT: embedding 512, LSTMs
+# of 1024, z 256, MLPs 512, batch 32, Adam lr 1e-3; Blizzard: 1024 / 2048 / 256 / 1024, batch
+# 128, lr 3e-4. Your own audio (`wav`) takes TIMIT's. The auxiliary weights are 0, Table 1's
+# plain "Z-Forcing" row; its "+ aux" rows add --aux-weight and --bwd-weight.
+# small: a quick model for 2 CPU cores. 40-step sequences make an update cheap (tens of
+# milliseconds), so it takes many of them; not yet tuned on a real corpus.
+SPEECH_PAPER = {
+    "timit": (dict(embed_size=512, hidden_size=1024, latent_size=256, mlp_size=512), dict(batch_size=32, lr=1e-3)),
+    "blizzard": (dict(embed_size=1024, hidden_size=2048, latent_size=256, mlp_size=1024), dict(batch_size=128, lr=3e-4)),
+}
+SPEECH_SMALL = (dict(embed_size=64, hidden_size=128, latent_size=32, mlp_size=128), dict(batch_size=32, lr=1e-3))
+
+
+def speech_presets(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
+    sizes, training = SPEECH_SMALL if name == "small" else SPEECH_PAPER.get(meta.kind, SPEECH_PAPER["timit"])
+    model = ZForcingConfig(modality="frames", input_size=meta.input_size, **sizes)
+    if name == "small":
+        return model, TrainConfig(epochs=1, max_steps=3000, valid_limit=1000, eval_batch_size=100, **training)
+    return model, TrainConfig(epochs=100, checkpoint_every=1000, eval_batch_size=100, **training)
+
+
 def preset_defaults(field: str) -> str:
     """The help's default for a training option the preset decides, e.g. 'small: 1, paper: 100'."""
     shown = {name: "none" if (value := getattr(train, field)) is None else f"{value:g}" for name, (_, train) in MNIST_PRESETS.items()}
@@ -45,10 +67,12 @@ def preset_defaults(field: str) -> str:
 def preset_configs(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
     if name not in PRESETS:
         raise UsageError(f"Unknown preset {name!r}.", f"Choose one of: {', '.join(PRESETS)}.")
+    if meta.modality == "frames":
+        return speech_presets(name, meta)
     if meta.modality != "binary":
         raise ZForcingError(
             f"Training on {meta.kind!r} data is not available in this version of zforcing yet.",
-            "Train on binarized MNIST (the default) for now.",
+            "Train on binarized MNIST or audio for now.",
         )
     model, train = MNIST_PRESETS[name]
     return replace(model), replace(train)

@@ -33,7 +33,7 @@ from .checkpoint import (
     restore_optimizer_state,
     save_checkpoint,
 )
-from .data import PreparedDataset
+from .data import Batch, PreparedDataset
 from .errors import TrainingError
 from .evaluate import evaluate_split
 from .fileio import check_can_write, write_bytes, write_json
@@ -167,14 +167,13 @@ def objective(out, kl_weight: float, config: TrainConfig) -> torch.Tensor:
 def train_step(
     model: ZForcing,
     optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, torch.Tensor],
+    batch: Batch,
     kl_weight: float,
     config: TrainConfig,
     generator: torch.Generator,
 ) -> dict | None:
     """One Adam update; returns its metrics, or None when the loss or gradient was not finite."""
-    targets, mask = batch
-    out = model(targets, mask, generator=generator)
+    out = model(batch.targets, batch.mask, generator=generator, first_input=batch.first_input)
     loss = objective(out, kl_weight, config)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
@@ -360,8 +359,7 @@ class Trainer:
         cfg, state = self.config.train, self.state
         began = time.perf_counter()
         self.model.train(True)
-        targets, mask = self.train_split.batch(indices)
-        batch = (targets.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
+        batch = self.train_split.batch(indices).to(self.device)
         metrics = train_step(
             self.model, self.optimizer, batch, state.kl_weight, cfg,
             step_generator(cfg.seed, state.step, self.device),

@@ -29,7 +29,7 @@ def test_amat_round_trip_preserves_every_pixel(amat_folder, tmp_path):
         stored = dataset.split(split).arrays["pixels"]
         assert stored.shape == (len(expected), 98)  # bit-packed: 784 / 8 bytes a row
         assert stored.dtype == np.uint8
-        targets, mask = dataset.split(split).batch(np.arange(len(expected)))
+        targets, mask, _ = dataset.split(split).batch(np.arange(len(expected)))
         assert targets.shape == (len(expected), 784)
         assert targets.dtype.is_floating_point
         np.testing.assert_array_equal(targets.numpy(), expected.astype(np.float32))
@@ -40,7 +40,7 @@ def test_batch_returns_the_rows_asked_for_in_order(amat_folder, tmp_path):
     folder, pixels = amat_folder
     split = prepare("mnist", str(folder), tmp_path / "out").split("train")
     indices = np.array([17, 3, 3, 0])
-    targets, _ = split.batch(indices)
+    targets, *_ = split.batch(indices)
     np.testing.assert_array_equal(targets.numpy(), pixels["train"][indices].astype(np.float32))
 
 
@@ -65,7 +65,7 @@ def test_embedded_dataset_has_the_standard_split(embedded):
     assert embedded.meta.counts == {"train": 50000, "valid": 10000, "test": 10000}
     assert {name: len(embedded.split(name)) for name in ("train", "valid", "test")} == embedded.meta.counts
     assert embedded.location == EMBEDDED
-    targets, mask = embedded.split("test").batch(np.arange(16))
+    targets, mask, _ = embedded.split("test").batch(np.arange(16))
     assert targets.shape == (16, 784)
     assert set(np.unique(targets.numpy())) == {0.0, 1.0}
     # Binarized digits: mostly background, a real share of ink (not noise, not all zeros).

@@ -43,7 +43,7 @@ def test_write_prepared_round_trip(tmp_path):
     write_prepared(tmp_path / "ds", meta, {"train": {"pixels": np.packbits(pixels, axis=1)}})
     dataset = open_prepared(tmp_path / "ds")
     assert dataset.meta.counts == {"train": 5}
-    targets, mask = dataset.split("train").batch(np.arange(5))
+    targets, mask, _ = dataset.split("train").batch(np.arange(5))
     np.testing.assert_array_equal(targets.numpy(), pixels)
     assert bool((mask == 1).all())
     with pytest.raises(DataError, match="no 'test' split"):

@@ -52,20 +52,40 @@ def evaluate_cli(
             limit=limit or None, iwae_samples=iwae, progress=EvaluationProgress(progress),
         )
     unit = bound_unit(dataset.meta.modality)
+    per_sample = samples_per_sequence(result, dataset.meta)
     report = json_record({
         "checkpoint": str(folder), "split": split, "data": dataset.location, "unit": unit, **result.to_dict(),
         "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae,
+        **({} if per_sample is None else {"samples_per_sequence": per_sample, "nll_elbo_per_sample": -result.elbo / per_sample}),
     })
     if as_json:
         stdout.print_json(json.dumps(report, allow_nan=False))
     else:
         stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
-        stdout.print(results_table(f"{dataset.meta.kind}, {split} split", result_rows(result, unit)))
+        rows = result_rows(result, unit) if per_sample is None else audio_rows(result, per_sample)
+        stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows))
     if report["status"] != "ok":
         raise ZForcingError(
             f"The bounds came out non-finite ({report['status'].split(': ')[1]}): they are not results.",
             "The model overflows on this data; check the checkpoint with another split, or train again with a lower --lr.",
         )
+
+
+def samples_per_sequence(result: EvalResult, meta) -> float | None:
+    """Audio: the waveform samples one average sequence's bound covers (its target frames)."""
+    if meta.modality != "frames":
+        return None
+    return result.steps * meta.input_size / result.sequences
+
+
+def audio_rows(result: EvalResult, per_sample: float) -> list[tuple[str, str]]:
+    """The paper's Table 1 sign and unit (average log-likelihood ≥ bound, per sequence), and the
+    bound per waveform sample, which compares across sequence lengths."""
+    rows = [("sequences", f"{result.sequences:,}"), ("waveform samples per sequence", f"{per_sample:,.1f}"),
+            ("log-likelihood ≥ (ELBO), nats per sequence", f"{result.elbo:,.2f}")]
+    if result.iwae is not None:
+        rows.append((f"log-likelihood ≥ (IWAE, K={result.iwae_samples}), nats per sequence", f"{result.iwae:,.2f}"))
+    return rows + [("NLL ≤ (ELBO), nats per sample", f"{-result.elbo / per_sample:.4f}"), ("KL, nats per sequence", f"{result.kl:.2f}")]
 
 
 def result_rows(result: EvalResult, unit: str) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from .mnist import (
     read_amat_folder,
 )
 from .prepared import (
+    Batch,
     DatasetMeta,
     PreparedDataset,
     PreparedSplit,
@@ -91,6 +92,7 @@ def open_dataset(location: str | Path) -> PreparedDataset:
 __all__ = [
     "AUDIO_KINDS",
     "AVAILABLE_KINDS",
+    "Batch",
     "EMBEDDED",
     "PLANNED_KINDS",
     "DatasetMeta",

@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,22 @@ class DatasetMeta:
     def from_dict(cls, values: dict) -> "DatasetMeta":
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+class Batch(NamedTuple):
+    """What the model takes for a set of sequences."""
+
+    targets: torch.Tensor  # (B, T) pixels, or (B, T, F) normalised audio frames
+    mask: torch.Tensor  # (B, T): 1 on real steps, 0 on padding after a sequence's end
+    first_input: torch.Tensor | None = None  # (B, F): u_1 when the data has a real one (audio's context frame)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        first = None if self.first_input is None else self.first_input.to(device, non_blocking=True)
+        return Batch(self.targets.to(device, non_blocking=True), self.mask.to(device, non_blocking=True), first)
+
+    def repeat_interleave(self, repeats: int) -> "Batch":
+        """Each sequence `repeats` times in a row (the K samples of an importance-weighted bound)."""
+        return Batch(*(None if t is None else t.repeat_interleave(repeats, dim=0) for t in self))
 
 
 class PreparedSplit:
@@ -120,12 +137,25 @@ class PreparedSplit:
         waveform = np.asarray(samples, dtype=np.float32) / np.float32(SAMPLE_SCALE)
         return (waveform - np.float32(self.audio["mean"])) / np.float32(self.audio["std"])
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Targets (B, T) and mask (B, T) for the sequences at indices."""
+    def batch(self, indices: np.ndarray) -> Batch:
+        """The sequences at indices: pixels (B, 784), or audio frames padded to the longest
+        (B, T, F) with their context frames as first inputs."""
+        if "pixels" not in self.arrays:
+            return self.audio_batch(indices)
         rows = np.asarray(self.arrays["pixels"][indices])
         bits = np.unpackbits(rows, axis=1, count=self.meta.sequence_length)
         targets = torch.from_numpy(bits.astype(np.float32))
-        return targets, torch.ones_like(targets)
+        return Batch(targets, torch.ones_like(targets))
+
+    def audio_batch(self, indices: np.ndarray) -> Batch:
+        contexts, sequences = zip(*(self.sequence(int(index)) for index in indices))
+        steps = max(len(targets) for targets in sequences)
+        targets = np.zeros((len(sequences), steps, self.audio["frame_size"]), dtype=np.float32)
+        mask = np.zeros((len(sequences), steps), dtype=np.float32)
+        for row, frames in enumerate(sequences):
+            targets[row, : len(frames)] = frames
+            mask[row, : len(frames)] = 1.0
+        return Batch(torch.from_numpy(targets), torch.from_numpy(mask), torch.from_numpy(np.stack(contexts)))
 
 
 class PreparedDataset:

@@ -1,0 +1,89 @@
+"""Audio end to end through the command line: prepare a TIMIT tree, train the Gaussian-output
+model on its stream sequences, evaluate whole test utterances in the paper's sign and unit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from zforcing_cli.data import open_dataset
+from zforcing_cli.presets import preset_configs
+
+from conftest import invoke, plain
+
+
+@pytest.fixture(scope="module")
+def timit_run(timit_tree, tmp_path_factory):
+    """Prepared tiny TIMIT and a 3-update small-preset run on it."""
+    work = tmp_path_factory.mktemp("speech")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        prepared = invoke("prepare", "timit", timit_tree[0], "--out", "timit")
+        assert prepared.exit_code == 0, plain(prepared.output)
+        trained = invoke("train", "--data", "timit", "--out", "run", "--max-steps", 3, "--batch-size", 4, "--device", "cpu")
+    assert trained.exit_code == 0, plain(trained.output)
+    return work, trained
+
+
+def test_training_on_audio_reports_nats_per_sequence(timit_run):
+    _, trained = timit_run
+    assert "nats per sequence" in plain(trained.stdout) and "per image" not in plain(trained.output)
+
+
+def test_the_run_uses_the_speech_preset_and_records_the_framing(timit_run):
+    work, _ = timit_run
+    config = json.loads((work / "run" / "config.json").read_text())
+    assert config["model"]["modality"] == "frames" and config["model"]["input_size"] == 200
+    assert config["preset"] == "small"
+    audio = config["data"]["audio"]
+    assert (audio["sample_rate"], audio["frame_size"], audio["sequence_frames"]) == (16000, 200, 40)
+
+
+def test_test_utterances_are_evaluated_whole(timit_run, monkeypatch):
+    """Every test utterance in one piece: the bound covers its frames after the first (the SRNN
+    protocol), averaged over the true number of utterances, never over padding."""
+    work, _ = timit_run
+    monkeypatch.chdir(work)
+    result = invoke("evaluate", "run", "--json", "--device", "cpu", "--batch-size", 4)
+    assert result.exit_code == 0, plain(result.output)
+    report = json.loads(result.stdout)
+    test = open_dataset(work / "timit").split("test")
+    lengths = np.diff(test.arrays["offsets"]) // 200
+    assert report["sequences"] == len(lengths) == 6
+    assert report["steps"] == int((lengths - 1).sum())
+    assert report["samples_per_sequence"] == pytest.approx(report["steps"] * 200 / 6)
+    assert report["nll_elbo_per_sample"] == pytest.approx(-report["elbo"] / report["samples_per_sequence"])
+
+
+def test_the_table_uses_the_papers_sign(timit_run, monkeypatch):
+    work, _ = timit_run
+    monkeypatch.chdir(work)
+    table = plain(invoke("evaluate", "run", "--device", "cpu", "--batch-size", 4).stdout)
+    assert "log-likelihood ≥ (ELBO), nats per sequence" in table and "nats per sample" in table
+
+
+def test_a_padded_audio_batch_masks_what_follows_each_utterance(timit_run):
+    work, _ = timit_run
+    test = open_dataset(work / "timit").split("test")
+    batch = test.batch(np.arange(len(test)))
+    lengths = np.diff(test.arrays["offsets"]) // 200 - 1
+    assert batch.targets.shape == (len(test), lengths.max(), 200)
+    assert torch.equal(batch.mask.sum(1), torch.as_tensor(lengths, dtype=torch.float32))
+    for row, length in enumerate(lengths):
+        context, targets = test.sequence(row)
+        assert torch.equal(batch.first_input[row], torch.from_numpy(context))
+        assert torch.equal(batch.targets[row, :length], torch.from_numpy(targets))
+        assert not batch.targets[row, length:].any()
+
+
+@pytest.mark.parametrize(("kind", "sizes"), [("timit", (512, 1024, 256, 512)), ("blizzard", (1024, 2048, 256, 1024))])
+def test_paper_presets_take_the_papers_speech_sizes(timit_run, kind, sizes):
+    work, _ = timit_run
+    meta = open_dataset(work / "timit").meta
+    meta.kind = kind
+    model, train = preset_configs("paper", meta)
+    assert (model.embed_size, model.hidden_size, model.latent_size, model.mlp_size) == sizes
+    assert (train.batch_size, train.lr) == ((32, 1e-3) if kind == "timit" else (128, 3e-4))
