@@ -1,7 +1,9 @@
-"""Pictures without a plotting library: PNG image grids and SVG training curves."""
+"""Pictures: PNG image grids and SVG training curves without a plotting library; waveform and
+spectrogram PNGs of audio with matplotlib (its Agg canvas, no pyplot, imported only when used)."""
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zlib
@@ -17,6 +19,8 @@ CURVE_PANELS = (  # (title, metric key)
     ("auxiliary cost −log p(b|z)", "aux"),
 )
 PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 360, 240, 72
+SPECTROGRAM_WINDOW = 0.025  # seconds per analysis window (a quarter of it between windows)
+SPECTROGRAM_FLOOR_DB = -100.0  # dB below full scale shown as the quietest colour
 
 
 # -- PNG -------------------------------------------------------------------------------------------
@@ -117,3 +121,52 @@ def svg_panel(offset: int, title: str, train: list[tuple[float, float]], valid: 
 
 def axis_label(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+# -- audio: waveform and spectrogram ----------------------------------------------------------------
+
+
+def spectrogram(waveform: np.ndarray, sample_rate: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """(frequencies, windows) power in dB relative to a full-scale sine (0 dB), floored at
+    SPECTROGRAM_FLOOR_DB, from Hann-windowed frames of SPECTROGRAM_WINDOW seconds; and the time
+    span (s) its columns cover, each column centred on its window."""
+    size = max(2, int(sample_rate * SPECTROGRAM_WINDOW))
+    hop = max(1, size // 4)
+    waveform = np.asarray(waveform, dtype=np.float64)
+    if len(waveform) < size:
+        waveform = np.pad(waveform, (0, size - len(waveform)))
+    window = np.hanning(size)
+    frames = np.lib.stride_tricks.sliding_window_view(waveform, size)[::hop] * window
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2 / (window.sum() / 2) ** 2
+    db = 10.0 * np.log10(np.maximum(power, 10.0 ** (SPECTROGRAM_FLOOR_DB / 10.0))).T
+    start = (size - hop) / 2 / sample_rate
+    return db, (start, start + db.shape[1] * hop / sample_rate)
+
+
+def write_audio_plot(path: Path, waveform: np.ndarray, sample_rate: int, title: str, boundary: float | None = None) -> None:
+    """A PNG of a waveform (values in [-1, 1]): the signal on top, its spectrogram below, a
+    dashed line at `boundary` seconds (where a prompt ends) when given."""
+    # Imported here, not at the top: matplotlib takes a good part of a second to import.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    duration = max(len(waveform), 1) / sample_rate
+    figure = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    wave_axes, spectrum_axes = figure.subplots(2, 1, sharex=True)
+    wave_axes.plot(np.arange(len(waveform)) / sample_rate, waveform, linewidth=0.4, color="#1f77b4")
+    wave_axes.set(title=title, ylabel="amplitude", ylim=(-1.05, 1.05), xlim=(0, duration))
+    db, (start, stop) = spectrogram(waveform, sample_rate)
+    image = spectrum_axes.imshow(
+        db, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
+        extent=(start, stop, 0, sample_rate / 2), vmin=SPECTROGRAM_FLOOR_DB, vmax=0.0,
+    )
+    spectrum_axes.set(xlabel="time (s)", ylabel="frequency (Hz)")
+    figure.colorbar(image, ax=[wave_axes, spectrum_axes], label="power (dB)", shrink=0.5, anchor=(0.0, 0.0))
+    if boundary is not None:
+        for axes in (wave_axes, spectrum_axes):
+            axes.axvline(boundary, color="#2ca02c", linestyle="--", linewidth=1.2)
+        wave_axes.text(boundary, 1.0, " prompt | generated", color="#2ca02c", va="top", fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes(path, buffer.getvalue())

@@ -52,7 +52,7 @@ def speech_presets(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainC
     sizes, training = SPEECH_SMALL if name == "small" else SPEECH_PAPER.get(meta.kind, SPEECH_PAPER["timit"])
     model = ZForcingConfig(modality="frames", input_size=meta.input_size, **sizes)
     if name == "small":
-        return model, TrainConfig(epochs=1, max_steps=3000, valid_limit=1000, eval_batch_size=100, **training)
+        return model, TrainConfig(epochs=100, max_steps=3000, valid_limit=1000, eval_batch_size=100, **training)
     return model, TrainConfig(epochs=100, checkpoint_every=1000, eval_batch_size=100, **training)
 
 

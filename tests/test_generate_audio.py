@@ -1,0 +1,209 @@
+"""`zforcing sample` for audio models: WAV files with a plot beside each, numbered outputs, seeds,
+prompts and the errors. The checkpoints are untrained tiny models, written without training."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from conftest import PNG_SIGNATURE, assert_clean_error, invoke, plain
+
+from zforcing_cli.checkpoint import save_checkpoint
+from zforcing_cli.data.audio import decode_file
+from zforcing_cli.generate import AudioFormat, audio_steps, numbered_paths
+from zforcing_cli.model import ZForcing, ZForcingConfig
+from zforcing_cli.train import TrainConfig
+
+RATE, FRAME = 16000, 200
+AUDIO = {"sample_rate": RATE, "frame_size": FRAME, "sequence_frames": 40, "mean": 0.0, "std": 0.1}
+
+
+def data_block(modality: str, **fields) -> dict:
+    return {
+        "location": "x", "kind": "wav", "protocol": "p", "modality": modality, "sequence_length": 40,
+        "image_shape": None, "counts": {}, "fingerprint": "", "audio": None, **fields,
+    }
+
+
+def write_checkpoint(folder: Path, model_config: ZForcingConfig, data: dict) -> Path:
+    torch.manual_seed(0)
+    model = ZForcing(model_config)
+    config = {"model": model.config.to_dict(), "train": dataclasses.asdict(TrainConfig()), "data": data}
+    return save_checkpoint(folder, model, config, {"step": 0})
+
+
+@pytest.fixture(scope="module")
+def audio_checkpoint(tmp_path_factory) -> Path:
+    model = ZForcingConfig(modality="frames", input_size=FRAME, embed_size=8, hidden_size=8, latent_size=4, mlp_size=8)
+    return write_checkpoint(tmp_path_factory.mktemp("audio") / "ckpt", model, data_block("frames", audio=AUDIO))
+
+
+@pytest.fixture(scope="module")
+def image_checkpoint(tmp_path_factory) -> Path:
+    model = ZForcingConfig(modality="binary", input_size=2, embed_size=4, hidden_size=8, latent_size=4, mlp_size=8)
+    data = data_block("binary", kind="mnist", sequence_length=784, image_shape=[28, 28])
+    return write_checkpoint(tmp_path_factory.mktemp("image") / "ckpt", model, data)
+
+
+def sample(checkpoint: Path, *args):
+    return invoke("sample", checkpoint, *args, "--device", "cpu")
+
+
+def write_sine(path: Path, seconds: float, rate: int = 22050) -> np.ndarray:
+    waveform = 0.5 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * rate)) / rate)
+    soundfile.write(path, waveform, rate, subtype="PCM_16")
+    return waveform
+
+
+def read_wav(path: Path) -> np.ndarray:
+    info = soundfile.info(str(path))
+    assert (info.samplerate, info.subtype, info.channels) == (RATE, "PCM_16", 1)
+    samples, _ = soundfile.read(str(path), dtype="int16")
+    return samples
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def test_numbered_paths_pad_to_the_width_of_the_count():
+    assert numbered_paths(Path("out/a.wav"), 1) == [Path("out/a.wav")]
+    assert numbered_paths(Path("out/a.wav"), 3) == [Path(f"out/a-{n}.wav") for n in (1, 2, 3)]
+    twelve = numbered_paths(Path("a.wav"), 12)
+    assert (twelve[0], twelve[8], twelve[-1]) == (Path("a-01.wav"), Path("a-09.wav"), Path("a-12.wav"))
+    assert numbered_paths(Path("a.wav"), 100)[0] == Path("a-001.wav")
+
+
+def test_steps_are_whole_frames_that_hold_the_seconds():
+    audio = AudioFormat.of(data_block("frames", audio=AUDIO))
+    assert audio_steps(audio) == 160  # 2 s by default
+    assert audio_steps(audio, seconds=0.3) == 24  # 0.3 * 16000 / 200, despite float rounding
+    assert audio_steps(audio, seconds=0.301) == 25
+    assert audio_steps(audio, length=7) == 7
+
+
+def test_normalising_and_back_keeps_int16_samples():
+    audio = AudioFormat(RATE, FRAME, mean=0.01, std=0.2)
+    samples = np.random.default_rng(0).integers(-20000, 20000, 4 * FRAME).astype(np.int16)
+    frames = audio.normalise(samples)
+    assert frames.shape == (4, FRAME)
+    assert np.abs(audio.to_samples(frames).astype(int) - samples).max() <= 1
+
+
+# -- free-running ----------------------------------------------------------------------------------
+
+
+def test_writes_a_16_bit_wav_and_its_plot(audio_checkpoint, cwd):
+    result = sample(audio_checkpoint, "--out", "a.wav", "--seconds", 0.5)
+    assert result.exit_code == 0, plain(result.output)
+    samples = read_wav(cwd / "a.wav")
+    assert len(samples) == 40 * FRAME
+    assert np.isfinite(samples).all() and samples.any()
+    assert_png(cwd / "a.png")
+    assert "Wrote 1 sample (0.5 s each) to a.wav" in plain(result.stdout)
+    assert "× real time" in plain(result.stderr)
+
+
+def test_default_is_one_2_s_clip_in_samples_wav(audio_checkpoint, cwd):
+    result = sample(audio_checkpoint)
+    assert result.exit_code == 0, plain(result.output)
+    assert len(read_wav(cwd / "samples.wav")) == 160 * FRAME
+    assert sorted(path.name for path in cwd.iterdir()) == ["samples.png", "samples.wav"]
+
+
+def test_several_samples_are_numbered(audio_checkpoint, cwd):
+    result = sample(audio_checkpoint, "--out", "a.wav", "--num", 3, "--length", 5)
+    assert result.exit_code == 0, plain(result.output)
+    clips = [read_wav(cwd / f"a-{n}.wav") for n in (1, 2, 3)]
+    assert all(len(clip) == 5 * FRAME for clip in clips)
+    assert not np.array_equal(clips[0], clips[1])
+    for n in (1, 2, 3):
+        assert_png(cwd / f"a-{n}.png")
+    assert not (cwd / "a.wav").exists()
+    assert "Wrote 3 samples" in plain(result.stdout) and "a-1.wav, a-2.wav, a-3.wav" in plain(result.stdout)
+
+
+def test_same_seed_same_audio(audio_checkpoint, cwd):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        result = sample(audio_checkpoint, "--out", f"{name}.wav", "--length", 4, "--seed", seed)
+        assert result.exit_code == 0, plain(result.output)
+    a, b, c = (read_wav(cwd / f"{name}.wav") for name in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_a_prompt_is_kept_and_continued(audio_checkpoint, cwd):
+    write_sine(cwd / "p.wav", 0.3)  # 22.05 kHz: resampled to 4800 samples, 24 whole frames
+    expected = decode_file(cwd / "p.wav", RATE)
+    assert len(expected) == 24 * FRAME
+    result = sample(audio_checkpoint, "--out", "a.wav", "--prompt", "p.wav", "--seconds", 0.5, "--num", 2)
+    assert result.exit_code == 0, plain(result.output)
+    for n in (1, 2):
+        samples = read_wav(cwd / f"a-{n}.wav")
+        assert len(samples) == (24 + 40) * FRAME
+        assert np.abs(samples[: len(expected)].astype(int) - expected).max() <= 1
+        assert_png(cwd / f"a-{n}.png")
+    assert "0.8 s each, the first 0.3 s the prompt" in plain(result.stdout)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_an_audio_model_refuses_a_png_output(audio_checkpoint, cwd):
+    line = assert_clean_error(sample(audio_checkpoint, "--out", "a.png"), 1, "a.png")
+    assert "audio" in line.lower()
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("existing", ["a.wav", "a.png"])
+def test_existing_outputs_need_force(audio_checkpoint, cwd, existing):
+    (cwd / existing).write_bytes(b"mine")
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--length", 2), 1, "already exists", existing)
+    assert (cwd / existing).read_bytes() == b"mine"
+    assert sorted(path.name for path in cwd.iterdir()) == [existing]
+    result = sample(audio_checkpoint, "--out", "a.wav", "--length", 2, "--force")
+    assert result.exit_code == 0, plain(result.output)
+    assert len(read_wav(cwd / "a.wav")) == 2 * FRAME
+
+
+def test_a_numbered_output_that_exists_stops_before_generating(audio_checkpoint, cwd):
+    (cwd / "a-2.wav").write_bytes(b"mine")
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--num", 2), 1, "a-2.wav", "already exists")
+    assert sorted(path.name for path in cwd.iterdir()) == ["a-2.wav"]
+
+
+def test_a_missing_prompt_is_named(audio_checkpoint, cwd):
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--prompt", "gone.wav"), 1, "gone.wav", "does not exist")
+    assert list(cwd.iterdir()) == []
+
+
+def test_an_unreadable_prompt_is_named(audio_checkpoint, cwd):
+    (cwd / "p.wav").write_text("not audio")
+    line = assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--prompt", "p.wav"), 1, "p.wav")
+    assert "Cannot read" in line
+    assert not (cwd / "a.wav").exists()
+
+
+def test_a_prompt_shorter_than_two_frames_is_refused(audio_checkpoint, cwd):
+    write_sine(cwd / "p.wav", 0.02)  # 320 samples at 16 kHz: one frame
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--prompt", "p.wav"), 1, "p.wav", "too short")
+    assert not (cwd / "a.wav").exists()
+
+
+def test_seconds_and_length_together_are_a_usage_error(audio_checkpoint, cwd):
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--seconds", 1, "--length", 5), 2, "--seconds", "--length")
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", [["--prompt", "p.wav"], ["--seconds", "1"]])
+def test_audio_options_on_an_image_model_are_usage_errors(image_checkpoint, cwd, option):
+    write_sine(cwd / "p.wav", 0.3)
+    assert_clean_error(sample(image_checkpoint, "--out", "s.png", *option), 2, option[0])
+    assert not (cwd / "s.png").exists()
