@@ -7,9 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
+from zforcing_cli.checkpoint import load_model
 from zforcing_cli.data import open_dataset
+from zforcing_cli.evaluate import evaluate_split
 from zforcing_cli.presets import preset_configs
 
 from conftest import invoke, plain
@@ -87,3 +90,33 @@ def test_paper_presets_take_the_papers_speech_sizes(timit_run, kind, sizes):
     model, train = preset_configs("paper", meta)
     assert (model.embed_size, model.hidden_size, model.latent_size, model.mlp_size) == sizes
     assert (train.batch_size, train.lr) == ((32, 1e-3) if kind == "timit" else (128, 3e-4))
+
+
+def test_the_whole_utterance_bound_matches_each_utterance_alone(timit_run):
+    """evaluate_split's bound on the padded test batch is the mean of a direct computation per
+    utterance with the same noise: padding changes nothing, and the average is over utterances."""
+    work, _ = timit_run
+    model, _ = load_model(work / "run" / "checkpoints" / "step-00000003")
+    test = open_dataset(work / "timit").split("test")
+    result = evaluate_split(model, test, batch_size=len(test), seed=7)
+    batch = test.batch(np.arange(len(test)))
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(len(test), batch.targets.shape[1], model.config.latent_size, generator=generator)
+    padded = model(batch.targets, batch.mask, noise=noise, auxiliary=False, first_input=batch.first_input).elbo
+    assert result.elbo == pytest.approx(padded.double().mean().item(), rel=1e-6)
+    for row in range(len(test)):
+        context, targets = test.sequence(row)
+        alone = model(torch.from_numpy(targets)[None], noise=noise[row:row + 1, : len(targets)], auxiliary=False,
+                      first_input=torch.from_numpy(context)[None]).elbo
+        assert alone.item() == pytest.approx(padded[row].item(), rel=1e-5, abs=1e-2)
+
+
+def test_a_trained_checkpoint_samples_finite_audio_of_the_asked_length(timit_run, tmp_path):
+    work, _ = timit_run
+    result = invoke("sample", work / "run", "--out", tmp_path / "s.wav", "--seconds", 0.25, "--num", 2, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    for name in ("s-1.wav", "s-2.wav"):
+        samples, rate = soundfile.read(tmp_path / name, dtype="int16")
+        assert rate == 16000 and samples.shape == (20 * 200,)
+        assert np.isfinite(samples.astype(np.float64)).all() and samples.any()
+        assert (tmp_path / name).with_suffix(".png").is_file()
