@@ -35,6 +35,15 @@ def plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
+def duration(seconds: float) -> str:
+    """'2.5 h', '12.3 min' or '7.0 s': hours for a corpus or a long job, seconds for a small one."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.2f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
 def print_error(message: str, hint: str = "") -> None:
     stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     if hint:

@@ -8,6 +8,7 @@ holds the current working folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -150,6 +151,18 @@ def write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def json_record(record: dict) -> dict:
+    """A record (metrics, a --json report) that is valid JSON: non-finite numbers become null,
+    and `status` says whether any were."""
+    clean = {key: finite_or_none(value) for key, value in record.items()}
+    bad = sorted(key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value))
+    return {**clean, "status": "non-finite: " + ", ".join(bad) if bad else "ok"}
+
+
+def finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_json(path: Path, value: object) -> None:

@@ -15,7 +15,7 @@ import soundfile
 import torch
 
 from .data.audio import decode_file, to_int16
-from .data.prepared import SAMPLE_SCALE
+from .data.prepared import SAMPLE_SCALE, normalise_samples
 from .errors import DataError, ZForcingError
 from .fileio import check_can_write, write_bytes
 from .model import ZForcing
@@ -101,9 +101,7 @@ class AudioFormat:
 
     def normalise(self, samples: np.ndarray) -> np.ndarray:
         """int16 samples (a whole number of frames) -> (frames, F) float32, as the model sees them."""
-        waveform = np.asarray(samples, dtype=np.float32) / np.float32(SAMPLE_SCALE)
-        frames = (waveform - np.float32(self.mean)) / np.float32(self.std)
-        return frames.reshape(-1, self.frame_size)
+        return normalise_samples(samples, self.mean, self.std).reshape(-1, self.frame_size)
 
     def to_samples(self, frames: np.ndarray) -> np.ndarray:
         """(..., T, F) normalised frames -> (..., T·F) int16 samples, clipped to [-1, 1] first."""

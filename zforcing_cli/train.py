@@ -36,7 +36,7 @@ from .checkpoint import (
 from .data import Batch, PreparedDataset
 from .errors import TrainingError
 from .evaluate import evaluate_split
-from .fileio import check_can_write, write_bytes, write_json
+from .fileio import check_can_write, json_record, write_bytes, write_json
 from .model import ZForcing, ZForcingConfig, count_parameters
 from .plots import write_training_curves
 from .runlock import RunLock, RunLockedError
@@ -279,7 +279,7 @@ class Trainer:
         remove_unfinished(self.run_dir)
         folder = newest_checkpoint(self.run_dir, "step")
         if folder is None:
-            remove_file(self.run_dir / METRICS_FILE)
+            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
             return None
         tensors = read_tensors(folder / MODEL_FILE)
         self.model.load_state_dict({name: t.to(self.device) for name, t in tensors.items()})
@@ -459,18 +459,6 @@ def planned_updates(config: TrainConfig, train_size: int) -> int:
     return min(total, config.max_steps) if config.max_steps is not None else total
 
 
-def json_record(record: dict) -> dict:
-    """A metrics record that is valid JSON: non-finite numbers become null, and `status` says
-    whether any were."""
-    clean = {key: finite_or_none(value) for key, value in record.items()}
-    bad = sorted(key for key, value in record.items() if isinstance(value, float) and not math.isfinite(value))
-    return {**clean, "status": "non-finite: " + ", ".join(bad) if bad else "ok"}
-
-
-def finite_or_none(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def truncate_metrics(path: Path, step: int, validated_step: int) -> None:
     """Drop records a resumed run will write again: updates after `step` and validations after
     `validated_step`. A line cut short by a kill is dropped too."""
@@ -486,10 +474,6 @@ def truncate_metrics(path: Path, step: int, validated_step: int) -> None:
         if record.get("step", 0) <= limit:
             kept.append(line)
     write_bytes(path, "".join(line + "\n" for line in kept).encode())
-
-
-def remove_file(path: Path) -> None:
-    Path(path).unlink(missing_ok=True)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -10,13 +10,13 @@ import typer
 from rich.markup import escape
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..console import plural, results_table, simple_progress, stderr, stdout
+from ..console import duration, plural, results_table, simple_progress, stderr, stdout
 from ..data import PreparedDataset, open_dataset
 from ..device import resolve_device
 from ..errors import DataError, ZForcingError
 from ..evaluate import EvalResult, bound_unit, evaluate_split
+from ..fileio import json_record
 from ..threads import ThreadPolicy
-from ..train import json_record
 from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, usage_error
 
 EPILOG = "**Examples:** `zforcing evaluate runs/latest --iwae 50`; `zforcing evaluate --split valid --json`"
@@ -110,15 +110,7 @@ class EvaluationProgress:
         if not self.estimated and done < total:
             self.estimated = True
             remaining = (time.perf_counter() - self.started) / done * (total - done)
-            stderr.print(f"Evaluating {plural(total, 'sequence')}: about {format_duration(remaining)} to go.")
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+            stderr.print(f"Evaluating {plural(total, 'sequence')}: about {duration(remaining)} to go.")
 
 
 def open_training_data(config: dict) -> PreparedDataset:

@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ..console import stderr, stdout
+from ..console import duration, stderr, stdout
 from ..data import (
     AUDIO_KINDS,
     AVAILABLE_KINDS,
@@ -89,12 +89,3 @@ def split_summary(dataset: PreparedDataset) -> str:
         f"{split} {count:,}" + (f" ({duration(seconds[split])})" if split in seconds else "")
         for split, count in dataset.meta.counts.items()
     )
-
-
-def duration(seconds: float) -> str:
-    """Hours for a corpus, minutes or seconds for a small one."""
-    if seconds >= 3600:
-        return f"{seconds / 3600:,.2f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.1f} s"

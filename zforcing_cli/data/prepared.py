@@ -68,6 +68,13 @@ class DatasetMeta:
         return cls(**{key: value for key, value in values.items() if key in known})
 
 
+def normalise_samples(samples: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """int16 samples -> float32 (samples / 32768 - mean) / std: how every audio model sees its
+    data, with the training split's mean and std."""
+    waveform = np.asarray(samples, dtype=np.float32) / np.float32(SAMPLE_SCALE)
+    return (waveform - np.float32(mean)) / np.float32(std)
+
+
 class Batch(NamedTuple):
     """What the model takes for a set of sequences."""
 
@@ -134,8 +141,7 @@ class PreparedSplit:
 
     def normalise(self, samples: np.ndarray) -> np.ndarray:
         """int16 samples -> the float32 values the model sees."""
-        waveform = np.asarray(samples, dtype=np.float32) / np.float32(SAMPLE_SCALE)
-        return (waveform - np.float32(self.audio["mean"])) / np.float32(self.audio["std"])
+        return normalise_samples(samples, self.audio["mean"], self.audio["std"])
 
     def batch(self, indices: np.ndarray) -> Batch:
         """The sequences at indices: pixels (B, 784), or audio frames padded to the longest
