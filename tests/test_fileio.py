@@ -86,3 +86,17 @@ def test_write_bytes_failure_keeps_the_old_file(tmp_path, monkeypatch):
         write_bytes(path, b"new")
     assert path.read_bytes() == b"old"
     assert entries(tmp_path) == ["a.bin"]
+
+
+def test_write_bytes_names_the_file_asked_for_when_the_disk_refuses(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(OSError) as caught:
+        write_bytes(tmp_path / "samples.wav", b"RIFF")
+    assert caught.value.filename == str(tmp_path / "samples.wav") and caught.value.errno == errno.EROFS
+    assert entries(tmp_path) == []

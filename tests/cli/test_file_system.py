@@ -93,8 +93,11 @@ def test_force_replaces_only_zforcing_outputs(cwd, tiny_data, command):
 
 def test_train_force_replaces_a_finished_run(cwd, tiny_data):
     assert invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run").exit_code == 0
+    (cwd / "run" / "left-by-the-old-run.txt").write_text("old")
     result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--force")
     assert result.exit_code == 0, result.output
+    assert not (cwd / "run" / "left-by-the-old-run.txt").exists()
+    assert sorted(entries(cwd / "run" / "checkpoints")) == ["best-00000001", "step-00000001"]
 
 
 def refuse(number: int, where):
