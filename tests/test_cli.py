@@ -150,10 +150,6 @@ def test_prepare_error_quoting_file_content_that_looks_like_markup(cwd, amat_fol
     assert "[/b]" in line
 
 
-def test_prepare_imdb_is_not_available(cwd):
-    assert_clean_error(invoke("prepare", "imdb", cwd), 1, "not available")
-
-
 def test_prepare_unknown_kind(cwd):
     line = assert_clean_error(invoke("prepare", "cifar10", cwd), 2, "Unknown data kind")
     assert "cifar10" in line

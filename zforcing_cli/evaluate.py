@@ -15,8 +15,30 @@ from .model import ZForcing
 
 
 def bound_unit(modality: str) -> str:
-    """What one bound is per: an image for binarized MNIST, a sequence otherwise."""
-    return "nats per image" if modality == "binary" else "nats per sequence"
+    """What one bound is per: an image for binarized MNIST, a sentence for text, a sequence for audio."""
+    return {"binary": "nats per image", "tokens": "nats per sentence"}.get(modality, "nats per sequence")
+
+
+def perplexity(bound_per_sequence: float, sequences: int, tokens: int) -> float:
+    """Word perplexity exp(-Σ bound / #target tokens) from a bound averaged per sequence."""
+    return math.exp(-bound_per_sequence * sequences / tokens)
+
+
+def unigram_perplexity(train: PreparedSplit, split: PreparedSplit, limit: int | None = None) -> float:
+    """The perplexity of a unigram model of the train split's target tokens (each sentence's
+    words and its </s>), add-one smoothed over the tokens a sentence can hold, on the first
+    `limit` sentences of split (all when None): the baseline a sequence model must beat."""
+    vocabulary = train.meta.input_size
+    end = train.meta.text["specials"]["end"]
+    end_id = train.meta.text["vocabulary"].index(end)
+    counts = np.bincount(np.asarray(train.arrays["tokens"]), minlength=vocabulary).astype(np.float64)
+    counts[end_id] += len(train)
+    outcomes = vocabulary - 2  # <pad> and <s> are never targets
+    log_probs = np.log((counts + 1.0) / (counts.sum() + outcomes))
+    count = min(len(split), limit) if limit else len(split)
+    words = np.asarray(split.arrays["tokens"][: int(split.arrays["offsets"][count])])
+    total = log_probs[words].sum() + count * log_probs[end_id]
+    return math.exp(-total / (len(words) + count))
 
 
 @dataclass

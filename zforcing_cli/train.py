@@ -53,6 +53,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     adam_eps: float = 1e-5
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0  # L2 penalty added to the gradient by Adam (the authors' IMDB setting: 1e-6)
     aux_weight: float = 0.0  # α of Eq. 10
     bwd_weight: float = 0.0  # β of Eq. 10
     kl_anneal: bool = False  # w_kl from kl_start to 1 by kl_increment per update
@@ -251,7 +253,8 @@ class Trainer:
         cfg = run_config.train
         torch.manual_seed(cfg.seed)
         self.model = ZForcing(run_config.model).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
+                                          weight_decay=cfg.weight_decay)
         self.state = TrainerState(kl_weight=annealed_kl_weight(cfg, 0), lr=cfg.lr)
         self.train_split = dataset.split("train")
         self.valid_split = dataset.split("valid")
@@ -546,7 +549,15 @@ def data_description(dataset: PreparedDataset) -> dict:
         "counts": meta.counts,
         "fingerprint": meta.fingerprint,
         "audio": meta.audio,  # sample rate, frame size and the normalisation, to write audio back
+        "text": text_description(meta.text),  # the vocabulary and tokenizer settings, to read and write text
     }
+
+
+def text_description(text: dict | None) -> dict | None:
+    """What a checkpoint needs of a text dataset: its vocabulary and how its words were made."""
+    if text is None:
+        return None
+    return {name: text[name] for name in ("vocabulary", "specials", "lowercase", "min_tokens", "max_tokens")}
 
 
 def dataset_differences(recorded: dict, dataset: PreparedDataset) -> list[str]:

@@ -216,12 +216,6 @@ def test_failed_prepare_with_force_keeps_the_old_folder(amat_folder, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-@pytest.mark.parametrize("kind", ["imdb", "text"])
-def test_planned_kinds_are_not_available_yet(kind, tmp_path):
-    with pytest.raises(DataError, match="not available"):
-        prepare(kind, str(tmp_path), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
 
 def test_unknown_kind(tmp_path):
     with pytest.raises(UsageError, match="Unknown data kind 'cifar'") as caught:

@@ -14,12 +14,13 @@ from ..console import duration, plural, results_table, simple_progress, stderr, 
 from ..data import PreparedDataset, open_dataset
 from ..device import resolve_device
 from ..errors import DataError, ZForcingError
-from ..evaluate import EvalResult, bound_unit, evaluate_split
+from ..evaluate import EvalResult, bound_unit, evaluate_split, perplexity, unigram_perplexity
 from ..fileio import json_record
 from ..threads import ThreadPolicy
 from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, usage_error
 
-EPILOG = "**Examples:** `zforcing evaluate runs/latest --iwae 50`; `zforcing evaluate --split valid --json`"
+EPILOG = ("**Examples:** `zforcing evaluate runs/latest --iwae 50`; `zforcing evaluate --split valid --json`; "
+          "on a text model `zforcing evaluate --iwae 25` gives the word perplexities of the paper's Table 2.")
 
 
 def evaluate_cli(
@@ -53,16 +54,21 @@ def evaluate_cli(
         )
     unit = bound_unit(dataset.meta.modality)
     per_sample = samples_per_sequence(result, dataset.meta)
+    text = text_figures(result, dataset, split, limit) if dataset.meta.modality == "tokens" else {}
     report = json_record({
         "checkpoint": str(folder), "split": split, "data": dataset.location, "unit": unit, **result.to_dict(),
         "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae,
         **({} if per_sample is None else {"samples_per_sequence": per_sample, "nll_elbo_per_sample": -result.elbo / per_sample}),
+        **text,
     })
     if as_json:
         stdout.print_json(json.dumps(report, allow_nan=False))
     else:
         stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
-        rows = result_rows(result, unit) if per_sample is None else audio_rows(result, per_sample)
+        if text:
+            rows = text_rows(result, text)
+        else:
+            rows = result_rows(result, unit) if per_sample is None else audio_rows(result, per_sample)
         stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows))
     if report["status"] != "ok":
         raise ZForcingError(
@@ -86,6 +92,25 @@ def audio_rows(result: EvalResult, per_sample: float) -> list[tuple[str, str]]:
     if result.iwae is not None:
         rows.append((f"log-likelihood ≥ (IWAE, K={result.iwae_samples}), nats per sequence", f"{result.iwae:,.2f}"))
     return rows + [("NLL ≤ (ELBO), nats per sample", f"{-result.elbo / per_sample:.4f}"), ("KL, nats per sequence", f"{result.kl:.2f}")]
+
+
+def text_figures(result: EvalResult, dataset: PreparedDataset, split: str, limit: int) -> dict:
+    """Word perplexities by the ELBO and IWAE bounds (the paper's Table 2), and a unigram model's."""
+    return {
+        "perplexity_elbo": perplexity(result.elbo, result.sequences, result.steps),
+        "perplexity_iwae": None if result.iwae is None else perplexity(result.iwae, result.sequences, result.steps),
+        "unigram_perplexity": unigram_perplexity(dataset.split("train"), dataset.split(split), limit or None),
+    }
+
+
+def text_rows(result: EvalResult, text: dict) -> list[tuple[str, str]]:
+    """Table 2's columns: perplexity by the ELBO, by IWAE, and the KL per sentence."""
+    rows = [("sentences", f"{result.sequences:,}"), ("target tokens (words and </s>)", f"{result.steps:,}"),
+            ("perplexity ≤ (ELBO)", f"{text['perplexity_elbo']:.2f}")]
+    if result.iwae is not None:
+        rows.append((f"perplexity ≤ (IWAE, K={result.iwae_samples})", f"{text['perplexity_iwae']:.2f}"))
+    return rows + [("NLL ≤ (ELBO), nats per sentence", f"{-result.elbo:.2f}"), ("KL, nats per sentence", f"{result.kl:.2f}"),
+                   ("unigram model's perplexity (train counts)", f"{text['unigram_perplexity']:.2f}")]
 
 
 def result_rows(result: EvalResult, unit: str) -> list[tuple[str, str]]:

@@ -57,6 +57,8 @@ def train_cli(
     aux_weight: Annotated[Optional[float], typer.Option("--aux-weight", help="α: weight of the auxiliary cost -log p(b_t|z_t).", show_default=preset_defaults("aux_weight"))] = None,
     bwd_weight: Annotated[Optional[float], typer.Option("--bwd-weight", help="β: weight of the backward prediction -log p(u_t|b_t).", show_default=preset_defaults("bwd_weight"))] = None,
     kl_anneal: Annotated[Optional[bool], typer.Option("--kl-anneal/--no-kl-anneal", help="KL weight from 0.2 to 1 by 5e-5 per update.", show_default="off")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout on the input embeddings, in [0, 1).", show_default="text: 0.2, others: 0")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="L2 weight decay in Adam.", show_default="text: 1e-6, others: 0")] = None,
     aux_condition: Annotated[Optional[str], typer.Option("--aux-condition", help="Condition the auxiliary head on `z` (the paper's Eq. 8) or `hz` (h_{t-1} and z_t, the original code).", show_default="z")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the weights, the data order and the noise of every update.", show_default=preset_defaults("seed"))] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.", show_default=preset_defaults("checkpoint_every"))] = None,
@@ -67,11 +69,15 @@ def train_cli(
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     check_real("--lr", lr, example="0.001", above=True)
-    for option, value in (("--aux-weight", aux_weight), ("--bwd-weight", bwd_weight), ("--checkpoint-minutes", checkpoint_minutes)):
+    for option, value in (("--aux-weight", aux_weight), ("--bwd-weight", bwd_weight), ("--checkpoint-minutes", checkpoint_minutes),
+                          ("--weight-decay", weight_decay)):
         check_real(option, value)
+    check_real("--dropout", dropout)
+    if dropout is not None and dropout >= 1:
+        raise usage_error(f"--dropout must be below 1, not {dropout:g}.", "Use a probability such as --dropout 0.2.")
     torch_device = resolve_device(device)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
-                    kl_anneal=kl_anneal, seed=seed, aux_condition=aux_condition)
+                    kl_anneal=kl_anneal, seed=seed, weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout)
     if resume:
         run_dir, run_config, dataset = resumed_run(out, data, settings)
     else:
@@ -152,7 +158,8 @@ def recorded_settings(run_config: RunConfig) -> dict:
     return {
         "preset": run_config.preset or None, "batch_size": train_config.batch_size, "lr": train_config.lr,
         "aux_weight": train_config.aux_weight, "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
-        "seed": train_config.seed, "aux_condition": "hz" if run_config.model.aux_on_hidden else "z",
+        "seed": train_config.seed, "weight_decay": train_config.weight_decay,
+        "aux_condition": "hz" if run_config.model.aux_on_hidden else "z", "dropout": run_config.model.embed_dropout,
     }
 
 
@@ -182,12 +189,14 @@ def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, R
     dataset = open_dataset(data or EMBEDDED)
     preset = settings.pop("preset") or "small"
     model_config, train_config = preset_configs(preset, dataset.meta)
-    model_config = apply_model_options(model_config, settings.pop("aux_condition"))
+    model_config = apply_model_options(model_config, settings.pop("aux_condition"), settings.pop("dropout"))
     train_config = replace(train_config, **given(**settings))
     return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset), preset), dataset
 
 
-def apply_model_options(config, aux_condition: str | None):
+def apply_model_options(config, aux_condition: str | None, dropout: float | None):
+    if dropout is not None:
+        config = replace(config, embed_dropout=dropout)
     if aux_condition is None:
         return config
     if aux_condition not in ("z", "hz"):

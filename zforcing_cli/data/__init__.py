@@ -19,14 +19,23 @@ from .prepared import (
     PreparedDataset,
     PreparedSplit,
     open_prepared,
+    parse_split,
     write_prepared,
 )
+from .text import IMDB_PROTOCOL, TextProtocol, prepare_text
 from .timit import prepare_timit
 
-AVAILABLE_KINDS = ("mnist", "timit", "blizzard", "wav")
-PLANNED_KINDS = ("imdb", "text")
+AVAILABLE_KINDS = ("mnist", "timit", "blizzard", "wav", "imdb", "text")
 AUDIO_KINDS = ("timit", "blizzard", "wav")
-WAV_OPTIONS = ("sample_rate", "frame_size", "sequence_length", "split")
+TEXT_KINDS = ("imdb", "text")
+# The options each kind takes; the others have a fixed protocol.
+KIND_OPTIONS = {
+    "wav": ("sample_rate", "frame_size", "sequence_length", "split"),
+    "text": ("min_tokens", "max_tokens", "vocab_size", "case", "split", "seed", "text_column"),
+    "imdb": ("text_column",),
+}
+ALL_OPTIONS = sorted({name for names in KIND_OPTIONS.values() for name in names})
+CASES = ("lower", "keep")
 
 
 def prepare(
@@ -34,41 +43,55 @@ def prepare(
 ) -> PreparedDataset:
     """Read raw data of the given kind from source and write a prepared dataset folder at out.
 
-    progress(files_done, files_total, seconds_of_audio_done) follows the audio kinds; options
-    (sample_rate, frame_size, sequence_length, split) apply to `wav` only. The returned dataset's
-    `warnings` say what preparing noticed (a partial TIMIT, skipped files).
+    progress follows the audio kinds (files_done, files_total, seconds_of_audio_done) and the
+    text kinds (documents_read, sentences_kept, fraction_done or None). Options: sample_rate,
+    frame_size, sequence_length and split for `wav`; min_tokens, max_tokens, vocab_size, case
+    (lower|keep), split, seed and text_column for `text`; text_column for `imdb`. The returned
+    dataset's `warnings` say what preparing noticed (a partial TIMIT, skipped files).
     """
-    if kind in PLANNED_KINDS:
-        raise DataError(
-            f"Preparing {kind!r} data is not available in this version of zforcing yet.",
-            f"Available now: {', '.join(AVAILABLE_KINDS)}. Text support is on the roadmap.",
-        )
     if kind not in AVAILABLE_KINDS:
-        raise UsageError(
-            f"Unknown data kind {kind!r}.",
-            f"Choose one of: {', '.join(AVAILABLE_KINDS + PLANNED_KINDS)}.",
-        )
-    options = wav_options(kind, options)
+        raise UsageError(f"Unknown data kind {kind!r}.", f"Choose one of: {', '.join(AVAILABLE_KINDS)}.")
+    options = kind_options(kind, options)
     if kind == "timit":
         return prepare_timit(Path(source), out, force=force, progress=progress)
     if kind in ("blizzard", "wav"):
         return prepare_audio_folder(Path(source), out, kind=kind, force=force, progress=progress, **options)
+    if kind in TEXT_KINDS:
+        column = options.pop("text_column", None)
+        return prepare_text(source, out, kind, text_protocol(options), column, force=force, progress=progress)
     return prepare_mnist(source, out, force)
 
 
-def wav_options(kind: str, options: dict) -> dict:
-    """The options actually given (None means not given); only `wav` takes any."""
+def kind_options(kind: str, options: dict) -> dict:
+    """The options actually given (None means not given), checked against what the kind takes."""
     given = {name: value for name, value in options.items() if value is not None}
-    unknown = sorted(set(given) - set(WAV_OPTIONS))
+    unknown = sorted(set(given) - set(ALL_OPTIONS))
     if unknown:
         raise TypeError(f"prepare() got unexpected options: {', '.join(unknown)}")
-    if given and kind != "wav":
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise UsageError(
-            f"{flags} applies only to `zforcing prepare wav`; {kind} has a fixed protocol.",
-            "Leave it out, or prepare your own audio with `zforcing prepare wav DIR`.",
-        )
+    refused = [name for name in given if name not in KIND_OPTIONS.get(kind, ())]
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        takers = " or ".join(f"`zforcing prepare {taker}`" for taker, names in KIND_OPTIONS.items()
+                             if all(name in names for name in refused))
+        where = f"applies only to {takers}" if takers else f"does not apply to `zforcing prepare {kind}`"
+        raise UsageError(f"{flags} {where}; {kind} has a fixed protocol.", "Leave it out.")
     return given
+
+
+def text_protocol(options: dict) -> TextProtocol:
+    """`prepare text`'s protocol: IMDB's, changed by the options given."""
+    case = options.get("case", "lower")
+    if case not in CASES:
+        raise UsageError(f"--case must be lower or keep, not {case!r}.")
+    split = parse_split(options["split"], example="85,5,10") if "split" in options else IMDB_PROTOCOL.split
+    return TextProtocol(
+        min_tokens=options.get("min_tokens", IMDB_PROTOCOL.min_tokens),
+        max_tokens=options.get("max_tokens", IMDB_PROTOCOL.max_tokens),
+        vocabulary_size=options.get("vocab_size", IMDB_PROTOCOL.vocabulary_size),
+        lowercase=case == "lower",
+        split=split,
+        seed=options.get("seed", IMDB_PROTOCOL.seed),
+    )
 
 
 def prepare_mnist(source: str, out: Path, force: bool) -> PreparedDataset:
@@ -94,7 +117,7 @@ __all__ = [
     "AVAILABLE_KINDS",
     "Batch",
     "EMBEDDED",
-    "PLANNED_KINDS",
+    "TEXT_KINDS",
     "DatasetMeta",
     "PreparedDataset",
     "PreparedSplit",

@@ -31,6 +31,7 @@ from .prepared import (
     DatasetMeta,
     PreparedDataset,
     open_prepared,
+    parse_split,
     prepared_staging,
     seal_prepared,
 )
@@ -235,18 +236,6 @@ class Skipped:
             shortest = framing.sequence_samples / framing.sample_rate
             reasons.append(f"{len(self.too_short)} shorter than one sequence of {shortest:g} s (e.g. {self.too_short[0]})")
         return f"Skipped {len(self)} of {total} audio files: {'; '.join(reasons)}."
-
-
-def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
-    """'90,5,5' (percentages of the sequences for train, valid, test) -> (90.0, 5.0, 5.0)."""
-    hint = "Give three positive percentages for train, valid and test that sum to 100, e.g. --split 90,5,5."
-    try:
-        parts = tuple(float(part) for part in (split.split(",") if isinstance(split, str) else split))
-    except ValueError:
-        raise UsageError(f"--split {split!r} is not a list of numbers.", hint) from None
-    if len(parts) != 3 or min(parts) <= 0 or not math.isclose(sum(parts), 100.0):
-        raise UsageError(f"--split {split!r} is not three positive percentages that sum to 100.", hint)
-    return parts  # type: ignore[return-value]
 
 
 def split_counts(sequences: int, split: tuple[float, float, float]) -> dict[str, int]:

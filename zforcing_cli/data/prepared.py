@@ -7,15 +7,16 @@ A prepared dataset folder holds
 
 Binary images are stored bit-packed (`pixels`, uint8 rows of ceil(784 / 8) bytes). Audio
 (modality "frames") is stored as int16 `samples` with int64 `offsets`, normalised on the fly (see
-`PreparedSplit.sequence` and audio.py); token ids with offsets will follow the same layout.
-`PreparedSplit.batch` turns stored pixel rows into model targets; `PreparedSplit.sequence` does
-it for one audio sequence.
+`PreparedSplit.sequence` and audio.py). Text (modality "tokens") is stored as word ids (`tokens`,
+uint16 for vocabularies that fit) with int64 sentence `offsets`; the targets add </s> (text.py).
+`PreparedSplit.batch` turns stored rows into model targets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ..fileio import atomic_directory, holds_json_object, write_json
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "valid", "test")
 SAMPLE_SCALE = 32768.0  # an int16 sample is the float waveform (in [-1, 1)) times this
+END_ID = 2  # </s> in every text vocabulary (text.SPECIALS)
 HASH_CHUNK = 1 << 20  # bytes hashed at a time (1 MB): fingerprinting a corpus holds one chunk
 
 
@@ -52,6 +54,9 @@ class DatasetMeta:
     # split's float waveform), layout {split: "stream"|"utterances"}, seconds {split: ...},
     # skipped_files
     audio: dict | None = None
+    # modality "tokens" only: vocabulary (ids in order, the four specials first), specials,
+    # lowercase, min_tokens, max_tokens, split, seed, tokenizer and corpus statistics (text.py)
+    text: dict | None = None
 
     @property
     def input_size(self) -> int:
@@ -60,6 +65,8 @@ class DatasetMeta:
             return 2
         if self.modality == "frames" and self.audio:
             return int(self.audio["frame_size"])
+        if self.modality == "tokens" and self.text:
+            return len(self.text["vocabulary"])
         raise DataError(f"Datasets of modality {self.modality!r} are not supported by this version.")
 
     @classmethod
@@ -78,7 +85,7 @@ def normalise_samples(samples: np.ndarray, mean: float, std: float) -> np.ndarra
 class Batch(NamedTuple):
     """What the model takes for a set of sequences."""
 
-    targets: torch.Tensor  # (B, T) pixels, or (B, T, F) normalised audio frames
+    targets: torch.Tensor  # (B, T) pixels or token ids, or (B, T, F) normalised audio frames
     mask: torch.Tensor  # (B, T): 1 on real steps, 0 on padding after a sequence's end
     first_input: torch.Tensor | None = None  # (B, F): u_1 when the data has a real one (audio's context frame)
 
@@ -110,7 +117,7 @@ class PreparedSplit:
     def __len__(self) -> int:
         if "pixels" in self.arrays:
             return len(self.arrays["pixels"])
-        if self.layout == "utterances":
+        if "tokens" in self.arrays or self.layout == "utterances":
             return len(self.arrays["offsets"]) - 1
         frames = len(self.arrays["samples"]) // self.audio["frame_size"]
         return max(0, (frames - 1) // self.audio["sequence_frames"])
@@ -144,14 +151,36 @@ class PreparedSplit:
         return normalise_samples(samples, self.audio["mean"], self.audio["std"])
 
     def batch(self, indices: np.ndarray) -> Batch:
-        """The sequences at indices: pixels (B, 784), or audio frames padded to the longest
-        (B, T, F) with their context frames as first inputs."""
+        """The sequences at indices: pixels (B, 784); sentences' word ids and </s>, padded to
+        the longest (B, T); or audio frames padded to the longest (B, T, F) with their context
+        frames as first inputs."""
+        if "tokens" in self.arrays:
+            return self.token_batch(indices)
         if "pixels" not in self.arrays:
             return self.audio_batch(indices)
         rows = np.asarray(self.arrays["pixels"][indices])
         bits = np.unpackbits(rows, axis=1, count=self.meta.sequence_length)
         targets = torch.from_numpy(bits.astype(np.float32))
         return Batch(targets, torch.ones_like(targets))
+
+    def sentence(self, index: int) -> np.ndarray:
+        """One sentence's word ids (without </s>)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sentence {index} is out of range for the {self.name} split ({len(self)} sentences)")
+        offsets = self.arrays["offsets"]
+        return np.asarray(self.arrays["tokens"][int(offsets[index]):int(offsets[index + 1])], dtype=np.int64)
+
+    def token_batch(self, indices: np.ndarray) -> Batch:
+        """Word ids followed by </s> (id 2), padded with <pad> (id 0) to the longest."""
+        sentences = [self.sentence(int(index)) for index in indices]
+        steps = max(len(words) for words in sentences) + 1
+        targets = np.zeros((len(sentences), steps), dtype=np.int64)
+        mask = np.zeros((len(sentences), steps), dtype=np.float32)
+        for row, words in enumerate(sentences):
+            targets[row, : len(words)] = words
+            targets[row, len(words)] = END_ID
+            mask[row, : len(words) + 1] = 1.0
+        return Batch(torch.from_numpy(targets), torch.from_numpy(mask))
 
     def audio_batch(self, indices: np.ndarray) -> Batch:
         contexts, sequences = zip(*(self.sequence(int(index)) for index in indices))
@@ -178,6 +207,18 @@ class PreparedDataset:
                 f"Available splits: {', '.join(self.splits)}.",
             )
         return self.splits[name]
+
+
+def parse_split(split: str | tuple[float, ...] | list[float], example: str = "90,5,5") -> tuple[float, float, float]:
+    """'90,5,5' (percentages for train, valid, test) -> (90.0, 5.0, 5.0)."""
+    hint = f"Give three positive percentages for train, valid and test that sum to 100, e.g. --split {example}."
+    try:
+        parts = tuple(float(part) for part in (split.split(",") if isinstance(split, str) else split))
+    except ValueError:
+        raise UsageError(f"--split {split!r} is not a list of numbers.", hint) from None
+    if len(parts) != 3 or min(parts) <= 0 or not math.isclose(sum(parts), 100.0):
+        raise UsageError(f"--split {split!r} is not three positive percentages that sum to 100.", hint)
+    return parts  # type: ignore[return-value]
 
 
 def arrays_fingerprint(arrays: dict[str, dict[str, np.ndarray]]) -> str:
