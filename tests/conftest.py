@@ -248,3 +248,54 @@ def timit_data(timit_tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "timit"
     prepare("timit", str(timit_tree[0]), out)
     return out
+
+
+# -- text: a small corpus of reviews written by the tests ---------------------------------------------
+
+SUBJECTS = ["this movie", "the film", "the acting", "the plot", "my wife", "the director", "the music", "every scene"]
+VERBS = ["was", "is", "seemed", "felt", "looked"]
+OBJECTS = ["great", "awful", "boring", "funny", "too long", "a waste of time", "really good", "a masterpiece"]
+TAILS = ["", " in the end", " to me", " at times", " , i think", " , sadly", " for its age"]
+OPENERS = ["i did n't like it", "it 's a classic", "what a ride", "we watched it twice", "do n't bother"]
+
+
+def review(rng: np.random.Generator) -> str:
+    """A movie review of 2 to 6 sentences, with contractions, HTML breaks and a short line."""
+    sentences = []
+    for _ in range(int(rng.integers(2, 7))):
+        words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(TAILS)}"
+        sentences.append(words[0].upper() + words[1:] + rng.choice([".", "!", "?"]))
+    opener = str(rng.choice(OPENERS)).replace(" n't", "n't").replace(" 's", "'s")
+    sentences.insert(0, opener[0].upper() + opener[1:] + ".")
+    middle = len(sentences) // 2
+    return " ".join(sentences[:middle]) + "<br /><br />" + " ".join(sentences[middle:]) + " Ok."
+
+
+def write_reviews_jsonl(path: Path, count: int = 60, seed: int = 0) -> list[str]:
+    """count reviews, one JSON record per line (text and a rating), as the paper's corpus."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    reviews = [review(rng) for _ in range(count)]
+    path.write_text("".join(json.dumps({"rating": int(rng.integers(1, 11)), "text": text}) + "\n" for text in reviews))
+    return reviews
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory) -> Path:
+    """A shared prepared text dataset (kind imdb, from 60 written reviews); tests must not modify it."""
+    folder = tmp_path_factory.mktemp("text")
+    write_reviews_jsonl(folder / "reviews.jsonl")
+    prepare("imdb", str(folder / "reviews.jsonl"), folder / "prepared")
+    return folder / "prepared"
+
+
+@pytest.fixture(scope="module")
+def text_trained(text_data, tmp_path_factory):
+    """A few-update CLI training run on the text data (small preset), in its own working folder."""
+    work = tmp_path_factory.mktemp("text_work")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        result = invoke("train", "--data", text_data, "--max-steps", 3, "--batch-size", 8, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    return work / "runs" / "latest"

@@ -11,17 +11,17 @@ from rich.markup import escape
 from ..checkpoint import load_model, resolve_checkpoint
 from ..console import plural, stderr, stdout
 from ..device import resolve_device
-from ..errors import ZForcingError
-from ..fileio import check_can_write
+from ..fileio import check_can_write, write_bytes
 from ..generate import (
     OUTPUT_SUFFIXES,
-    WHAT,
     AudioFormat,
     AudioSamples,
     audio_steps,
+    check_output_suffix,
     sample_audio,
     sample_images,
 )
+from ..sentences import DEFAULT_LENGTH, Decoding, TextVocabulary, sample_sentences
 from ..threads import ThreadPolicy
 from .common import (
     RUNS_ROOT,
@@ -36,20 +36,24 @@ from .common import (
 EPILOG = (
     "**Examples:** `zforcing sample --out digits.png --num 64 --seed 1` · "
     "`zforcing sample runs/timit --out speech.wav --seconds 4 --num 3` · "
-    "`zforcing sample runs/timit --out more.wav --prompt utterance.wav`"
+    "`zforcing sample runs/timit --out more.wav --prompt utterance.wav` · "
+    "`zforcing sample runs/imdb --num 5 --top-p 0.9` · `zforcing sample runs/imdb --prompt \"this movie\" --greedy`"
 )
-DEFAULT_NUM = {"binary": 64, "frames": 1}
+DEFAULT_NUM = {"binary": 64, "frames": 1, "tokens": 10}
 LISTED_FILES = 4  # more outputs than this are shown as first … last
 
 
 def sample_cli(
     checkpoint: CheckpointArgument = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output file: .png for images; .wav for audio, with a PNG of its waveform and spectrogram beside it (.txt text in later versions).", show_default="samples.png or samples.wav")] = None,
-    num: Annotated[int | None, typer.Option("--num", min=1, help="How many samples. Audio: one file each, numbered name-1.wav, name-2.wav, ...", show_default="64 images, 1 audio clip")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output file: .png for images; .wav for audio, with a PNG of its waveform and spectrogram beside it; .txt for text (one sentence per line; without --out, text goes to stdout).", show_default="samples.png or samples.wav; text: stdout")] = None,
+    num: Annotated[int | None, typer.Option("--num", min=1, help="How many samples. Audio: one file each, numbered name-1.wav, name-2.wav, ...", show_default="64 images, 1 audio clip, 10 sentences")] = None,
     seconds: Annotated[float | None, typer.Option("--seconds", help="Seconds of audio to generate per sample (audio models).", show_default="2")] = None,
-    length: Annotated[int | None, typer.Option("--length", min=1, help="Steps per sample, instead of --seconds: frames for audio models.")] = None,
+    length: Annotated[int | None, typer.Option("--length", min=1, help="Steps per sample, instead of --seconds: frames for audio models; for text, the most tokens generated per sentence (default 20).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Sharpen (<1) or flatten (>1) the output distribution.")] = 1.0,
-    prompt: Annotated[Path | None, typer.Option("--prompt", help="An audio file to continue (audio models): read, resampled to the model's rate, then continued; each output holds it followed by the continuation.", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Audio models: an audio file to continue (read, resampled to the model's rate, then continued; each output holds it followed by the continuation). Text models: the words each sentence begins with, e.g. \"this movie\".", show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Text: sample from the K most likely tokens only (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Text: sample from the smallest set of tokens holding probability P (nucleus sampling; 1: all).")] = 1.0,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Text: take the most likely token at each step (the latents are still drawn from the prior).")] = False,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -65,10 +69,18 @@ def sample_cli(
     model, config = load_model(folder, torch_device)
     data = config["data"]
     modality = data["modality"]
-    if modality not in DEFAULT_NUM:
-        raise ZForcingError(f"Sampling {WHAT[modality]} is not available in this version yet.", "Sample an image or an audio model.")
-    out = out or Path(f"samples{OUTPUT_SUFFIXES[modality]}")
     num = num or DEFAULT_NUM[modality]
+    if modality == "tokens":
+        check_text_options(seconds)
+        decoding = Decoding(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_tokens=data["text"]["min_tokens"])
+        decoding.check()
+        write_sentences(model, data, out, num, decoding, length or DEFAULT_LENGTH, prompt, seed, threads, force)
+        return
+    if greedy or top_k or top_p != 1.0:
+        raise usage_error("--greedy, --top-k and --top-p apply to text models only.", "Leave them out, or use --temperature.")
+    out = out or Path(f"samples{OUTPUT_SUFFIXES[modality]}")
+    prompt = None if prompt is None else Path(prompt)
     if modality == "frames":
         audio = AudioFormat.of(data)
         steps = audio_steps(audio, seconds, length)
@@ -82,6 +94,35 @@ def sample_cli(
     with ThreadPolicy(threads), stderr.status(f"Sampling {plural(num, 'sequence')} ..."):
         sample_images(model, data, out, num=num, temperature=temperature, seed=seed)
     stdout.print(escape(f"Wrote {plural(num, 'sample')} to {out}"), soft_wrap=True)
+
+
+def check_text_options(seconds: float | None) -> None:
+    if seconds is not None:
+        raise usage_error("--seconds applies to audio models only.", "For text, --length sets the most tokens per sentence.")
+
+
+def write_sentences(model, data: dict, out: Path | None, num: int, decoding: Decoding, length: int, prompt: str | None,
+                    seed: int, threads: int | None, force: bool) -> None:
+    """Sentences to stdout, or one per line to a .txt file (written whole or not at all)."""
+    if out is not None:
+        check_output_suffix(out, "tokens")
+        check_can_write(out, force)
+    vocabulary = TextVocabulary.of(data)
+    with ThreadPolicy(threads), stderr.status(f"Sampling {plural(num, 'sentence')} ..."):
+        sentences = sample_sentences(model, vocabulary, num, decoding, length=length, prompt=prompt, seed=seed)
+    warn_unknown(vocabulary)
+    if out is None:
+        for sentence in sentences:
+            stdout.print(escape(sentence), soft_wrap=True, highlight=False)
+        return
+    write_bytes(out, "".join(sentence + "\n" for sentence in sentences).encode("utf-8"))
+    stdout.print(escape(f"Wrote {plural(num, 'sentence')} to {out}"), soft_wrap=True)
+
+
+def warn_unknown(vocabulary: TextVocabulary) -> None:
+    if vocabulary.unknown:
+        words = ", ".join(repr(word) for word in vocabulary.unknown)
+        stderr.print(f"[yellow]Warning:[/] {escape(f'not in the model vocabulary, read as <unk>: {words}.')}", soft_wrap=True)
 
 
 def check_image_options(prompt: Path | None, seconds: float | None, length: int | None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError, UsageError
+from ..errors import UsageError
 from .audio import ProgressCallback, prepare_audio_folder
 from .mnist import (
     EMBEDDED,
@@ -82,7 +82,7 @@ def text_protocol(options: dict) -> TextProtocol:
     """`prepare text`'s protocol: IMDB's, changed by the options given."""
     case = options.get("case", "lower")
     if case not in CASES:
-        raise UsageError(f"--case must be lower or keep, not {case!r}.")
+        raise UsageError(f"--case must be lower or keep, not {case!r}.", "lower: lower-case every token (the paper); keep: keep the case.")
     split = parse_split(options["split"], example="85,5,10") if "split" in options else IMDB_PROTOCOL.split
     return TextProtocol(
         min_tokens=options.get("min_tokens", IMDB_PROTOCOL.min_tokens),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import itertools
+from array import array
 import os
 import re
 import socket
@@ -56,6 +57,7 @@ HUB_TIMEOUT = 1.5  # seconds to wait for the Hugging Face hub before calling the
 TEXT_COLUMNS = ("text", "review", "review_text", "reviewText", "content", "body", "sentence", "comment")
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 TEXT_SUFFIXES = (".txt", ".text")
+TABLE_HINT = "Check that the file is complete and of the format its name says (one JSON object per line for .jsonl)."
 IMDB_ATTRIBUTION = "IMDB movie reviews; used under the terms of their source"
 LINE_BREAK = re.compile(r"<\s*br\s*/?\s*>", re.IGNORECASE)
 PLAIN_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
@@ -79,14 +81,14 @@ class TextProtocol:
 
     def check(self) -> None:
         if self.min_tokens < 1:
-            raise UsageError(f"--min-tokens must be at least 1, not {self.min_tokens}.")
+            raise UsageError(f"--min-tokens must be at least 1, not {self.min_tokens}.", "For example --min-tokens 5.")
         if self.max_tokens < self.min_tokens:
             raise UsageError(
                 f"--max-tokens {self.max_tokens} is below --min-tokens {self.min_tokens}.",
                 "Give a range such as --min-tokens 5 --max-tokens 15.",
             )
         if self.vocabulary_size < 1:
-            raise UsageError(f"--vocab-size must be at least 1, not {self.vocabulary_size}.")
+            raise UsageError(f"--vocab-size must be at least 1, not {self.vocabulary_size}.", "For example --vocab-size 16000.")
 
     @property
     def name(self) -> str:
@@ -194,7 +196,7 @@ def text_file_paragraphs(path: Path) -> Iterator[str]:
                     yield " ".join(lines)
                     lines, size = [], 0
     except OSError as error:
-        raise DataError(f"Cannot read {path}: {error.strerror}.") from None
+        raise DataError(f"Cannot read {path}: {error.strerror}.", "Check the file's permissions, or copy it somewhere readable.") from None
     if lines:
         yield " ".join(lines)
 
@@ -246,7 +248,7 @@ def table_documents(path: Path, builder: str, text_column: str | None) -> Docume
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
     except Exception as error:  # datasets raises many types for a malformed file
-        raise DataError(f"Cannot read {path} as {builder.upper()}: {first_line(error)}.") from None
+        raise DataError(f"Cannot read {path} as {builder.upper()}: {first_line(error)}.", TABLE_HINT) from None
     total = count_lines(path) if builder == "json" and path.suffix.lower() != ".json" else None
     return row_documents(rows, str(path), text_column, total)
 
@@ -255,7 +257,7 @@ def hub_documents(name: str, text_column: str | None) -> Documents:
     """A dataset on the Hugging Face hub, `NAME` or `NAME:SPLIT` (default split: train)."""
     name, _, split = name.partition(":")
     if not name:
-        raise UsageError("hf: needs a dataset name, e.g. hf:stanfordnlp/imdb or hf:stanfordnlp/imdb:unsupervised.")
+        raise UsageError("hf: needs a dataset name.", "For example hf:stanfordnlp/imdb or hf:stanfordnlp/imdb:unsupervised.")
     if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
         raise DataError(
             f"Cannot reach the Hugging Face hub to stream {name}: this machine looks offline.",
@@ -294,9 +296,9 @@ def row_documents(rows, where: str, text_column: str | None, total: int | None) 
     try:
         first = next(iterator)
     except StopIteration:
-        raise DataError(f"{where} holds no rows.") from None
+        raise DataError(f"{where} holds no rows.", "Pass a corpus with at least a few documents.") from None
     except Exception as error:
-        raise DataError(f"Cannot read {where}: {first_line(error)}.") from None
+        raise DataError(f"Cannot read {where}: {first_line(error)}.", TABLE_HINT) from None
     column = choose_text_column(first, text_column, where)
     done = {"rows": 0}
 
@@ -310,7 +312,7 @@ def row_documents(rows, where: str, text_column: str | None, total: int | None) 
         except DataError:
             raise
         except Exception as error:
-            raise DataError(f"Cannot read row {done['rows'] + 1:,} of {where}: {first_line(error)}.") from None
+            raise DataError(f"Cannot read row {done['rows'] + 1:,} of {where}: {first_line(error)}.", TABLE_HINT) from None
 
     fraction = (lambda: min(1.0, done["rows"] / total)) if total else (lambda: None)
     return Documents(documents(), where, fraction)
@@ -353,8 +355,8 @@ class SentenceStore:
         self.path = path
         self.handle = open(path, "wb")
         self.ids: dict[str, int] = {}
-        self.lengths: list[int] = []
-        self.buffer: list[int] = []
+        self.lengths = array("I")  # 4 bytes per kept sentence, not a Python int's 36
+        self.buffer = array("i")
 
     def add(self, tokens: list[str]) -> None:
         ids = self.ids
@@ -365,8 +367,8 @@ class SentenceStore:
             self.flush()
 
     def flush(self) -> None:
-        np.asarray(self.buffer, dtype=np.int32).tofile(self.handle)
-        self.buffer = []
+        self.buffer.tofile(self.handle)
+        self.buffer = array("i")
 
     def close(self) -> None:
         if not self.handle.closed:
@@ -388,7 +390,7 @@ def read_sentences(documents: Documents, protocol: TextProtocol, store: Sentence
         if len(sample) >= PUNKT_DOCUMENTS or characters >= PUNKT_CHARACTERS:
             break
     if not sample:
-        raise DataError(f"{documents.describe} holds no text.")
+        raise DataError(f"{documents.describe} holds no text.", "Pass a corpus with at least a few documents.")
     tokenizer = SentenceTokenizer(sample, protocol.lowercase)
     counts = {"documents": 0, "sentences": 0}
     for document in itertools.chain(sample, items):
@@ -483,7 +485,7 @@ def prepare_text(
                 "a train, a valid and a test sentence are the least.",
                 "Use a larger corpus, or widen the length range with --min-tokens and --max-tokens (prepare text).",
             )
-        lengths = np.asarray(store.lengths, dtype=np.int64)
+        lengths = np.frombuffer(store.lengths, dtype=np.uint32).astype(np.int64)
         starts = np.cumsum(lengths) - lengths
         rows = split_sentences(kept, protocol)
         vocabulary, mapping, stats = choose_vocabulary(store, starts, lengths, rows["train"], protocol.vocabulary_size)
