@@ -86,7 +86,7 @@ class TextVocabulary:
         text = data.get("text")
         if data.get("modality") != "tokens" or not text:
             what = {"binary": "images", "frames": "audio"}.get(data.get("modality"), data.get("modality"))
-            raise TextInputError(f"This is a model of {what} ({data.get('kind')}), not of text.",
+            raise TextInputError(f"This is a model of {what} ({data.get('kind')}), not a text model.",
                                  "Pass a checkpoint trained on a text dataset (zforcing prepare imdb / text).")
         return cls(text["vocabulary"], text["lowercase"], text["min_tokens"], text["max_tokens"])
 

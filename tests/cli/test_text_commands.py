@@ -67,6 +67,14 @@ def test_interpolate_errors(text_trained, best_checkpoint):
     assert_clean_error(invoke("interpolate", text_trained, "", "the film was great ."), 1, "first sentence")
     long = " ".join(["great"] * 16)
     assert_clean_error(invoke("interpolate", text_trained, "the film was great .", long), 1, "at most 15")
-    assert_clean_error(invoke("interpolate", best_checkpoint, "a b c d e", "f g h i j"), 1, "not of text")
+    assert_clean_error(invoke("interpolate", best_checkpoint, "a b c d e", "f g h i j"), 1, "not a text model")
     result = invoke("interpolate", text_trained, "the qqqz was great .", "the film was great .", "--points", 2)
     assert result.exit_code == 0 and "'qqqz'" in plain(result.stderr)
+
+
+def test_evaluate_refuses_another_vocabulary(text_trained, cwd):
+    from conftest import write_reviews_jsonl
+
+    write_reviews_jsonl(cwd / "other.jsonl", count=30, seed=5)
+    assert invoke("prepare", "text", "other.jsonl", "--out", "other", "--vocab-size", "12").exit_code == 0
+    assert_clean_error(invoke("evaluate", text_trained, "--data", "other"), 1, "another vocabulary")

@@ -288,3 +288,20 @@ def test_cli_prepare_text_errors(cwd):
     assert_clean_error(invoke("prepare", "imdb", "r.jsonl", "--max-tokens", "9"), 2, "--max-tokens", "text")
     assert_clean_error(invoke("prepare", "text", "r.jsonl", "--case", "title"), 2, "--case")
     assert not (cwd / "data").exists()
+
+
+def test_the_cli_does_not_import_the_text_libraries():
+    """nltk and datasets load only when text is prepared or read: `zforcing --help` and the
+    MNIST commands never pay for them."""
+    import subprocess
+    import sys
+
+    code = "import sys, zforcing_cli.cli; print(sorted({'nltk', 'datasets'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("sentence", ["Don't stop -- it's \"fine\" (really)!", "a  b\tc", "I'm gonna say: 1,000 $ 5.50 ...",
+                                      "\"Quoted,\" he said.", "Ends with a period."])
+def test_treebank_never_gives_fewer_tokens_than_words(sentence):
+    """The premise of skipping long sentences before tokenizing them."""
+    assert len(tokenize_sentence(sentence)) >= len(sentence.split())

@@ -47,6 +47,11 @@ def evaluate_cli(
             f"The dataset holds {dataset.meta.modality} data but the model models {model.config.modality} data.",
             "Pass the --data the model was trained on.",
         )
+    if dataset.meta.text and dataset.meta.text["vocabulary"] != (config["data"].get("text") or {}).get("vocabulary"):
+        raise ZForcingError(
+            f"The dataset at {dataset.location} has another vocabulary than the model's: its word ids mean other words.",
+            "Evaluate on the dataset the model was trained on, or one prepared from the same corpus with the same options.",
+        )
     with ThreadPolicy(threads), simple_progress(f"Evaluating {split}") as progress:
         result = evaluate_split(
             model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,

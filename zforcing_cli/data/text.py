@@ -138,10 +138,16 @@ class SentenceTokenizer:
         self.words = word_tokenizer()
         self.lowercase = lowercase
 
-    def sentences(self, document: str) -> Iterator[list[str]]:
+    def sentences(self, document: str, max_tokens: int | None = None) -> Iterator[list[str] | None]:
+        """Each sentence's tokens; None, untokenized, for a sentence of more than max_tokens
+        words. The Treebank tokenizer only ever splits whitespace-separated words, so a
+        sentence with more words than that has more tokens too."""
         for paragraph in clean_paragraphs(document):
             for sentence in self.splitter.tokenize(paragraph):
-                yield self.words.tokenize(sentence.lower() if self.lowercase else sentence)
+                if max_tokens is not None and len(sentence.split()) > max_tokens:
+                    yield None
+                else:
+                    yield self.words.tokenize(sentence.lower() if self.lowercase else sentence)
 
 
 # -- reading documents --------------------------------------------------------------------------
@@ -394,9 +400,9 @@ def read_sentences(documents: Documents, protocol: TextProtocol, store: Sentence
     tokenizer = SentenceTokenizer(sample, protocol.lowercase)
     counts = {"documents": 0, "sentences": 0}
     for document in itertools.chain(sample, items):
-        for tokens in tokenizer.sentences(document):
+        for tokens in tokenizer.sentences(document, protocol.max_tokens):
             counts["sentences"] += 1
-            if protocol.min_tokens <= len(tokens) <= protocol.max_tokens:
+            if tokens is not None and protocol.min_tokens <= len(tokens) <= protocol.max_tokens:
                 store.add(tokens)
         counts["documents"] += 1
         if progress is not None and counts["documents"] % 200 == 0:
