@@ -172,7 +172,7 @@ def test_train_writes_a_run_and_points_latest(trained, tiny_data):
     assert re.search(r"Best validation bound: NLL ≤ \d+\.\d+ nats", plain(result.stdout)), plain(result.stdout)
     assert "training on mnist" in plain(result.stderr)  # progress goes to stderr
     assert "training on mnist" not in plain(result.stdout)
-    assert (run / "metrics.jsonl").is_file() and (run / "training_curves.svg").is_file()
+    assert (run / "metrics.jsonl").is_file() and (run / "training_curves.svg").is_file() and (run / "training_curves.png").is_file()
 
 
 def test_train_resume_continues_runs_latest(trained, cwd):

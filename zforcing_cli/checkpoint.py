@@ -3,7 +3,7 @@
     runs/<name>/                       a run folder (`runs/latest` names the newest)
       config.json                      what was trained: model, data and training config
       metrics.jsonl                    one JSON record per logged step and per validation
-      training_curves.svg              ELBO, KL and auxiliary cost over training (paper Fig. 2)
+      training_curves.png, .svg        ELBO, KL, auxiliary cost and learning rate over training (paper Fig. 2)
       checkpoints/
         step-00001200/                 training checkpoint (the newest complete one resumes)
           config.json  model.safetensors  optimizer.safetensors  trainer_state.json

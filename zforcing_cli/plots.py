@@ -1,29 +1,50 @@
-"""Pictures: PNG image grids and SVG training curves without a plotting library; waveform and
-spectrogram PNGs of audio with matplotlib (its Agg canvas, no pyplot, imported only when used)."""
+"""Pictures, drawn by matplotlib (its Agg canvas, no pyplot; imported only when a picture is
+drawn, as it takes a good part of a second) and Pillow: training curves as PNG and SVG, grids
+of sampled images, and waveform-and-spectrogram PNGs of audio."""
 
 from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .fileio import write_bytes
 
-CURVE_PANELS = (  # (title, metric key)
-    ("ELBO (nats / sequence)", "elbo"),
-    ("KL (nats / sequence)", "kl"),
-    ("auxiliary cost −log p(b|z)", "aux"),
+CURVE_PANELS = (  # (title, metric key, y label)
+    ("ELBO", "elbo", "nats"),
+    ("KL(q ‖ p)", "kl", "nats"),
+    ("auxiliary cost −log p(b_t | z_t)", "aux", "nats"),
+    ("learning rate", "lr", "Adam step size"),
 )
-PANEL_WIDTH, PANEL_HEIGHT, MARGIN = 360, 240, 72
+CURVE_FORMATS = ("png", "svg")
+TRAIN_COLOUR, VALID_COLOUR = "#1f77b4", "#d62728"
 SPECTROGRAM_WINDOW = 0.025  # seconds per analysis window (a quarter of it between windows)
 SPECTROGRAM_FLOOR_DB = -100.0  # dB below full scale shown as the quietest colour
 
 
-# -- PNG -------------------------------------------------------------------------------------------
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on an Agg canvas (no pyplot, so no global state and no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def figure_bytes(figure, fmt: str) -> bytes:
+    """The figure as PNG or SVG; SVG keeps its text as text, so it can be searched and edited."""
+    from matplotlib import rc_context
+
+    buffer = io.BytesIO()
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "zforcing"}):
+        figure.savefig(buffer, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+    return buffer.getvalue()
+
+
+# -- images ----------------------------------------------------------------------------------------
 
 
 def image_grid(images: np.ndarray, columns: int, border: int = 2) -> np.ndarray:
@@ -39,20 +60,17 @@ def image_grid(images: np.ndarray, columns: int, border: int = 2) -> np.ndarray:
 
 
 def write_png(path: Path, grey: np.ndarray, scale: int = 1) -> None:
-    """Write an 8-bit greyscale PNG (each pixel repeated scale × scale)."""
-    grey = np.repeat(np.repeat(np.asarray(grey, np.uint8), scale, axis=0), scale, axis=1)
-    height, width = grey.shape
-    raw = b"".join(b"\x00" + grey[row].tobytes() for row in range(height))  # filter type 0 per row
+    """Write an 8-bit greyscale PNG through Pillow, each pixel a scale × scale square."""
+    from PIL import Image
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    write_bytes(path, png)
+    picture = Image.fromarray(np.asarray(grey, np.uint8))  # 2-D uint8: greyscale ("L")
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    write_bytes(path, buffer.getvalue())
 
 
-# -- SVG curves -------------------------------------------------------------------------------------
+# -- training curves ----------------------------------------------------------------------------------
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -67,60 +85,45 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def write_training_curves(metrics_path: Path, out: Path) -> None:
-    """ELBO, KL and auxiliary cost against updates, training (line) and validation (dots)."""
-    records = read_metrics(metrics_path)
-    panels = []
-    for index, (title, key) in enumerate(CURVE_PANELS):
-        train = [(r["step"], r[key]) for r in records if r["type"] == "train" and r.get(key) is not None]
-        valid = [(r["step"], r[key]) for r in records if r["type"] == "valid" and r.get(key) is not None]
-        panels.append(svg_panel(index * (PANEL_WIDTH + MARGIN), title, train, valid))
-    width = len(CURVE_PANELS) * (PANEL_WIDTH + MARGIN) + MARGIN
-    height = PANEL_HEIGHT + 84
-    legend = (
-        f'<text x="{MARGIN}" y="{height - 8}" fill="#555">line: training batches · '
-        'dots: validation · x: updates</text>'
-    )
-    write_bytes(out, (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="11">\n<rect width="100%" height="100%" fill="white"/>\n'
-        + "\n".join(panels + [legend]) + "\n</svg>\n"
-    ).encode())
+def metric_points(records: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
+    """(updates, values) of one metric in the records of one type (train or valid), finite only."""
+    points = [(r["step"], r[key]) for r in records
+              if r.get("type") == kind and isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+    return [step for step, _ in points], [value for _, value in points]
 
 
-def svg_panel(offset: int, title: str, train: list[tuple[float, float]], valid: list[tuple[float, float]]) -> str:
-    left, top = offset + MARGIN, MARGIN // 2 + 12
-    points = train + valid
-    parts = [
-        f'<text x="{left + PANEL_WIDTH / 2}" y="{top - 6}" text-anchor="middle" font-weight="bold">{title}</text>',
-        f'<rect x="{left}" y="{top}" width="{PANEL_WIDTH}" height="{PANEL_HEIGHT}" fill="none" stroke="#888"/>',
-    ]
-    if not points:
-        return "\n".join(parts)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-
-    def to_svg(x: float, y: float) -> tuple[float, float]:
-        return left + (x - x0) / (x1 - x0) * PANEL_WIDTH, top + PANEL_HEIGHT - (y - y0) / (y1 - y0) * PANEL_HEIGHT
-
-    if train:
-        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in (to_svg(x, y) for x, y in train))
-        parts.append(f'<polyline points="{path}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>')
-    for x, y in valid:
-        a, b = to_svg(x, y)
-        parts.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="#d62728"/>')
-    parts += [
-        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{axis_label(y1)}</text>',
-        f'<text x="{left - 4}" y="{top + PANEL_HEIGHT}" text-anchor="end">{axis_label(y0)}</text>',
-        f'<text x="{left}" y="{top + PANEL_HEIGHT + 14}">{x0:g}</text>',
-        f'<text x="{left + PANEL_WIDTH}" y="{top + PANEL_HEIGHT + 14}" text-anchor="end">{x1:g} updates</text>',
-    ]
-    return "\n".join(parts)
+def draw_metric(axes, records: list[dict], key: str, label: str = "", colour: str = TRAIN_COLOUR) -> None:
+    """One run's metric on axes: training batches as a line, validations as dots."""
+    steps, values = metric_points(records, "train", key)
+    if steps:
+        axes.plot(steps, values, color=colour, linewidth=1.2, alpha=0.85, label=f"{label} training".strip())
+    steps, values = metric_points(records, "valid", key)
+    if steps:
+        axes.plot(steps, values, "o", color=colour if label else VALID_COLOUR, markersize=4,
+                  label=f"{label} validation".strip())
 
 
-def axis_label(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+def curves_figure(records: list[dict], unit: str):
+    """ELBO, KL, auxiliary cost and learning rate against updates (the paper's Figure 2 and more)."""
+    figure = new_figure(13, 7.5)
+    for axes, (title, key, ylabel) in zip(figure.subplots(2, 2).flat, CURVE_PANELS):
+        draw_metric(axes, records, key)
+        axes.set(title=title, xlabel="updates", ylabel=ylabel if key == "lr" else f"{ylabel} ({unit.removeprefix('nats ')})")
+        axes.grid(True, alpha=0.3)
+        if key == "lr":
+            axes.set_yscale("log")
+        if axes.has_data():
+            axes.legend(loc="best", fontsize=8)
+    return figure
+
+
+def write_training_curves(metrics_path: Path, out_stem: Path, unit: str = "nats per sequence") -> list[Path]:
+    """out_stem.png and out_stem.svg: the run's curves; returns their paths."""
+    figure = curves_figure(read_metrics(metrics_path), unit)
+    paths = [Path(f"{out_stem}.{fmt}") for fmt in CURVE_FORMATS]
+    for path, fmt in zip(paths, CURVE_FORMATS):
+        write_bytes(path, figure_bytes(figure, fmt))
+    return paths
 
 
 # -- audio: waveform and spectrogram ----------------------------------------------------------------
@@ -146,13 +149,8 @@ def spectrogram(waveform: np.ndarray, sample_rate: int) -> tuple[np.ndarray, tup
 def write_audio_plot(path: Path, waveform: np.ndarray, sample_rate: int, title: str, boundary: float | None = None) -> None:
     """A PNG of a waveform (values in [-1, 1]): the signal on top, its spectrogram below, a
     dashed line at `boundary` seconds (where a prompt ends) when given."""
-    # Imported here, not at the top: matplotlib takes a good part of a second to import.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     duration = max(len(waveform), 1) / sample_rate
-    figure = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(9, 5.5)
     wave_axes, spectrum_axes = figure.subplots(2, 1, sharex=True)
     wave_axes.plot(np.arange(len(waveform)) / sample_rate, waveform, linewidth=0.4, color="#1f77b4")
     wave_axes.set(title=title, ylabel="amplitude", ylim=(-1.05, 1.05), xlim=(0, duration))
@@ -167,6 +165,4 @@ def write_audio_plot(path: Path, waveform: np.ndarray, sample_rate: int, title: 
         for axes in (wave_axes, spectrum_axes):
             axes.axvline(boundary, color="#2ca02c", linestyle="--", linewidth=1.2)
         wave_axes.text(boundary, 1.0, " prompt | generated", color="#2ca02c", va="top", fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, figure_bytes(figure, "png"))

@@ -35,7 +35,7 @@ from .checkpoint import (
 )
 from .data import Batch, PreparedDataset
 from .errors import TrainingError
-from .evaluate import evaluate_split
+from .evaluate import bound_unit, evaluate_split
 from .fileio import check_can_write, json_record, write_bytes, write_json
 from .model import ZForcing, ZForcingConfig, count_parameters
 from .plots import write_training_curves
@@ -43,7 +43,7 @@ from .runlock import RunLock, RunLockedError
 from .runlock import holder as lock_holder
 
 METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "training_curves.svg"
+CURVES_STEM = "training_curves"  # .png and .svg
 
 
 @dataclass
@@ -329,7 +329,7 @@ class Trainer:
         except _StopNow:
             raise TrainingStopped(self.stop.reason or "request", state.step, self.save_training_checkpoint()) from None
         self.model.train(False)
-        write_training_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_FILE)
+        write_training_curves(self.run_dir / METRICS_FILE, self.run_dir / CURVES_STEM, bound_unit(self.dataset.meta.modality))
         self.emit("end", {"best_valid_elbo": state.best_seen, "skipped_steps": state.skipped_steps})
         return TrainResult(self.run_dir, state, newest_checkpoint(self.run_dir, "best"), newest_checkpoint(self.run_dir, "step"))
 
