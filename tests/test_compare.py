@@ -1,0 +1,72 @@
+"""`zforcing compare`: labels from what differs between runs, the figure, the table of bounds."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import PNG_SIGNATURE, assert_clean_error, invoke, plain, tiny_run_config
+from zforcing_cli.compare import label_runs, load_run
+
+
+def write_run(folder, dataset, valid_nll=(110.0, 100.0), kl=2.0, model=None, **train):
+    """A run folder as `zforcing train` leaves it: config.json and metrics.jsonl."""
+    config = tiny_run_config(dataset, **train)
+    if model:
+        config.model = replace(config.model, **model)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "preset": "small"}))
+    records = [{"type": "train", "step": step, "elbo": -120.0 + step, "kl": kl, "aux": 5.0, "lr": 1e-3} for step in (1, 2, 3, 4)]
+    records += [{"type": "valid", "step": 2 * (i + 1), "elbo": -v, "nll_bound": v, "kl": kl, "lr": 1e-3} for i, v in enumerate(valid_nll)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "tra')  # a cut line
+    return folder
+
+
+def test_labels_name_what_differs(tmp_path, tiny_dataset):
+    runs = [load_run(write_run(tmp_path / "a", tiny_dataset, aux_weight=0.0, bwd_weight=0.0)),
+            load_run(write_run(tmp_path / "b", tiny_dataset, aux_weight=0.0025, bwd_weight=0.0025)),
+            load_run(write_run(tmp_path / "c", tiny_dataset, aux_weight=0.0025, bwd_weight=0.0025, kl_anneal=True))]
+    differing = label_runs(runs)
+    assert differing == ["train.aux_weight", "train.bwd_weight", "train.kl_anneal"]
+    assert [run.label for run in runs] == ["α=β=0, no KL anneal", "α=β=0.0025, no KL anneal", "α=β=0.0025, KL anneal"]
+
+
+def test_labels_of_model_sizes_and_identical_runs(tmp_path, tiny_dataset):
+    runs = [load_run(write_run(tmp_path / "a", tiny_dataset)), load_run(write_run(tmp_path / "b", tiny_dataset, model={"hidden_size": 16}))]
+    label_runs(runs)
+    assert [run.label for run in runs] == ["units=8", "units=16"]
+    same = [load_run(write_run(tmp_path / "c", tiny_dataset)), load_run(write_run(tmp_path / "d", tiny_dataset))]
+    assert label_runs(same) == [] and [run.label for run in same] == ["c", "d"]
+
+
+def test_cli_figure_and_json(cwd, tiny_dataset):
+    write_run(cwd / "a", tiny_dataset, aux_weight=0.0, bwd_weight=0.0, valid_nll=(120.0, 105.0, 107.0), kl=0.1)
+    write_run(cwd / "b", tiny_dataset, aux_weight=0.01, bwd_weight=0.01, kl=3.0)
+    result = invoke("compare", "a", "b", "--out", "kl.png", "--json")
+    assert result.exit_code == 0, plain(result.output)
+    rows = json.loads(result.stdout)
+    assert [row["label"] for row in rows] == ["α=β=0", "α=β=0.01"]
+    assert rows[0]["final_valid_nll"] == 107.0 and rows[0]["best_valid_nll"] == 105.0 and rows[0]["final_valid_kl"] == 0.1
+    assert rows[1]["settings"] == {"aux_weight": 0.01, "bwd_weight": 0.01} and rows[1]["steps"] == 4
+    assert (cwd / "kl.png").read_bytes().startswith(PNG_SIGNATURE)
+    result = invoke("compare", "a", "b", "--out", "elbo.svg", "--metric", "elbo")
+    assert result.exit_code == 0 and "α=β=0.01" in (cwd / "elbo.svg").read_text()
+    assert "final KL" in plain(result.stdout) and "105.00" in plain(result.stdout)
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["--metric", "lr"], 2, "--metric"), (["--out", "x.jpg"], 2, ".png or .svg"), (["--out", "taken.png"], 1, "exists"),
+])
+def test_cli_option_errors(cwd, tiny_dataset, args, code, fragment):
+    write_run(cwd / "a", tiny_dataset)
+    (cwd / "taken.png").write_bytes(b"x")
+    assert_clean_error(invoke("compare", "a", *args), code, fragment)
+
+
+def test_cli_refuses_what_is_not_a_run(cwd, tiny_dataset):
+    write_run(cwd / "a", tiny_dataset)
+    (cwd / "empty").mkdir()
+    assert_clean_error(invoke("compare", "a", "empty"), 1, "not a run folder")
+    assert not (cwd / "compare.png").exists()
