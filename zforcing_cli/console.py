@@ -134,5 +134,5 @@ def results_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(escape(name), escape(value))  # "E_q[z]" is text, not rich markup
     return table

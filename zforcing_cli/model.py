@@ -82,6 +82,30 @@ class ZForcingOutput:
         return -(self.nll + self.log_q_minus_log_p)
 
 
+@dataclass
+class StepTerms:
+    """The objective's terms per step, unmasked (padding holds values that mean nothing)."""
+
+    nll: Tensor  # (B, T) -log p(y_t | h_t)
+    kl: Tensor  # (B, T, Z) KL per latent dimension
+    aux: Tensor  # (B, T) -log p(b_t | z_t)
+    bwd: Tensor  # (B, T) -log p(u_t | b_t)
+    log_ratio: Tensor  # (B, T) log q(z_t) - log p(z_t) at the sampled z_t
+    posterior_mean: Tensor  # (B, T, Z) mean of q(z_t | h_{t-1}, b_t)
+    mask: Tensor  # (B, T) valid steps
+    bwd_mask: Tensor  # (B, T) valid steps with a u_t to predict (not the start input)
+
+    def summed(self) -> ZForcingOutput:
+        """Each term masked and summed over the valid steps of each sequence."""
+        return ZForcingOutput(
+            nll=(self.nll * self.mask).sum(1),
+            kl=(self.kl.sum(-1) * self.mask).sum(1),
+            aux=(self.aux * self.mask).sum(1),
+            bwd=(self.bwd * self.bwd_mask).sum(1),
+            log_q_minus_log_p=(self.log_ratio * self.mask).sum(1),
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributions
 
@@ -334,6 +358,19 @@ class ZForcing(nn.Module):
         auxiliary=False skips the two auxiliary terms (zero), which evaluation does not need.
         first_input (B[, F]), if given, is u_1 in place of the start input (see shift_right).
         """
+        return self.step_terms(y, mask, generator, noise, auxiliary, first_input).summed()
+
+    def step_terms(
+        self,
+        y: Tensor,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        auxiliary: bool = True,
+        first_input: Tensor | None = None,
+    ) -> "StepTerms":
+        """The objective's terms at every step, before the sums over time of forward() (which
+        takes the same arguments): for diagnostics such as the KL per step and dimension."""
         c = self.config
         batch, steps = y.shape[:2]
         if mask is None:
@@ -357,7 +394,7 @@ class ZForcing(nn.Module):
         p_mean, p_logvar = self.prior(h_prev)  # (B, T, Z) each
 
         nll = self.distribution.nll(self.output_head(h), y)  # (B, T)
-        kl = gaussian_kl(q_mean, q_logvar, p_mean, p_logvar).sum(-1)
+        kl = gaussian_kl(q_mean, q_logvar, p_mean, p_logvar)  # (B, T, Z)
         log_ratio = (gaussian_log_prob(z, q_mean, q_logvar) - gaussian_log_prob(z, p_mean, p_logvar)).sum(-1)
         if auxiliary:
             aux, bwd = self.auxiliary_costs(y, h_prev, z, backward)
@@ -365,14 +402,8 @@ class ZForcing(nn.Module):
             aux = bwd = torch.zeros_like(nll)
         bwd_mask = mask.clone()
         bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
-
-        return ZForcingOutput(
-            nll=(nll * mask).sum(1),
-            kl=(kl * mask).sum(1),
-            aux=(aux * mask).sum(1),
-            bwd=(bwd * bwd_mask).sum(1),
-            log_q_minus_log_p=(log_ratio * mask).sum(1),
-        )
+        return StepTerms(nll=nll, kl=kl, aux=aux, bwd=bwd, log_ratio=log_ratio, posterior_mean=q_mean,
+                         mask=mask, bwd_mask=bwd_mask)
 
     def auxiliary_costs(self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor) -> tuple[Tensor, Tensor]:
         """-log p(b_t | z_t) (Eq. 8) and -log p(u_t | b_t) (Eq. 10), each (B, T)."""

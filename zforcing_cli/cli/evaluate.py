@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Optional
+
+import numpy as np
 
 import typer
 from rich.markup import escape
@@ -14,8 +17,9 @@ from ..console import duration, plural, results_table, simple_progress, stderr, 
 from ..data import PreparedDataset, open_dataset
 from ..device import resolve_device
 from ..errors import DataError, ZForcingError
+from ..diagnostics import Diagnostics, diagnose_split, write_diagnostics_plot
 from ..evaluate import EvalResult, bound_unit, evaluate_split, perplexity, unigram_perplexity
-from ..fileio import json_record
+from ..fileio import check_can_write, json_record
 from ..threads import ThreadPolicy
 from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, usage_error
 
@@ -31,6 +35,9 @@ def evaluate_cli(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequence copies (sequences times IWAE samples) per forward pass: bounds the memory.")] = 500,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Evaluate only the first N sequences (0: all).")] = 0,
+    diagnostics: Annotated[bool, typer.Option("--diagnostics", help="Also measure whether the latents are in use: KL per step and per dimension, active units (Var of E_q[z] > 0.01), auxiliary cost per step (one more pass over the data).")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --diagnostics: write a heat map of KL over time × latent dimension and the KL per step (.png or .svg).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     threads: ThreadsOption = None,
@@ -38,6 +45,12 @@ def evaluate_cli(
     """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats."""
     if split not in ("test", "valid"):
         raise usage_error(f"--split must be test or valid, not {split!r}.", "Use --split test (the default) or --split valid.")
+    if plot is not None:
+        if not diagnostics:
+            raise usage_error("--plot draws the diagnostics: it needs --diagnostics.", "Add --diagnostics.")
+        if plot.suffix.lower() not in (".png", ".svg"):
+            raise usage_error(f"--plot {plot.name!r} is not a .png or .svg file.", "For example --plot kl.png.")
+        check_can_write(plot, force)
     torch_device = resolve_device(device)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT).resolve()
     model, config = load_model(folder, torch_device)
@@ -57,6 +70,13 @@ def evaluate_cli(
             model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,
             limit=limit or None, iwae_samples=iwae, progress=EvaluationProgress(progress),
         )
+    found = None
+    if diagnostics:
+        with ThreadPolicy(threads), simple_progress(f"Diagnosing {split}") as progress:
+            found = diagnose_split(model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,
+                                   limit=limit or None, progress=EvaluationProgress(progress))
+        if plot is not None:
+            write_diagnostics_plot(found, plot, f"KL(q ‖ p) per step and latent dimension: {dataset.meta.kind}, {split} split")
     unit = bound_unit(dataset.meta.modality)
     per_sample = samples_per_sequence(result, dataset.meta)
     text = text_figures(result, dataset, split, limit) if dataset.meta.modality == "tokens" else {}
@@ -65,6 +85,7 @@ def evaluate_cli(
         "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae,
         **({} if per_sample is None else {"samples_per_sequence": per_sample, "nll_elbo_per_sample": -result.elbo / per_sample}),
         **text,
+        **({} if found is None else {"diagnostics": found.to_dict()}),
     })
     if as_json:
         stdout.print_json(json.dumps(report, allow_nan=False))
@@ -74,7 +95,9 @@ def evaluate_cli(
             rows = text_rows(result, text)
         else:
             rows = result_rows(result, unit) if per_sample is None else audio_rows(result, per_sample)
-        stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows))
+        stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows + ([] if found is None else diagnostic_rows(found))))
+    if plot is not None:
+        stderr.print(escape(f"Wrote the KL heat map to {plot}"), soft_wrap=True)
     if report["status"] != "ok":
         raise ZForcingError(
             f"The bounds came out non-finite ({report['status'].split(': ')[1]}): they are not results.",
@@ -97,6 +120,18 @@ def audio_rows(result: EvalResult, per_sample: float) -> list[tuple[str, str]]:
     if result.iwae is not None:
         rows.append((f"log-likelihood ≥ (IWAE, K={result.iwae_samples}), nats per sequence", f"{result.iwae:,.2f}"))
     return rows + [("NLL ≤ (ELBO), nats per sample", f"{-result.elbo / per_sample:.4f}"), ("KL, nats per sequence", f"{result.kl:.2f}")]
+
+
+def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:
+    """What the diagnostics say in a few figures; --json has the arrays."""
+    peak = int(np.argmax(found.kl_per_step)) if found.kl_per_step else 0
+    return [
+        ("active latent dimensions (Var E_q[z] > 0.01)", f"{found.active_dimensions} of {found.latent_size}"),
+        ("active units per step, mean", f"{found.mean_active_per_step:.1f}"),
+        ("KL per step: largest", f"{max(found.kl_per_step, default=0.0):.3f} at step {peak + 1}"),
+        ("KL per dimension: largest", f"{max(found.kl_per_dimension, default=0.0):.2f}"),
+        ("auxiliary cost per sequence", f"{sum(found.aux_per_step):.2f}"),
+    ]
 
 
 def text_figures(result: EvalResult, dataset: PreparedDataset, split: str, limit: int) -> dict:
