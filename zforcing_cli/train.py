@@ -40,6 +40,7 @@ from .fileio import check_can_write, json_record, write_bytes, write_json
 from .model import ZForcing, ZForcingConfig, count_parameters
 from .plots import write_training_curves
 from .runlock import RunLock, RunLockedError
+from .tensorboard import TensorBoardLog, require_tensorboard
 from .runlock import holder as lock_holder
 
 METRICS_FILE = "metrics.jsonl"
@@ -259,6 +260,7 @@ class Trainer:
         self.train_split = dataset.split("train")
         self.valid_split = dataset.split("valid")
         self.last_checkpoint_time = time.monotonic()
+        self.tensorboard: TensorBoardLog | None = None
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -419,6 +421,8 @@ class Trainer:
             self.set_lr(state.lr)
         metrics = {"elbo": result.elbo, "kl": result.kl, "nll_bound": -result.elbo, "lr": state.lr, "lr_halved": halved, "improved": improved}
         self.log({"type": "valid", "step": state.step, "epoch": state.epoch, **metrics})
+        if self.tensorboard is not None:
+            self.tensorboard.samples(self.model, state.step)
         self.emit("validation", metrics)
         state.validated_step = state.step
         if epoch_done:
@@ -447,6 +451,8 @@ class Trainer:
     def log(self, record: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(json_record(record), allow_nan=False) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
     def emit(self, kind: str, metrics: dict) -> None:
         self.callback(TrainEvent(kind, self.state.step, self.total_steps, self.state.epoch, metrics))
@@ -496,12 +502,16 @@ def train(
     force: bool = False,
     stop: StopRequest | None = None,
     latest_link: Path | None = None,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train a new run in run_dir, or (resume=True) continue its newest complete checkpoint.
 
     The run folder is locked for the whole call: a second process gets RunLockedError. With
     latest_link (a runs folder), its `latest` names this run once the run's config is written.
+    tensorboard=True also logs the metrics and samples for TensorBoard (tensorboard.py).
     """
+    if tensorboard:
+        require_tensorboard()
     trainer = Trainer(run_dir, run_config, dataset, device, callback, stop)
     made = not resume and not trainer.run_dir.exists()
     if not resume:
@@ -522,8 +532,13 @@ def train(
         trainer.write_config()
         if latest_link is not None:
             link_latest(trainer, latest_link)
+        if tensorboard:
+            trainer.tensorboard = TensorBoardLog(trainer.run_dir, run_config.data, run_config.train.seed,
+                                                 resumed_at=trainer.state.step if resume else None)
         return trainer.run()
     finally:
+        if trainer.tensorboard is not None:
+            trainer.tensorboard.close()
         lock.release()
 
 

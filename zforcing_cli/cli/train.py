@@ -64,6 +64,7 @@ def train_cli(
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.", show_default=preset_defaults("checkpoint_every"))] = None,
     checkpoint_minutes: Annotated[Optional[float], typer.Option("--checkpoint-minutes", help="Also checkpoint when this many minutes have passed since the last checkpoint (0: never).", show_default=preset_defaults("checkpoint_minutes"))] = None,
     threads: ThreadsOption = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log the metrics, and samples at each validation, for TensorBoard in RUN/tensorboard (needs `pip install 'zforcing[tensorboard]'`).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run's newest complete checkpoint (or restart it from step 0 if it has none). Options that repeat the run's own values are accepted.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out run folder (only a run folder written by zforcing).")] = False,
 ) -> None:
@@ -90,11 +91,12 @@ def train_cli(
         soft_wrap=True,
     )
     stop = StopRequest()
-    continue_command = shlex.join(["zforcing", "train", "--resume", "--out", str(run_dir), *runtime_options(device, threads)])
+    continue_command = shlex.join(["zforcing", "train", "--resume", "--out", str(run_dir), *runtime_options(device, threads, tensorboard)])
     with ThreadPolicy(threads) as policy, training_progress() as progress, stop_on_signals(stop, progress.console):
         reporter = TrainReporter(progress, policy, bound_unit(dataset.meta.modality))
         try:
-            result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force, stop=stop, latest_link=RUNS_ROOT)
+            result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force, stop=stop,
+                           latest_link=RUNS_ROOT, tensorboard=tensorboard)
         except TrainingStopped as stopped:
             progress.stop()
             stderr.print(escape(f"{stopped.message}\nTo continue: {continue_command}"), soft_wrap=True)
@@ -118,9 +120,10 @@ def given(**values) -> dict:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def runtime_options(device: str, threads: int | None) -> list[str]:
+def runtime_options(device: str, threads: int | None, tensorboard: bool) -> list[str]:
     """The options a resumed run does not remember, to repeat in the command that continues."""
-    return (["--device", device] if device != "auto" else []) + (["--threads", str(threads)] if threads else [])
+    return ((["--device", device] if device != "auto" else []) + (["--threads", str(threads)] if threads else [])
+            + (["--tensorboard"] if tensorboard else []))
 
 
 def with_lengths(run_config: RunConfig, train_size: int, epochs: int | None, max_steps: int | None):
