@@ -11,7 +11,7 @@ import pytest
 
 from conftest import assert_clean_error, invoke, plain, write_reviews_jsonl
 from zforcing_cli.data import open_dataset, prepare
-from zforcing_cli.data import text as text_module
+from zforcing_cli.data import corpus
 from zforcing_cli.data.text import END, PAD, SPECIALS, UNKNOWN, clean_paragraphs, decode, encode, tokenize_sentence
 from zforcing_cli.errors import DataError, UsageError
 
@@ -254,9 +254,9 @@ def test_text_column_on_plain_text_is_a_usage_error(tmp_path):
 
 
 def test_streaming_reads_a_file_without_blank_lines_in_bounded_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(text_module, "PARAGRAPH_CHARACTERS", 100)
+    monkeypatch.setattr(corpus, "PARAGRAPH_CHARACTERS", 100)
     (tmp_path / "a.txt").write_text("".join(f"Line number {i} of a long file.\n" for i in range(50)))
-    pieces = list(text_module.text_file_paragraphs(tmp_path / "a.txt"))
+    pieces = list(corpus.text_file_paragraphs(tmp_path / "a.txt"))
     assert len(pieces) > 10 and max(len(piece) for piece in pieces) < 200
 
 
