@@ -70,3 +70,12 @@ def test_cli_refuses_what_is_not_a_run(cwd, tiny_dataset):
     (cwd / "empty").mkdir()
     assert_clean_error(invoke("compare", "a", "empty"), 1, "not a run folder")
     assert not (cwd / "compare.png").exists()
+
+
+def test_cli_refuses_runs_on_different_data(cwd, tiny_dataset):
+    write_run(cwd / "a", tiny_dataset)
+    write_run(cwd / "b", tiny_dataset)
+    config = json.loads((cwd / "b" / "config.json").read_text())
+    config["data"]["modality"] = "frames"
+    (cwd / "b" / "config.json").write_text(json.dumps(config))
+    assert_clean_error(invoke("compare", "a", "b"), 1, "different kinds of data")

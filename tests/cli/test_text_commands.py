@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import assert_clean_error, invoke, plain
 
 
@@ -57,9 +59,9 @@ def test_interpolate_table_and_json(text_trained):
     assert result.exit_code == 0, plain(result.output)
     table = plain(result.stdout)
     assert "greedy" in table and "sampled (top-10)" in table and "0.5" in table
-    result = invoke("interpolate", text_trained, "the film was great .", "the plot is boring !", "--points", 3, "--json")
+    result = invoke("interpolate", text_trained, "the film was great .", "the plot is boring !", "--json")
     records = json.loads(result.stdout)
-    assert [record["alpha"] for record in records] == [0.0, 0.5, 1.0]
+    assert [record["alpha"] for record in records] == pytest.approx([i / 10 for i in range(11)])
     assert all(set(record) == {"alpha", "greedy", "sampled"} for record in records)
 
 

@@ -282,6 +282,13 @@ def test_cli_prepare_text_options(cwd):
     assert meta["text"]["lowercase"] is False
 
 
+def test_cli_prepare_from_the_hub_offline(cwd, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(corpus, "hub_reachable", lambda host="huggingface.co": False)
+    assert_clean_error(invoke("prepare", "imdb", "hf:stanfordnlp/imdb"), 1, "offline")
+    assert_clean_error(invoke("prepare", "imdb", "hf:"), 2, "dataset name")
+
+
 def test_cli_prepare_text_errors(cwd):
     assert_clean_error(invoke("prepare", "imdb", "missing.jsonl"), 1, "does not exist")
     write_reviews_jsonl(cwd / "r.jsonl", count=5)
