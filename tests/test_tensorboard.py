@@ -79,3 +79,16 @@ def test_missing_extra_is_a_clear_error(cwd, tiny_data, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
     assert_clean_error(invoke("train", "--data", tiny_data, "--max-steps", 1, "--tensorboard"), 1, "tensorboard")
     assert not (cwd / "runs").exists()
+
+
+def test_audio_samples(timit_tree, tmp_path):
+    from zforcing_cli.data import prepare
+    from zforcing_cli.presets import preset_configs
+    from zforcing_cli.train import RunConfig, data_description
+
+    dataset = prepare("timit", str(timit_tree[0]), tmp_path / "timit")
+    model, training = preset_configs("small", dataset.meta)
+    training.max_steps, training.batch_size, training.valid_limit = 2, 4, 4
+    train(tmp_path / "run", RunConfig(model, training, data_description(dataset)), dataset, CPU, tensorboard=True)
+    (clip,) = events(tmp_path / "run").Audio("samples")
+    assert clip.step == 2 and clip.sample_rate == 16000 and clip.length_frames == 16000 * 2
