@@ -171,3 +171,28 @@ def test_interpolation_input_errors(dataset, vocabulary):
         interpolate(model, vocabulary, "the film was great .", " ".join(["good"] * 16))
     with pytest.raises(TextInputError, match="model of audio"):
         TextVocabulary.of({"modality": "frames", "kind": "timit"})
+
+
+def test_text_resume_with_dropout_and_weight_decay_is_bit_identical(dataset, tmp_path):
+    """Dropout draws from torch's global generator, which a checkpoint saves and restores."""
+    from safetensors.torch import load_file
+
+    from zforcing_cli.presets import preset_configs
+    from zforcing_cli.train import RunConfig, data_description, train
+
+    def config(**extra) -> RunConfig:
+        model, training = preset_configs("small", dataset.meta)
+        model.embed_size, model.hidden_size, model.latent_size, model.mlp_size = 8, 16, 4, 16
+        assert model.embed_dropout == 0.2 and training.weight_decay == 1e-6
+        training.batch_size, training.valid_limit, training.max_steps = 8, 4, 6
+        for name, value in extra.items():
+            setattr(training, name, value)
+        return RunConfig(model, training, data_description(dataset))
+
+    cpu = torch.device("cpu")
+    train(tmp_path / "a", config(), dataset, cpu)
+    train(tmp_path / "b", config(max_steps=3), dataset, cpu)
+    train(tmp_path / "b", config(), dataset, cpu, resume=True)
+    a, b = (load_file(tmp_path / run / "checkpoints" / "step-00000006" / "model.safetensors") for run in "ab")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
