@@ -1,4 +1,4 @@
-"""`zforcing sample`: free-running generation from the prior (or an audio prompt's continuation)."""
+"""`zforcing sample`: free-running generation from the prior (or the continuation of an audio or text prompt)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def sample_cli(
     threads: ThreadsOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output files.")] = False,
 ) -> None:
-    """Generate from the prior, free-running, and write what the model models: a PNG grid for images, WAV files for audio (optionally continuing a --prompt)."""
+    """Generate from the prior, free-running, and write what the model models: a PNG grid for images, WAV files for audio, sentences for text (optionally continuing a --prompt)."""
     check_real("--temperature", temperature, example="0.8", above=True)
     check_real("--seconds", seconds, example="2", above=True)
     if seconds is not None and length is not None:
