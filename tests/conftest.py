@@ -147,16 +147,21 @@ def copy_runs(work: Path, into: Path) -> Path:
     return into / "runs"
 
 
+def train_in(work: Path, *options):
+    """`zforcing train OPTIONS --device cpu` run from the folder work, which must succeed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.delenv("ZFORCING_DEBUG", raising=False)
+        result = invoke("train", *options, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    return result
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
     """A two-update CLI training run (small preset) in its own working folder."""
     work = tmp_path_factory.mktemp("cli_work")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        patch.delenv("ZFORCING_DEBUG", raising=False)
-        result = invoke("train", "--data", tiny_data, "--max-steps", 2, "--batch-size", 4, "--device", "cpu")
-    assert result.exit_code == 0, plain(result.output)
-    return work, result
+    return work, train_in(work, "--data", tiny_data, "--max-steps", 2, "--batch-size", 4)
 
 
 @pytest.fixture
@@ -294,8 +299,5 @@ def text_data(tmp_path_factory) -> Path:
 def text_trained(text_data, tmp_path_factory):
     """A few-update CLI training run on the text data (small preset), in its own working folder."""
     work = tmp_path_factory.mktemp("text_work")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(work)
-        result = invoke("train", "--data", text_data, "--max-steps", 3, "--batch-size", 8, "--device", "cpu")
-    assert result.exit_code == 0, plain(result.output)
+    train_in(work, "--data", text_data, "--max-steps", 3, "--batch-size", 8)
     return work / "runs" / "latest"

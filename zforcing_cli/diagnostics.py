@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .data import PreparedSplit
+from .evaluate import evaluation_batches, sequence_count
 from .fileio import write_bytes
 from .model import ZForcing
 from .plots import figure_bytes, new_figure
@@ -118,20 +119,11 @@ def diagnose_split(
     progress: Callable[[int, int], None] | None = None,
 ) -> Diagnostics:
     """The diagnostics over the split's first `limit` sequences (all when None)."""
-    was_training = model.training
-    model.train(False)
-    count = min(len(split), limit) if limit else len(split)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
     totals = Accumulator(model.config.latent_size)
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        batch = split.batch(np.arange(start, stop)).to(device)
+    count = sequence_count(split, limit)
+    for batch, generator in evaluation_batches(model, split, count, batch_size, device, seed, progress):
         terms = model.step_terms(batch.targets, batch.mask, generator=generator, first_input=batch.first_input)
         totals.add(terms.kl, terms.aux, terms.posterior_mean, terms.mask)
-        if progress is not None:
-            progress(stop, count)
-    model.train(was_training)
     return totals.result()
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .data import Batch, PreparedSplit
+from .data.prepared import END
 from .model import ZForcing
 
 
@@ -29,15 +30,13 @@ def unigram_perplexity(train: PreparedSplit, split: PreparedSplit, limit: int | 
     words and its </s>), add-one smoothed over the tokens a sentence can hold, on the first
     `limit` sentences of split (all when None): the baseline a sequence model must beat."""
     vocabulary = train.meta.input_size
-    end = train.meta.text["specials"]["end"]
-    end_id = train.meta.text["vocabulary"].index(end)
     counts = np.bincount(np.asarray(train.arrays["tokens"]), minlength=vocabulary).astype(np.float64)
-    counts[end_id] += len(train)
+    counts[END] += len(train)
     outcomes = vocabulary - 2  # <pad> and <s> are never targets
     log_probs = np.log((counts + 1.0) / (counts.sum() + outcomes))
-    count = min(len(split), limit) if limit else len(split)
+    count = sequence_count(split, limit)
     words = np.asarray(split.arrays["tokens"][: int(split.arrays["offsets"][count])])
-    total = log_probs[words].sum() + count * log_probs[end_id]
+    total = log_probs[words].sum() + count * log_probs[END]
     return math.exp(-total / (len(words) + count))
 
 
@@ -75,23 +74,13 @@ def evaluate_split(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    was_training = model.training
-    model.train(False)
-    count = min(len(split), limit) if limit else len(split)
+    count = sequence_count(split, limit)
     samples = max(iwae_samples, 1)
-    sequences_per_pass = max(1, batch_size // samples)
     chunks = sample_chunks(samples, batch_size)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
     totals = {"elbo": 0.0, "kl": 0.0, "iwae": 0.0, "steps": 0}
-    for start in range(0, count, sequences_per_pass):
-        stop = min(start + sequences_per_pass, count)
-        sums = _bound_sums(model, split.batch(np.arange(start, stop)).to(device), chunks, generator)
-        for name, value in sums.items():
+    for batch, generator in evaluation_batches(model, split, count, max(1, batch_size // samples), device, seed, progress):
+        for name, value in _bound_sums(model, batch, chunks, generator).items():
             totals[name] += value
-        if progress is not None:
-            progress(stop, count)
-    model.train(was_training)
     return EvalResult(
         elbo=totals["elbo"] / count,
         kl=totals["kl"] / count,
@@ -100,6 +89,32 @@ def evaluate_split(
         sequences=count,
         steps=totals["steps"],
     )
+
+
+def sequence_count(split: PreparedSplit, limit: int | None) -> int:
+    """How many sequences a pass over the split takes: its first `limit`, or all of them."""
+    return min(len(split), limit) if limit else len(split)
+
+
+def evaluation_batches(
+    model: ZForcing, split: PreparedSplit, count: int, per_pass: int, device: torch.device | str, seed: int,
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[tuple[Batch, torch.Generator]]:
+    """The split's first `count` sequences, per_pass at a time, on device, each batch with the
+    one generator (seeded) that draws all the noise; the model is in evaluation mode meanwhile
+    (its mode is restored after) and progress(done, count) follows each batch."""
+    was_training = model.training
+    model.train(False)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    try:
+        for start in range(0, count, per_pass):
+            stop = min(start + per_pass, count)
+            yield split.batch(np.arange(start, stop)).to(device), generator
+            if progress is not None:
+                progress(stop, count)
+    finally:
+        model.train(was_training)
 
 
 def sample_chunks(samples: int, batch_size: int) -> list[int]:

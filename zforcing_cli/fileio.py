@@ -142,6 +142,17 @@ def remove_made(folders: list[Path]) -> None:
             return
 
 
+def files_under(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Every file under folder (recursively) whose suffix, in any case, is one of suffixes, hidden
+    files and folders left out, sorted by relative path: the same order on every machine."""
+    found = [
+        path for path in Path(folder).rglob("*")
+        if path.suffix.lower() in suffixes and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write a file through a temporary file and a rename."""
     path = Path(path)

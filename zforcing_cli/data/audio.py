@@ -25,6 +25,7 @@ import soundfile
 import soxr
 
 from ..errors import DataError, UsageError
+from ..fileio import files_under
 from .prepared import (
     SAMPLE_SCALE,
     SPLITS,
@@ -254,16 +255,12 @@ def find_audio_files(folder: Path) -> list[Path]:
         raise DataError(f"{folder} does not exist.", hint)
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder of audio files.", hint)
-    found = [
-        path for path in folder.rglob("*")
-        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    ]
+    found = files_under(folder, AUDIO_EXTENSIONS)
     if not found:
         raise DataError(
             f"No audio files in {folder} (looked for {', '.join(AUDIO_EXTENSIONS)}, in every subfolder).", hint,
         )
-    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+    return found
 
 
 def stream_files(files: list[Path], stream: RawStream, framing: Framing, progress: ProgressCallback | None) -> Skipped:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DataError, UsageError
+from ..fileio import files_under
 
 PARAGRAPH_CHARACTERS = 1 << 16  # a plain-text paragraph longer than this is cut at a line end
 HUB_TIMEOUT = 1.5  # seconds to wait for the Hugging Face hub before calling the machine offline
@@ -94,11 +95,7 @@ def text_file_documents(path: Path) -> Documents:
 def folder_documents(folder: Path) -> Documents:
     """The aclImdb folder (train|test/pos|neg|unsup/*.txt, one review per file), or any folder
     of .txt files (each read as paragraphs), in sorted order."""
-    files = sorted(
-        (path for path in folder.rglob("*") if path.suffix.lower() in TEXT_SUFFIXES and path.is_file()
-         and not any(part.startswith(".") for part in path.relative_to(folder).parts)),
-        key=lambda path: path.relative_to(folder).as_posix(),
-    )
+    files = files_under(folder, TEXT_SUFFIXES)
     if not files:
         raise DataError(f"No text files in {folder} (looked for {', '.join(TEXT_SUFFIXES)} in every subfolder).",
                         "Pass the aclImdb folder, a folder of .txt files, or a single corpus file.")

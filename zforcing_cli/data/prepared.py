@@ -33,7 +33,9 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "valid", "test")
 SAMPLE_SCALE = 32768.0  # an int16 sample is the float waveform (in [-1, 1)) times this
-END_ID = 2  # </s> in every text vocabulary (text.SPECIALS)
+# Every text vocabulary starts with these four, at these ids (text.py builds the rest).
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+PAD, START, END, UNKNOWN = range(len(SPECIALS))
 HASH_CHUNK = 1 << 20  # bytes hashed at a time (1 MB): fingerprinting a corpus holds one chunk
 
 
@@ -178,7 +180,7 @@ class PreparedSplit:
         mask = np.zeros((len(sentences), steps), dtype=np.float32)
         for row, words in enumerate(sentences):
             targets[row, : len(words)] = words
-            targets[row, len(words)] = END_ID
+            targets[row, len(words)] = END
             mask[row, : len(words) + 1] = 1.0
         return Batch(torch.from_numpy(targets), torch.from_numpy(mask))
 

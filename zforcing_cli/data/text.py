@@ -36,7 +36,12 @@ import numpy as np
 from ..errors import DataError, UsageError
 from .corpus import Documents, open_documents
 from .prepared import (
+    END,
+    PAD,
+    SPECIALS,
     SPLITS,
+    START,
+    UNKNOWN,
     DatasetMeta,
     PreparedDataset,
     open_prepared,
@@ -44,8 +49,6 @@ from .prepared import (
     seal_prepared,
 )
 
-SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
-PAD, START, END, UNKNOWN = range(len(SPECIALS))
 SENTENCE_FILE = "sentences.raw"
 PUNKT_DOCUMENTS = 2000  # documents the sentence splitter learns from (~5 s of training) ...
 PUNKT_CHARACTERS = 2_000_000  # ... or this much text, whichever comes first
