@@ -11,13 +11,13 @@ import torch
 
 from zforcing_cli.data import open_dataset
 from zforcing_cli.data.text import END, PAD, START
+from zforcing_cli.generate import generator_for
 from zforcing_cli.evaluate import evaluate_split, perplexity, unigram_perplexity
 from zforcing_cli.model import ZForcing, ZForcingConfig
 from zforcing_cli.sentences import (
     Decoding,
     TextInputError,
     TextVocabulary,
-    generator_on,
     interpolate,
     mixed_latents,
     sample_sentences,
@@ -156,7 +156,7 @@ def test_interpolation_endpoints_decode_each_sentences_posterior(dataset, vocabu
     for row, sentence in ((rows[0], sentence_a), (rows[-1], sentence_b)):
         ids = vocabulary.ids(sentence) + [END]
         z = model.posterior_means(torch.tensor([ids]))
-        generator = generator_on(model, 0)
+        generator = generator_for(model, 0)
         decoding = Decoding(greedy=True, min_tokens=vocabulary.min_tokens)
         tokens = model.generate(1, steps, generator=generator, stop=lambda y: y == END, choose=decoding.chooser(generator),
                                 latents=(z, torch.ones(1, len(ids))))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .data.text import END, PAD, START, decode, encode, tokenize_sentence
 from .errors import UsageError, ZForcingError
+from .generate import generator_for
 from .model import ZForcing
 
 DEFAULT_LENGTH = 20  # tokens generated at most per sentence (the authors' decoder: 20)
@@ -108,12 +109,6 @@ class TextVocabulary:
         return decode(ids, self.words)
 
 
-def generator_on(model: ZForcing, seed: int) -> torch.Generator:
-    generator = torch.Generator(device=next(model.parameters()).device)
-    generator.manual_seed(seed)
-    return generator
-
-
 @torch.no_grad()
 def sample_sentences(model: ZForcing, vocabulary: TextVocabulary, num: int, decoding: Decoding,
                      length: int = DEFAULT_LENGTH, prompt: str | None = None, seed: int = 0) -> list[str]:
@@ -121,7 +116,7 @@ def sample_sentences(model: ZForcing, vocabulary: TextVocabulary, num: int, deco
     the model first reads with posterior latents and which begins each returned sentence."""
     model.train(False)
     device = next(model.parameters()).device
-    generator = generator_on(model, seed)
+    generator = generator_for(model, seed)
     first_input = state = None
     prompt_ids: list[int] = []
     if prompt is not None:
@@ -157,17 +152,17 @@ def interpolate(model: ZForcing, vocabulary: TextVocabulary, sentence_a: str, se
     for sentence, what in ((sentence_a, "first sentence"), (sentence_b, "second sentence")):
         ids = vocabulary.ids(sentence, what, limit=vocabulary.max_tokens) + [END]
         latents.append(model.posterior_means(torch.tensor([ids], device=device))[0])  # (T, Z)
-    given, weights = mixed_latents(latents, torch.linspace(0.0, 1.0, points, device=device))
+    alphas = torch.linspace(0.0, 1.0, points, device=device)
+    given, weights = mixed_latents(latents, alphas)
     greedy = Decoding(greedy=True, min_tokens=vocabulary.min_tokens)
     sampled = Decoding(temperature=temperature, top_k=top_k, min_tokens=vocabulary.min_tokens)
     rows = []
     for decoding in (greedy, sampled):
-        generator = generator_on(model, seed)  # the same prior draws for both decodings
+        generator = generator_for(model, seed)  # the same prior draws for both decodings
         tokens = model.generate(points, length, generator=generator, stop=lambda y: y == END,
                                 choose=decoding.chooser(generator), latents=(given, weights))
         rows.append([vocabulary.text(row) for row in tokens.tolist()])
-    alphas = torch.linspace(0.0, 1.0, points).tolist()
-    return [InterpolationPoint(alpha, g, s) for alpha, g, s in zip(alphas, *rows)]
+    return [InterpolationPoint(alpha, g, s) for alpha, g, s in zip(alphas.tolist(), *rows)]
 
 
 def mixed_latents(latents: list[Tensor], alphas: Tensor) -> tuple[Tensor, Tensor]:

@@ -59,10 +59,11 @@ class TensorBoardLog:
     @torch.no_grad()
     def samples(self, model: ZForcing, step: int) -> None:
         """What the model generates now, from the prior."""
+        from .generate import generator_for
+
         was_training = model.training
         model.train(False)
-        generator = torch.Generator(device=next(model.parameters()).device)
-        generator.manual_seed(self.sample_seed(step))
+        generator = generator_for(model, self.sample_seed(step))
         modality = self.data["modality"]
         if modality == "binary":
             self.add_images(model, generator, step)
