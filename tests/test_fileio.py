@@ -100,3 +100,18 @@ def test_write_bytes_names_the_file_asked_for_when_the_disk_refuses(tmp_path, mo
         write_bytes(tmp_path / "samples.wav", b"RIFF")
     assert caught.value.filename == str(tmp_path / "samples.wav") and caught.value.errno == errno.EROFS
     assert entries(tmp_path) == []
+
+
+def test_write_bytes_on_a_read_only_file_system_names_the_file_asked_for(tmp_path, monkeypatch):
+    """There even removing the temporary file that was never made fails (EROFS, not ENOENT)."""
+    import errno
+    from pathlib import Path
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as caught:
+        write_bytes(tmp_path / "kl.png", b"\x89PNG")
+    assert caught.value.filename == str(tmp_path / "kl.png") and caught.value.errno == errno.EROFS

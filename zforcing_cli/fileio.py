@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -163,7 +163,10 @@ def write_bytes(path: Path, data: bytes) -> None:
     except OSError as error:  # name the file asked for, not the temporary one
         raise OSError(error.errno, error.strerror, str(path)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # On a read-only file system even removing a file that is not there fails (EROFS),
+        # which would replace the error above with one about the temporary file.
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def json_record(record: dict) -> dict:
