@@ -79,3 +79,8 @@ def test_cli_refuses_runs_on_different_data(cwd, tiny_dataset):
     config["data"]["modality"] = "frames"
     (cwd / "b" / "config.json").write_text(json.dumps(config))
     assert_clean_error(invoke("compare", "a", "b"), 1, "different kinds of data")
+
+
+def test_cli_names_what_it_wrote(cwd, tiny_dataset):
+    write_run(cwd / "a", tiny_dataset)
+    assert "Wrote the kl curves of 1 run to compare.png" in plain(invoke("compare", "a").stderr)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..compare import METRICS, label_runs, load_run, write_comparison
-from ..console import stderr, stdout
+from ..console import plural, stderr, stdout
 from ..errors import ZForcingError
 from ..evaluate import bound_unit
 from ..fileio import check_can_write, json_record
@@ -49,7 +49,7 @@ def compare_cli(
         stdout.print_json(json.dumps(rows, allow_nan=False))
     else:
         stdout.print(bounds_table(rows, unit))
-    stderr.print(escape(f"Wrote {metric} curves of {len(summaries)} runs to {out}"), soft_wrap=True)
+    stderr.print(escape(f"Wrote the {metric} curves of {plural(len(summaries), 'run')} to {out}"), soft_wrap=True)
 
 
 def bounds_table(rows: list[dict], unit: str) -> Table:
