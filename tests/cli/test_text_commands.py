@@ -9,7 +9,7 @@ import pytest
 from conftest import assert_clean_error, invoke, plain
 
 
-def test_train_reports_nats_per_sentence(text_trained):
+def test_train_records_the_text_settings_and_vocabulary(text_trained):
     config = json.loads((text_trained / "config.json").read_text())
     assert config["model"]["modality"] == "tokens" and config["model"]["embed_dropout"] == 0.2
     assert config["train"]["weight_decay"] == 1e-6 and config["train"]["adam_beta2"] == 0.99
