@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .recurrence import posterior_recurrence
+
 MODALITIES = ("binary", "tokens", "frames")
 LOG_2PI = math.log(2 * math.pi)
 
@@ -287,6 +289,9 @@ class ZForcing(nn.Module):
     def __init__(self, config: ZForcingConfig):
         super().__init__()
         self.config = config
+        # The hand-written BPTT of recurrence.py (True) or the plain autograd loop: same results
+        # to float32 rounding; the second is the reference the tests and `zforcing bench` use.
+        self.fused_recurrence = True
         c = config
         self.distribution = make_output_distribution(c)
         out_params = self.distribution.num_params(c.input_size)
@@ -423,9 +428,11 @@ class ZForcing(nn.Module):
 
         Returns h_0..h_T (B, T+1, H), z_t (B, T, Z), the posterior's mean and log-variance, and
         the last cell state c_T (B, H) (to continue a sequence from where it ends).
+        Everything that does not depend on h_{t-1} is computed here for all steps at once; the
+        loop itself runs in recurrence.py with a hand-written backward pass, or, with
+        fused_recurrence off, in autograd_rollout (the reference the tests hold it to).
         """
         cell, post = self.forward_cell, self.posterior
-        batch = embedded_u.shape[0]
         size = self.config.hidden_size
         input_gates = cell.input_gates(embedded_u)  # (B, T, 4H)
         # The posterior's first layer on [h_{t-1}, b_t] splits into an h part and a b part.
@@ -434,9 +441,19 @@ class ZForcing(nn.Module):
         # One matmul per step serves both the LSTM gates and the posterior: stack their h weights.
         from_h_weight = torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0)  # (4H+M, H)
         z_weight = cell.latent_to_gates_weight()  # (4H, Z)
+        if self.fused_recurrence:
+            return posterior_recurrence(input_gates, post_from_b, noise, from_h_weight, z_weight,
+                                        post.out.weight, post.out.bias, post.clamp)
+        return self.autograd_rollout(input_gates, post_from_b, noise, from_h_weight, z_weight)
 
-        h = embedded_u.new_zeros(batch, size)
-        c = embedded_u.new_zeros(batch, size)
+    def autograd_rollout(
+        self, input_gates: Tensor, post_from_b: Tensor, noise: Tensor, from_h_weight: Tensor, z_weight: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """posterior_rollout's loop in plain autograd operations: the reference implementation."""
+        post = self.posterior
+        batch, size = input_gates.shape[0], self.config.hidden_size
+        h = input_gates.new_zeros(batch, size)
+        c = input_gates.new_zeros(batch, size)
         states, zs, means, logvars = [h], [], [], []
         # unbind once: indexing [:, t] inside the loop would make autograd allocate a full-size
         # gradient per step in the backward pass (quadratic in T).
@@ -446,7 +463,7 @@ class ZForcing(nn.Module):
             mean, logvar = post.stats(clipped_leaky_relu(from_h[:, 4 * size :] + post_in))
             z = mean + torch.exp(0.5 * logvar) * eps  # reparameterised sample
             gates = torch.addmm(gates_in + from_h[:, : 4 * size], z, z_weight.t())
-            h, c = cell.update(gates, c)
+            h, c = ForwardCell.update(gates, c)
             states.append(h)
             zs.append(z)
             means.append(mean)
