@@ -53,13 +53,27 @@ class StepProduct:
     """x @ weight^T for the (B, ·) rows of one step, the weight prepared once for every step."""
 
     def __init__(self, weight: Tensor, rows: int):  # weight (N, K)
-        self.weight = weight
+        self.weight_t = weight.t()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if onednn_ready(weight) else None
 
-    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:  # (B, K) -> (B, N)
+    def __call__(self, x: Tensor, out: Tensor) -> Tensor:  # (B, K) -> out (B, N)
         if self.packed is None:
-            return F.linear(x, self.weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+            return torch.mm(x, self.weight_t, out=out)
+        return out.copy_(self.onednn(x))
+
+    def add_to(self, into: Tensor, x: Tensor) -> Tensor:
+        """into += x @ weight^T."""
+        if self.packed is None:
+            return into.addmm_(x, self.weight_t)
+        return into.add_(self.onednn(x))
+
+    def onednn(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def per_step(*buffers: Tensor) -> zip:
+    """The (B, ·) views of each time-major buffer, step by step: taken once, not per step."""
+    return zip(*(buffer.unbind(0) for buffer in buffers))
 
 
 class PosteriorRecurrence(torch.autograd.Function):
@@ -90,29 +104,33 @@ class PosteriorRecurrence(torch.autograd.Function):
         pre = new(steps, batch, post_in.shape[-1])  # a_t
         raw_stats, stats = new(steps, batch, 2 * latent), new(steps, batch, 2 * latent)
         zs = new(steps, batch, latent)
-        gates_in, post_steps, eps = input_gates.transpose(0, 1), post_in.transpose(0, 1), noise.transpose(0, 1)
-        from_h_product, z_product, out_product = (StepProduct(w, batch) for w in (from_h_weight, z_weight, out_weight))
-        for t in range(steps):
-            from_h = from_h_product(states[t])
-            hidden = torch.add(from_h[:, gate_size:], post_steps[t], out=pre[t])
-            hidden = F.leaky_relu(hidden, negative_slope=LEAK).clamp_(-CLIP, CLIP)
-            raw_stats[t] = out_product(hidden, out_bias)
-            step_stats = torch.clamp(raw_stats[t], -clamp, clamp, out=stats[t])
-            mean, logvar = step_stats[:, :latent], step_stats[:, latent:]
-            z = torch.addcmul(mean, torch.exp(0.5 * logvar), eps[t], out=zs[t])
-            gates = torch.add(gates_in[t], from_h[:, :gate_size]).add_(z_product(z))
-            act = activations[t]
+        from_h, gates, std = new(batch, from_h_weight.shape[0]), new(batch, gate_size), new(batch, latent)
+        from_h_gates, from_h_post, gates_g = from_h[:, :gate_size], from_h[:, gate_size:], gates[:, 2 * size : 3 * size]
+        from_h_product, z_product = StepProduct(from_h_weight, batch), StepProduct(z_weight, batch)
+        out_weight_t = out_weight.t()
+        means, logvars = stats[..., :latent], stats[..., latent:]
+        i, f, g, o = activations.chunk(4, dim=-1)
+        inputs = (input_gates.transpose(0, 1), post_in.transpose(0, 1), noise.transpose(0, 1))
+        buffers = (states[:-1], states[1:], cells[:-1], cells[1:], pre, raw_stats, stats, means, logvars, zs,
+                   activations, i, f, g, o, tanh_cells)
+        for gates_in, post, eps, h, h_next, c, c_next, a, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*inputs, *buffers):
+            from_h_product(h, out=from_h)
+            torch.add(from_h_post, post, out=a)
+            hidden = F.leaky_relu(a, negative_slope=LEAK).clamp_(-CLIP, CLIP)
+            torch.addmm(out_bias, hidden, out_weight_t, out=raw)
+            torch.clamp(raw, -clamp, clamp, out=s)
+            torch.mul(logvar, 0.5, out=std).exp_()
+            torch.addcmul(mean, std, eps, out=z)
+            z_product.add_to(torch.add(gates_in, from_h_gates, out=gates), z)
             torch.sigmoid(gates, out=act)
-            torch.tanh(gates[:, 2 * size : 3 * size], out=act[:, 2 * size : 3 * size])
-            i, f, g, o = act.chunk(4, dim=-1)
-            cell = torch.addcmul(f * cells[t], i, g, out=cells[t + 1])
-            torch.mul(o, torch.tanh(cell, out=tanh_cells[t]), out=states[t + 1])
+            torch.tanh(gates_g, out=g_t)
+            torch.mul(f_t, c, out=c_next).addcmul_(i_t, g_t)
+            torch.mul(o_t, torch.tanh(c_next, out=tanh_c), out=h_next)
         ctx.clamp = clamp
         ctx.set_materialize_grads(False)  # outputs the loss does not use send None, not zeros
         ctx.save_for_backward(states, cells, activations, tanh_cells, pre, raw_stats, stats, zs, noise,
                               from_h_weight, z_weight, out_weight)
-        mean, logvar = stats.transpose(0, 1).chunk(2, dim=-1)
-        return states.transpose(0, 1), zs.transpose(0, 1), mean, logvar, cells[-1]
+        return states.transpose(0, 1), zs.transpose(0, 1), means.transpose(0, 1), logvars.transpose(0, 1), cells[-1]
 
     @staticmethod
     def backward(ctx, d_states, d_z, d_mean, d_logvar, d_cell_last):  # type: ignore[override]
@@ -137,30 +155,31 @@ class PosteriorRecurrence(torch.autograd.Function):
             zeros(steps, batch, latent) if d_logvar is None else d_logvar.transpose(0, 1),
         ], dim=-1) * passes
         dz_given = zeros(steps, batch, latent) if d_z is None else d_z.transpose(0, 1)
-        dh_given = None if d_states is None else d_states.transpose(0, 1)
+        dh_given = zeros(steps, batch, size) if d_states is None else d_states[:, 1:].transpose(0, 1)
 
         d_from_h = zeros(steps, batch, from_h_weight.shape[0])  # [d gates, d a_t] per step
         d_stats = zeros(steps, batch, 2 * latent)
         dz_all = zeros(steps, batch, latent)
+        d_gates, d_hidden = d_from_h[..., :gate_size], d_from_h[..., gate_size:]
         # The products by the transposed weights: d(x W^T)/dx = d · W. (oneDNN reorders a
         # contiguous copy of W^T faster than it reorders the transposed view.)
-        from_h_product, z_product, out_product = (StepProduct(w.t().contiguous(), batch) for w in (from_h_weight, z_weight, out_weight))
+        from_h_product, z_product = (StepProduct(w.t().contiguous(), batch) for w in (from_h_weight, z_weight))
         dh = zeros(batch, size)  # from step t+1 through W_fh
         dc_next = zeros(batch, size) if d_cell_last is None else d_cell_last  # dc_{t+1} · f_{t+1}
-        for t in range(steps - 1, -1, -1):
-            if dh_given is not None:
-                dh = dh + dh_given[t + 1]
-            dc = torch.addcmul(dc_next, dh, cell_slope[t])
-            d_gates = d_from_h[t, :, :gate_size].view(batch, 4, size)
-            slopes = gate_slopes[t].view(batch, 4, size)
-            torch.mul(slopes[:, :3], dc.unsqueeze(1), out=d_gates[:, :3])
-            torch.mul(slopes[:, 3], dh, out=d_gates[:, 3])
-            dc_next = dc * f[t]
-            dz = torch.add(dz_given[t], z_product(d_from_h[t, :, :gate_size]), out=dz_all[t])
-            torch.addcmul(given[t].view(batch, 2, latent), dz.unsqueeze(1), z_slope[t].view(batch, 2, latent),
-                          out=d_stats[t].view(batch, 2, latent))
-            torch.mul(out_product(d_stats[t]), hidden_slope[t], out=d_from_h[t, :, gate_size:])
-            dh = from_h_product(d_from_h[t])
+        dc = zeros(batch, size)
+        buffers = (dh_given, cell_slope, gate_slopes.view(steps, batch, 4, size), d_from_h, d_gates,
+                   d_gates.view(steps, batch, 4, size), d_hidden, f, dz_given, dz_all, given.view(steps, batch, 2, latent),
+                   z_slope.view(steps, batch, 2, latent), d_stats, hidden_slope)
+        for dh_in, c_slope, slopes, d_fh, d_g, d_g4, d_hid, f_t, dz_in, dz, giv, zs_slope, d_s, h_slope in reversed(list(per_step(*buffers))):
+            dh.add_(dh_in)
+            torch.addcmul(dc_next, dh, c_slope, out=dc)
+            torch.mul(slopes[:, :3], dc.unsqueeze(1), out=d_g4[:, :3])
+            torch.mul(slopes[:, 3], dh, out=d_g4[:, 3])
+            torch.mul(dc, f_t, out=dc_next)
+            z_product.add_to(dz.copy_(dz_in), d_g)
+            torch.addcmul(giv, dz.unsqueeze(1), zs_slope, out=d_s.view(batch, 2, latent))
+            torch.mul(torch.mm(d_s, out_weight), h_slope, out=d_hid)
+            from_h_product(d_fh, out=dh)
 
         # Each weight gradient: one product over all B·T rows.
         rows = steps * batch
@@ -170,9 +189,7 @@ class PosteriorRecurrence(torch.autograd.Function):
         d_out_weight = d_stats_rows.t() @ hidden.view(rows, -1)
         d_out_bias = d_stats_rows.sum(0)
         d_noise = (dz_all * std).transpose(0, 1) if ctx.needs_input_grad[2] else None
-        d_input_gates = d_from_h[..., :gate_size].transpose(0, 1)
-        d_post_in = d_from_h[..., gate_size:].transpose(0, 1)
-        return d_input_gates, d_post_in, d_noise, d_from_h_weight, d_z_weight, d_out_weight, d_out_bias, None
+        return d_gates.transpose(0, 1), d_hidden.transpose(0, 1), d_noise, d_from_h_weight, d_z_weight, d_out_weight, d_out_bias, None
 
 
 def posterior_recurrence(
