@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from zforcing_cli.model import ZForcing, ZForcingConfig
+from zforcing_cli import recurrence
 from zforcing_cli.recurrence import PosteriorRecurrence, StepProduct, onednn_ready, posterior_recurrence
 
 INPUT_SIZES = {"binary": 2, "tokens": 9, "frames": 4}
@@ -103,8 +104,8 @@ def test_backward_passes_numerical_gradient_check():
     assert torch.autograd.gradcheck(lambda *x: PosteriorRecurrence.apply(*x, 1.2), inputs)
 
 
-def test_unused_outputs_need_no_gradient():
-    # Only h_1..h_T reach the loss: the other outputs' gradients arrive as None.
+def test_gradient_when_only_the_states_reach_the_loss():
+    # The other outputs' gradients are zeros that autograd fills in.
     inputs = recurrence_inputs()
     states, *_ = posterior_recurrence(*inputs, clamp=1.2)
     fused = torch.autograd.grad(states[:, 1:].pow(2).sum(), inputs)
@@ -127,3 +128,42 @@ def test_recurrence_stays_float32_under_autocast():
         states = model.posterior_rollout(model.embed(y), model.backward_states(model.embed(y), mask.sum(1).long()), noise)[0]
     assert states.dtype == torch.float32
     assert torch.isfinite(out.elbo).all()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("modality", ["binary", "tokens", "frames"])
+def test_cuda_graphs_match_the_reference_on_gpu(modality, monkeypatch):
+    monkeypatch.setattr(recurrence, "GRAPHS", recurrence.OrderedDict())
+    model = make_model(modality, dtype=torch.float64).cuda()
+    y, mask, noise = (x.cuda() for x in make_batch(modality, 4, 9, model.config.latent_size))
+    ref_terms, ref_grads = loss_and_gradients(model, False, y, mask, noise)
+    for _ in range(2):  # captured at the first call, replayed at the second
+        terms, grads = loss_and_gradients(model, True, y, mask, noise)
+        assert_same(terms, ref_terms, rtol=1e-12, atol=1e-12)
+        assert_same(grads, ref_grads, rtol=1e-10, atol=1e-12)
+    assert [key[0] for key in recurrence.GRAPHS] == ["rollout", "backpropagate"]
+
+
+@cuda
+def test_cuda_graph_cache_is_bounded_and_outputs_are_copies(monkeypatch):
+    monkeypatch.setattr(recurrence, "GRAPHS", recurrence.OrderedDict())
+    monkeypatch.setattr(recurrence, "GRAPH_CACHE_SIZE", 2)
+    model = make_model("frames", dtype=torch.float32, scale=None).cuda()
+
+    def states_for(steps: int, noise_scale: float) -> torch.Tensor:
+        y, mask, noise = (x.cuda() for x in make_batch("frames", 2, steps, 3, dtype=torch.float32))
+        with torch.no_grad():
+            backward = model.backward_states(model.embed(y), mask.sum(1).long())
+            return model.posterior_rollout(model.embed(y), backward, noise_scale * noise)[0]
+
+    kept = states_for(3, 1.0)
+    snapshot = kept.clone()
+    assert not torch.equal(states_for(3, 2.0), snapshot)  # a replay of the same graph
+    torch.testing.assert_close(kept, snapshot, rtol=0, atol=0)  # did not overwrite the first result
+    for steps in (4, 5, 6):
+        states_for(steps, 1.0)
+        assert len(recurrence.GRAPHS) <= 2
+    torch.testing.assert_close(states_for(3, 1.0), snapshot)  # captured afresh after eviction
