@@ -10,7 +10,7 @@ import typer
 
 from .. import __version__
 from ..console import CommandGroup, handle_errors, stdout
-from . import compare, evaluate, interpolate, prepare, sample, train
+from . import bench, compare, evaluate, interpolate, prepare, sample, train
 from .common import exit_on_signal
 
 app = typer.Typer(
@@ -41,7 +41,7 @@ def root(
 
 COMMANDS = {
     "prepare": prepare, "train": train, "evaluate": evaluate, "sample": sample, "interpolate": interpolate,
-    "compare": compare,
+    "compare": compare, "bench": bench,
 }
 for name, module in COMMANDS.items():
     app.command(name, epilog=module.EPILOG)(handle_errors(getattr(module, f"{name}_cli")))

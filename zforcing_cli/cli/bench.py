@@ -1,0 +1,155 @@
+"""`zforcing bench`: training speed side by side with the autograd reference and a fused LSTM
+pair, sampling, loading and memory (bench.py); host memory on a Blizzard-sized dataset
+(membench.py); CPU trainings sharing the machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..bench import DEFAULT_UPDATES, IMPLEMENTATIONS, SIZES, bench_shared, run
+from ..console import plural, results_table, stderr, stdout
+from ..fileio import json_record
+from ..membench import DEFAULT_BATCHES, DEFAULT_HOURS, run_memory
+from ..threads import ThreadPolicy
+from .common import DeviceOption, ThreadsOption, check_real, usage_error
+
+EPILOG = (
+    "**Examples:** `zforcing bench --preset timit` times a training update at the paper's TIMIT size against the "
+    "autograd reference and a fused LSTM pair; `zforcing bench --preset blizzard --device cuda --json`; "
+    "`zforcing bench --memory` trains on a sparse 300-hour dataset and shows host memory staying flat; "
+    "`zforcing bench --processes 2 --seconds 20` measures two trainings sharing the CPU. docs/performance.md "
+    "explains each figure."
+)
+DEFAULT_SECONDS = 30.0
+NAMES = {
+    "fused": "fused recurrence",
+    "reference": "autograd reference",
+    "fused_lstm_pair": "fused LSTM pair",
+}
+
+
+def bench_cli(
+    preset: Annotated[str | None, typer.Option("--preset", help="Model and data shape: mnist (binarized MNIST, 784 steps), timit (frames of 200 samples, 40 steps, batch 32), blizzard (the same frames, batch 128), imdb (a 16,004-word vocabulary, sentences of 16 steps).", show_default="mnist; blizzard with --memory")] = None,
+    size: Annotated[str | None, typer.Option("--size", help=f"Model sizes: {', '.join(SIZES)}. small and paper are the training presets'; tiny only checks that the benchmark runs (its figures mean nothing).", show_default="paper for timit, blizzard and imdb; small for mnist and with --memory")] = None,
+    updates: Annotated[int | None, typer.Option("--updates", min=1, help="Timed updates of each implementation after a warm-up one; their median is reported.", show_default=str(DEFAULT_UPDATES))] = None,
+    memory: Annotated[bool, typer.Option("--memory", help="Measure host memory instead: random batches from a sparse memory-mapped audio dataset of --hours, with a training update every few batches.")] = False,
+    hours: Annotated[float | None, typer.Option("--hours", help="With --memory: hours of 16 kHz int16 audio in the dataset (2 bytes a sample; it takes no disk space).", show_default=f"{DEFAULT_HOURS:g}, Blizzard's 34.6 GB")] = None,
+    batches: Annotated[int | None, typer.Option("--batches", min=1, help="With --memory: random batches fetched.", show_default=str(DEFAULT_BATCHES))] = None,
+    processes: Annotated[int | None, typer.Option("--processes", min=1, help="Measure N CPU trainings at once against one alone instead (the thread policy of docs/performance.md).", show_default=False)] = None,
+    seconds: Annotated[float | None, typer.Option("--seconds", help="With --processes: how long each measurement trains.", show_default=f"{DEFAULT_SECONDS:g}")] = None,
+    folder: Annotated[Path | None, typer.Option("--dir", help="Where the temporary datasets go; they are removed at the end, also on Ctrl-C.", show_default="the temporary folder")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")] = False,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+) -> None:
+    """Measure speed and memory on this machine: a training update against the autograd reference and a fused LSTM pair, sampling, batch loading, peak memory; or host memory on a Blizzard-sized dataset (--memory)."""
+    check_options(memory, processes, device, hours=hours, batches=batches, seconds=seconds, updates=updates)
+    check_real("--seconds", seconds, example="20", above=True)
+    preset = preset or ("blizzard" if memory else "mnist")
+    if processes is not None:
+        result = bench_shared(processes, seconds or DEFAULT_SECONDS, threads, preset, size, folder)
+        print_result(result, as_json, shared_table)
+        return
+    with ThreadPolicy(threads):
+        if memory:
+            result = run_memory(preset, size, device, DEFAULT_HOURS if hours is None else hours, batches or DEFAULT_BATCHES,
+                                folder, say)
+        else:
+            result = run(preset, size, device, updates or DEFAULT_UPDATES, folder, say)
+    print_result(result, as_json, memory_tables if memory else speed_tables)
+
+
+def check_options(memory: bool, processes: int | None, device: str, **given) -> None:
+    """Options that belong to another benchmark are refused, not ignored."""
+    if memory and processes is not None:
+        raise usage_error("--memory and --processes are two different benchmarks.", "Give one of them.")
+    owners = {"hours": "--memory", "batches": "--memory", "seconds": "--processes"}
+    for name, owner in owners.items():
+        if given[name] is not None and not (memory if owner == "--memory" else processes is not None):
+            raise usage_error(f"--{name} applies only with {owner}.", f"Add {owner}, or leave --{name} out.")
+    if given["updates"] is not None and (memory or processes is not None):
+        raise usage_error("--updates sets the speed benchmark's timed updates; it does not apply with --memory or --processes.",
+                          "Leave --updates out.")
+    if processes is not None and device not in ("auto", "cpu"):
+        raise usage_error("--processes measures CPU trainings sharing the cores; it runs on the CPU.", "Leave --device out.")
+
+
+def say(message: str) -> None:
+    stderr.print(escape(message), style="dim", soft_wrap=True)
+
+
+def print_result(result: dict, as_json: bool, tables) -> None:
+    if as_json:
+        stdout.print_json(json.dumps(json_record(result), allow_nan=False))
+        return
+    for table in tables(result):
+        stdout.print(table)
+
+
+def machine_line(machine: dict) -> str:
+    where = machine["gpu"] or f"{machine['cpu']}, {plural(machine['cores'], 'core')}"
+    return f"{where}; torch {machine['torch']} on {plural(machine['threads'], 'thread')}, Python {machine['python']}"
+
+
+def megabytes(count: int | None) -> str:
+    return "—" if count is None else f"{count / 1e6:,.0f} MB"
+
+
+def speed_tables(result: dict) -> list[Table]:
+    cuda = result["update_memory_bytes_fused"] is not None
+    table = Table(title=escape(f"{result['preset']} ({result['size']}): batch {result['batch_size']} × {result['steps']} steps, "
+                               f"{result['parameters']:,} parameters, {result['device']}; median of "
+                               f"{plural(result['updates'], 'update')} after a warm-up"),
+                  caption=escape(machine_line(result["machine"])), title_justify="left", header_style="bold")
+    table.add_column("training update")
+    for name in ("ms", "sequences/s", "÷ pair", *(["extra memory"] if cuda else [])):
+        table.add_column(name, justify="right")
+    floor = result["update_ms_fused_lstm_pair"]
+    for name in IMPLEMENTATIONS:
+        ms = result[f"update_ms_{name}"]
+        memory = [megabytes(result[f"update_memory_bytes_{name}"])] if cuda else []
+        table.add_row(NAMES[name], f"{ms:,.1f}", f"{result['batch_size'] / ms * 1e3:,.1f}", f"{ms / floor:.2f}", *memory)
+    rows = [("reference ÷ fused", f"{result['ratio_reference_vs_fused']:.2f}"),
+            (f"sampling {result['sample_sequences']} at once, sequences/s", f"{result['sample_sequences_per_s']:,.1f}")]
+    if result["sample_x_real_time"] is not None:
+        rows.append(("sampling, × real time", f"{result['sample_x_real_time']:,.1f}"))
+    rows += [(f"random batch of {result['batch_size']} from the memory-mapped set, ms", f"{result['batch_fetch_ms']:,.3f}"),
+             (f"peak memory ({result['peak_memory_measure']})", megabytes(result["peak_memory_bytes"]))]
+    return [table, results_table("", rows)]
+
+
+def memory_tables(result: dict) -> list[Table]:
+    table = Table(title=escape(f"host memory: {result['hours']:g} h of {result['preset']} audio "
+                               f"({result['dataset_bytes'] / 1e9:,.1f} GB, {megabytes(result['dataset_allocated_bytes'])} on disk), "
+                               f"batches of {result['batch_size']}"),
+                  caption=escape(machine_line(result["machine"])), title_justify="left", header_style="bold")
+    for name in ("batches", "seconds", "RssAnon", "RssFile", "RssShmem"):
+        table.add_column(name, justify="right")
+    for reading in result["readings"]:
+        table.add_row(f"{reading['batches']:,}", f"{reading['seconds']:,.1f}", megabytes(reading["rss_anon_bytes"]),
+                      megabytes(reading["rss_file_bytes"]), megabytes(reading["rss_shmem_bytes"]))
+    rows = [
+        ("data read by the batches", megabytes(result["bytes_read"])),
+        ("RssAnon growth (what the process holds)", megabytes(result["rss_anon_growth_bytes"])),
+        ("RssFile growth (page cache the kernel can drop)", megabytes(result["rss_file_growth_bytes"])),
+        ("training updates", f"{result['updates']:,}"),
+        ("peak RSS", megabytes(result["peak_rss_bytes"])),
+    ]
+    return [table, results_table("", rows)]
+
+
+def shared_table(result: dict) -> list[Table]:
+    rows = [(key.replace("_", " "), formatted(value)) for key, value in result.items()]
+    return [results_table(f"{plural(result['processes'], 'training')} sharing the CPU", rows)]
+
+
+def formatted(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(formatted(item) for item in value)
+    return f"{value:,.2f}" if isinstance(value, float) else str(value)
