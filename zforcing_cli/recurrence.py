@@ -246,11 +246,12 @@ def run_loop(loop, inputs: tuple, clamp: float) -> tuple[Tensor, ...]:
     if not (CUDA_GRAPHS and reference.is_cuda):
         return loop(*inputs, clamp)
     key = (loop.__name__, clamp, reference.device, *((x.shape, x.dtype) for x in inputs))
-    graph = GRAPHS.pop(key, None) or LoopGraph(loop, inputs, clamp)
-    GRAPHS[key] = graph  # most recently used last
-    while len(GRAPHS) > GRAPH_CACHE_SIZE:
-        GRAPHS.popitem(last=False)
-    return graph(inputs)
+    with torch.cuda.device(reference.device):
+        graph = GRAPHS.pop(key, None) or LoopGraph(loop, inputs, clamp)
+        GRAPHS[key] = graph  # most recently used last
+        while len(GRAPHS) > GRAPH_CACHE_SIZE:
+            GRAPHS.popitem(last=False)
+        return graph(inputs)
 
 
 def posterior_recurrence(
