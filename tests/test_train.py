@@ -10,13 +10,15 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from zforcing_cli.checkpoint import newest_checkpoint, resolve_latest
 from zforcing_cli.data import open_dataset, prepare
-from zforcing_cli.errors import TrainingError, ZForcingError
+from zforcing_cli.errors import TrainingError, UsageError, ZForcingError
+from zforcing_cli.evaluate import evaluate_split
 from zforcing_cli.model import ZForcing
 from zforcing_cli.plots import CURVE_PANELS
 from zforcing_cli.train import StopRequest, Trainer, TrainingStopped, train
@@ -390,3 +392,201 @@ def test_a_stop_at_the_last_update_leaves_the_final_validation_due(small_dataset
     train(tmp_path / "run", config, small_dataset, CPU, again.append, resume=True)
     assert [e.metrics["finished"] for e in again if e.kind == "start"] == [True]
     assert [r["step"] for r in read_records(tmp_path / "run", "valid")] == [2]
+
+
+# -- precision -------------------------------------------------------------------------------------
+
+
+def test_bf16_on_the_cpu_trains_under_autocast_and_resumes_bit_for_bit(small_dataset, tmp_path):
+    def config(**extra):
+        return tiny_run_config(small_dataset, lr=3e-3, precision="bf16", **extra)
+
+    train(tmp_path / "whole", config(max_steps=3), small_dataset, CPU)
+    train(tmp_path / "part", config(max_steps=1), small_dataset, CPU)
+    train(tmp_path / "part", config(max_steps=3), small_dataset, CPU, resume=True)
+    a, b = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "part")
+    assert a.name == b.name == "step-00000003"
+    assert model_tensors(a) == model_tensors(b)
+    assert comparable_state(a) == comparable_state(b)
+    assert all(t.dtype == torch.float32 for t in load_file(a / "model.safetensors").values())  # the weights stay fp32
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["train"]["precision"] == "bf16"
+    # Autocast ran: the first loss is near fp32's but not equal to it.
+    train(tmp_path / "fp32", tiny_run_config(small_dataset, lr=3e-3, max_steps=1), small_dataset, CPU)
+    bf16_loss, fp32_loss = (read_records(tmp_path / run, "train")[0]["loss"] for run in ("whole", "fp32"))
+    assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=0.02)
+
+
+def test_fp16_on_the_cpu_and_unknown_precisions_are_refused(tiny_dataset, tmp_path):
+    with pytest.raises(UsageError, match="fp16 needs a CUDA device") as caught:
+        train(tmp_path / "run", tiny_run_config(tiny_dataset, precision="fp16"), tiny_dataset, CPU)
+    assert "bf16" in caught.value.hint
+    with pytest.raises(UsageError, match="must be fp32, bf16 or fp16, not 'fp8'"):
+        train(tmp_path / "run", tiny_run_config(tiny_dataset, precision="fp8"), tiny_dataset, CPU)
+    assert not (tmp_path / "run").exists()
+
+
+# -- metrics read every few updates (as on a GPU), here on the CPU ---------------------------------
+
+
+def deferred_trainer(dataset, run_dir, callback=None, resolve_every=3, **overrides) -> Trainer:
+    trainer = Trainer(run_dir, tiny_run_config(dataset, **overrides), dataset, CPU, callback, resolve_every=resolve_every)
+    trainer.create_run_folder()
+    trainer.write_config()
+    return trainer
+
+
+def test_deferred_metrics_arrive_at_the_resolve_points(tiny_dataset, tmp_path):
+    events = []
+    trainer = deferred_trainer(tiny_dataset, tmp_path / "deferred", events.append, max_steps=5, kl_anneal=True)
+    assert trainer.on_device and trainer.optimizer.param_groups[0]["fused"]
+    trainer.run()
+    order = [(e.kind, e.step) for e in events if e.kind in ("progress", "step")]
+    assert order == [("progress", 1), ("progress", 2), ("step", 1), ("step", 2), ("step", 3), ("progress", 4), ("progress", 5),
+                     ("step", 4), ("step", 5)]
+    # The same numbers as updates checked one by one (Adam's fused kernel rounds a little differently).
+    train(tmp_path / "checked", tiny_run_config(tiny_dataset, max_steps=5, kl_anneal=True), tiny_dataset, CPU)
+    deferred, checked = read_records(tmp_path / "deferred", "train"), read_records(tmp_path / "checked", "train")
+    assert [r["step"] for r in deferred] == [r["step"] for r in checked] == [1, 2, 3, 4, 5]
+    for a, b in zip(deferred, checked):
+        assert a["kl_weight"] == b["kl_weight"] and a["epoch"] == b["epoch"]
+        for name in ("loss", "nll", "kl", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4), name
+
+
+def test_a_deferred_skip_is_counted_when_the_metrics_are_read(tiny_dataset, tmp_path, monkeypatch):
+    seen = []
+    _, _, objective = run_with_bad_steps(tiny_dataset, tmp_path / "unused", {2}, nan_loss)
+    monkeypatch.setattr(train_module, "objective", objective)
+    trainer = deferred_trainer(tiny_dataset, tmp_path / "run", lambda e: seen.append((e.kind, e.step, trainer.state.skipped_steps)),
+                               max_steps=4, kl_anneal=True)
+    result = trainer.run()
+    steps = [(kind, step, skipped) for kind, step, skipped in seen if kind in ("progress", "step", "skip")]
+    assert steps == [("progress", 1, 0), ("progress", 2, 0), ("step", 1, 0), ("skip", 2, 1), ("step", 3, 1),
+                     ("progress", 4, 1), ("step", 4, 1)]
+    assert (result.state.step, result.state.skipped_steps, result.state.consecutive_skips) == (4, 1, 0)
+    assert result.state.kl_weight == pytest.approx(0.2 + 5e-5 * 3)  # three updates taken
+    # Adam's fused kernel left the skipped update out: three steps in its state, as when the
+    # host checks each update.
+    assert all(state["step"].item() == 3 for state in trainer.optimizer.state_dict()["state"].values())
+    checked, _, objective = run_with_bad_steps(tiny_dataset, tmp_path / "checked", {2}, nan_loss, max_steps=4, kl_anneal=True)
+    monkeypatch.setattr(train_module, "objective", objective)
+    checked.run()
+    for name, value in checked.model.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_divergence_names_the_steps_in_a_row(tiny_dataset, tmp_path, monkeypatch):
+    _, _, objective = run_with_bad_steps(tiny_dataset, tmp_path / "unused", {2, 3, 4}, nan_loss)
+    monkeypatch.setattr(train_module, "objective", objective)
+    trainer = deferred_trainer(tiny_dataset, tmp_path / "run", resolve_every=5, max_steps=6, max_consecutive_skips=3)
+    with pytest.raises(TrainingError, match=r"3 updates in a row had a non-finite loss \(steps 2 to 4\)"):
+        trainer.run()
+    assert trainer.state.step == 5 and trainer.state.skipped_steps == 3  # noticed at the next reading
+
+
+def test_deferred_run_names_the_update_that_broke_the_weights(tiny_dataset, tmp_path):
+    def break_weights(event):
+        if event.kind == "progress" and event.step == 2:
+            with torch.no_grad():
+                for parameter in trainer.model.parameters():
+                    parameter.fill_(float("nan"))
+
+    trainer = deferred_trainer(tiny_dataset, tmp_path / "run", break_weights, resolve_every=4, max_steps=6)
+    with pytest.raises(TrainingError, match="the update at step 2 made the weights non-finite .*, so step 3 could not be taken"):
+        trainer.run()
+
+
+def test_deferred_run_resumes_bit_for_bit_with_its_gradient_scaler(small_dataset, tmp_path):
+    """fp16's gradient scaler (here a CPU one on an fp32 run: fp16 itself needs a GPU) is saved
+    in the training checkpoint and restored with it."""
+    def scaled_trainer(run_dir, max_steps):
+        trainer = deferred_trainer(small_dataset, run_dir, resolve_every=2, max_steps=max_steps, lr=3e-3, kl_anneal=True)
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+        return trainer
+
+    scaled_trainer(tmp_path / "whole", 3).run()
+    scaled_trainer(tmp_path / "part", 1).run()
+    resumed = Trainer(tmp_path / "part", tiny_run_config(small_dataset, max_steps=3, lr=3e-3, kl_anneal=True), small_dataset, CPU,
+                      resolve_every=2)
+    resumed.scaler = torch.amp.GradScaler("cpu")
+    resumed.restore()
+    assert resumed.scaler.get_scale() == 2.0**8
+    resumed.run()
+    a, b = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "part")
+    assert a.name == b.name == "step-00000003"
+    assert model_tensors(a) == model_tensors(b)
+    assert comparable_state(a) == comparable_state(b)
+    scaler = comparable_state(a)["grad_scaler"]
+    assert (scaler["scale"], scaler["_growth_tracker"]) == (2.0**9, 1)  # grew after two updates, one counted since
+    assert without_timing(read_records(tmp_path / "whole", "train")) == without_timing(read_records(tmp_path / "part", "train"))
+
+
+def test_a_gradient_scaler_skips_a_non_finite_update_and_backs_off(tiny_dataset):
+    trainer = Trainer(Path("unused"), tiny_run_config(tiny_dataset), tiny_dataset, CPU, resolve_every=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    batch, noise, _ = trainer.step_inputs(np.arange(4))
+
+    def update(kl_weight: float) -> float:
+        record = train_module.device_update(trainer.training_step, trainer.optimizer, batch, noise, kl_weight, trainer.config.train,
+                                            scaler)
+        return record[-1].item()
+
+    assert update(1.0) == 0.0 and scaler.get_scale() == 2.0**8
+    before = snapshot(trainer)
+    assert update(float("nan")) == 1.0 and scaler.get_scale() == 2.0**7
+    assert same(before, snapshot(trainer))  # weights and Adam's state untouched
+    assert update(1.0) == 0.0 and not same(before, snapshot(trainer))
+
+
+# -- CUDA (skipped without a GPU) ------------------------------------------------------------------
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_training_resumes(small_dataset, tmp_path, precision):
+    cuda = torch.device("cuda")
+
+    def config(**extra):
+        return tiny_run_config(small_dataset, epochs=2, lr=3e-3, log_every=2, precision=precision, kl_anneal=True, **extra)
+
+    train(tmp_path / "whole", config(max_steps=5), small_dataset, cuda)
+    train(tmp_path / "part", config(max_steps=3), small_dataset, cuda)
+    train(tmp_path / "part", config(max_steps=5), small_dataset, cuda, resume=True)
+    a, b = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "part")
+    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], rtol=1e-4, atol=1e-5)
+    state = comparable_state(a)
+    assert state["step"] == 5 and state["skipped_steps"] == comparable_state(b)["skipped_steps"]
+    assert bool(state["grad_scaler"]) == (precision == "fp16")
+    assert [r["step"] for r in read_records(tmp_path / "whole", "train")] == [2, 4, 5]
+
+
+def sync_warnings(work) -> int:
+    """How many times work() made the host wait for the GPU (torch's sync debug mode)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("called a synchronizing CUDA operation" in str(warning.message) for warning in caught)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_updates_and_validation_do_not_wait_for_the_gpu(small_dataset, tmp_path, precision):
+    trainer = Trainer(tmp_path / "run", tiny_run_config(small_dataset, precision=precision, kl_anneal=True, eval_batch_size=2),
+                      small_dataset, torch.device("cuda"))
+    order = np.arange(12)
+    trainer.take_step(order[:4])  # first use: lazy initialisations
+    assert sync_warnings(lambda: (trainer.take_step(order[4:8]), trainer.take_step(order[8:12]))) == 0
+    trainer.resolve()
+    assert trainer.state.step == 3
+    # Validation waits once, at its end, however many passes it takes (two here).
+    assert sync_warnings(lambda: evaluate_split(trainer.model, trainer.valid_split, batch_size=2, device="cuda")) == 1

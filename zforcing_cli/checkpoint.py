@@ -79,11 +79,20 @@ def flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
     return tensors, state["param_groups"]
 
 
+# How the optimizer computes, not what it learnt: a run resumed on another device keeps the
+# implementation chosen there (the fused kernel on a GPU, the plain loop on a CPU).
+IMPLEMENTATION_SETTINGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
+    groups = [
+        {**saved, **{name: current[name] for name in IMPLEMENTATION_SETTINGS if name in current}}
+        for saved, current in zip(groups, optimizer.param_groups)
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -1,5 +1,8 @@
 """Terminal output: progress and errors on stderr, results on stdout. Only this module and
-cli.py import rich."""
+cli.py import rich.
+
+Under torchrun every rank runs the command: the other ranks' errors name their rank, and those
+all ranks meet alike (a wrong command line) are left to rank 0 to report."""
 
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from rich.table import Table
 
 from typer.core import TyperGroup
 
-from .errors import ZForcingError, file_system_error
+from .distributed import PeerFailed, launched_rank
+from .errors import UsageError, ZForcingError, file_system_error
 
 stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
@@ -45,6 +49,9 @@ def duration(seconds: float) -> str:
 
 
 def print_error(message: str, hint: str = "") -> None:
+    rank = launched_rank()
+    if rank:
+        message = f"rank {rank}: {message}"
     stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     if hint:
         stderr.print(f"[dim]Hint:[/] {escape(hint)}", soft_wrap=True)
@@ -60,6 +67,8 @@ def handle_errors(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except PeerFailed as error:  # rank 0 reports it
+            raise typer.Exit(error.exit_code) from None
         except ZForcingError as error:
             fail(error)
         except OSError as error:
@@ -82,7 +91,8 @@ def handle_errors(command: F) -> F:
 def fail(error: ZForcingError) -> None:
     if debug_enabled():
         traceback.print_exc(file=sys.stderr)
-    print_error(error.message, error.hint)
+    if not (isinstance(error, UsageError) and launched_rank()):
+        print_error(error.message, error.hint)
     raise typer.Exit(error.exit_code) from None
 
 
@@ -101,7 +111,7 @@ class CommandGroup(TyperGroup):
         except typer.TyperException as error:  # typer's usage errors (click's, vendored)
             context = getattr(error, "ctx", None)
             command = context.command_path if context is not None else "zforcing"
-            if error.format_message():  # empty when the help was shown for a bare command
+            if error.format_message() and not launched_rank():  # empty when the help was shown for a bare command
                 print_error(error.format_message(), f"Run `{command} --help` for the options.")
             sys.exit(getattr(error, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)

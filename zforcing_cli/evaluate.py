@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .data import Batch, PreparedSplit
 from .data.prepared import END
+from .distributed import Group
 from .model import ZForcing
 
 
@@ -65,29 +66,36 @@ def evaluate_split(
     limit: int | None = None,
     iwae_samples: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    group: Group | None = None,
 ) -> EvalResult:
     """Bounds on log p(y) averaged over the split's sequences (or its first `limit`).
 
     A forward pass holds at most batch_size (sequence, sample) pairs, whatever K is: with
     K <= batch_size it takes batch_size // K sequences with all their K samples; with more
     samples it takes one sequence and batch_size of its samples at a time.
+
+    The sums stay on the device until the end (one wait for it, not one per batch). With a
+    group (distributed training), each rank takes its share of every pass, with the noise one
+    process would draw for it, and the sums are added over the ranks.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     count = sequence_count(split, limit)
     samples = max(iwae_samples, 1)
     chunks = sample_chunks(samples, batch_size)
-    totals = {"elbo": 0.0, "kl": 0.0, "iwae": 0.0, "steps": 0}
-    for batch, generator in evaluation_batches(model, split, count, max(1, batch_size // samples), device, seed, progress):
-        for name, value in _bound_sums(model, batch, chunks, generator).items():
-            totals[name] += value
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # ELBO, KL and IWAE sums, steps
+    for batch, noise in evaluation_passes(model, split, count, max(1, batch_size // samples), device, seed, progress, group):
+        totals += _bound_sums(model, batch, chunks, noise)
+    if group is not None:
+        group.all_reduce(totals)
+    elbo, kl, iwae, steps = totals.tolist()
     return EvalResult(
-        elbo=totals["elbo"] / count,
-        kl=totals["kl"] / count,
-        iwae=totals["iwae"] / count if iwae_samples else None,
+        elbo=elbo / count,
+        kl=kl / count,
+        iwae=iwae / count if iwae_samples else None,
         iwae_samples=iwae_samples,
         sequences=count,
-        steps=totals["steps"],
+        steps=int(steps),
     )
 
 
@@ -103,14 +111,47 @@ def evaluation_batches(
     """The split's first `count` sequences, per_pass at a time, on device, each batch with the
     one generator (seeded) that draws all the noise; the model is in evaluation mode meanwhile
     (its mode is restored after) and progress(done, count) follows each batch."""
+    for batch, noise in evaluation_passes(model, split, count, per_pass, device, seed, progress):
+        yield batch, noise.generator
+
+
+class PassNoise:
+    """The reparameterisation noise of one evaluation pass, drawn for all of its sequences as
+    one process draws it, (copies × sequences, T, Z) with each sequence's copies together, and
+    cut to this process's rows and steps."""
+
+    def __init__(self, generator: torch.Generator, sequences: int, steps: int, rows: slice, local_steps: int,
+                 latent_size: int, dtype: torch.dtype):
+        self.generator, self.sequences, self.steps, self.rows = generator, sequences, steps, rows
+        self.local_steps, self.latent_size, self.dtype = local_steps, latent_size, dtype
+
+    def draw(self, copies: int) -> Tensor:
+        noise = torch.randn(copies * self.sequences, self.steps, self.latent_size, generator=self.generator,
+                            device=self.generator.device, dtype=self.dtype)
+        return noise[self.rows.start * copies : self.rows.stop * copies, : self.local_steps]
+
+
+def evaluation_passes(
+    model: ZForcing, split: PreparedSplit, count: int, per_pass: int, device: torch.device | str, seed: int,
+    progress: Callable[[int, int], None] | None, group: Group | None = None,
+) -> Iterator[tuple[Batch | None, PassNoise]]:
+    """evaluation_batches' passes, each with its noise. With a group, each holds this rank's
+    share of the pass's sequences (None when it has none; its noise must still be drawn, to
+    keep the generator where the other ranks have it)."""
     was_training = model.training
     model.train(False)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
     try:
         for start in range(0, count, per_pass):
             stop = min(start + per_pass, count)
-            yield split.batch(np.arange(start, stop)).to(device), generator
+            indices = np.arange(start, stop)
+            rows = slice(0, len(indices)) if group is None else group.rows(len(indices))
+            batch = split.batch(indices[rows]).to(device) if rows.stop > rows.start else None
+            local_steps = 0 if batch is None else batch.targets.shape[1]
+            steps = local_steps if group is None else split.steps(indices)
+            yield batch, PassNoise(generator, len(indices), steps, rows, local_steps, model.config.latent_size, dtype)
             if progress is not None:
                 progress(stop, count)
     finally:
@@ -123,19 +164,25 @@ def sample_chunks(samples: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-def _bound_sums(model: ZForcing, batch: Batch, chunks: list[int], generator: torch.Generator) -> dict[str, float]:
-    """ELBO, KL and IWAE summed over these sequences, each with sum(chunks) samples."""
+def _bound_sums(model: ZForcing, batch: Batch | None, chunks: list[int], noise: PassNoise) -> Tensor:
+    """ELBO, KL and IWAE summed over these sequences, each with sum(chunks) samples, and their
+    steps, as a float64 tensor on the device (zeros, with the noise drawn, for no sequences)."""
     samples = sum(chunks)
-    sums = {"elbo": 0.0, "kl": 0.0, "steps": int(batch.mask.sum().item())}
+    sums = torch.zeros(4, dtype=torch.float64, device=noise.generator.device)
+    if batch is None:
+        for chunk in chunks:
+            noise.draw(chunk)
+        return sums
+    sums[3] = batch.mask.double().sum()
     log_weight_sum = None  # per sequence: log Σ_k w_k over the samples drawn so far
     for chunk in chunks:
         copies = batch.repeat_interleave(chunk)
-        out = model(copies.targets, copies.mask, generator=generator, auxiliary=False, first_input=copies.first_input)
-        sums["elbo"] += out.elbo.double().sum().item() / samples
-        sums["kl"] += out.kl.double().sum().item() / samples
+        out = model(copies.targets, copies.mask, noise=noise.draw(chunk), auxiliary=False, first_input=copies.first_input)
+        sums[0] += out.elbo.double().sum() / samples
+        sums[1] += out.kl.double().sum() / samples
         log_weights = out.log_importance_weight.double().view(-1, chunk)  # (sequences, chunk)
         log_weight_sum = combine_logsumexp(log_weight_sum, log_weights)
-    sums["iwae"] = (log_weight_sum - math.log(samples)).sum().item()
+    sums[2] = (log_weight_sum - math.log(samples)).sum()
     return sums
 
 

@@ -101,3 +101,14 @@ def test_truncated_array_file(copy_of_tiny):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(DataError, match="incomplete or corrupted"):
         open_prepared(copy_of_tiny)
+
+
+@pytest.mark.parametrize("data, split", [("tiny_data", "train"), ("text_data", "train"), ("timit_data", "train"),
+                                         ("timit_data", "test")], ids=["pixels", "tokens", "audio-stream", "audio-utterances"])
+def test_steps_tells_a_batch_s_length_without_reading_it(request, data, split):
+    """What a rank needs to draw a whole batch's noise while it reads only its share."""
+    prepared = open_dataset(request.getfixturevalue(data)).split(split)
+    rng = np.random.default_rng(0)
+    for size in (1, 3, len(prepared)):
+        indices = rng.permutation(len(prepared))[:size]
+        assert prepared.steps(indices) == prepared.batch(indices).targets.shape[1]

@@ -1,5 +1,6 @@
 """`zforcing train`: parse the options, set up or reopen the run, report progress, stop cleanly
-on Ctrl-C or SIGTERM."""
+on Ctrl-C or SIGTERM. Started by torchrun, every process runs this; rank 0 settles the run and
+reports (distributed.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import shlex
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -19,7 +20,8 @@ from .. import __version__
 from ..checkpoint import resolve_latest
 from ..console import plural, stderr, stdout, training_progress
 from ..data import EMBEDDED, PreparedDataset, open_dataset
-from ..device import resolve_device
+from ..device import check_precision, resolve_device
+from ..distributed import Group, from_main, joined
 from ..errors import DataError, TrainingError
 from ..evaluate import bound_unit
 from ..presets import PRESETS, preset_configs, preset_defaults
@@ -40,7 +42,8 @@ EPILOG = (
     "**Examples:** `zforcing train` (binarized MNIST, small preset, under 10 minutes on 2 CPU cores); "
     "`zforcing train --preset paper --device cuda --epochs 50`; "
     "`zforcing train --resume` continues runs/latest. Ctrl-C stops after the current update and "
-    "writes a checkpoint that `--resume` continues."
+    "writes a checkpoint that `--resume` continues. Several GPUs: `torchrun --nproc-per-node 4 -m zforcing_cli train ...` "
+    "(docs/training.md)."
 )
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -63,6 +66,7 @@ def train_cli(
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the weights, the data order and the noise of every update.", show_default=preset_defaults("seed"))] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.", show_default=preset_defaults("checkpoint_every"))] = None,
     checkpoint_minutes: Annotated[Optional[float], typer.Option("--checkpoint-minutes", help="Also checkpoint when this many minutes have passed since the last checkpoint (0: never).", show_default=preset_defaults("checkpoint_minutes"))] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="Arithmetic of the forward pass: `fp32`; `bf16` (autocast to bfloat16: GPUs from NVIDIA Ampere on, or the CPU); `fp16` (autocast to float16 with a gradient scaler; GPUs only). The weights, Adam and the sums of the loss stay fp32. A resumed run keeps its precision.", show_default="fp32")] = None,
     threads: ThreadsOption = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log the metrics, and samples at each validation, for TensorBoard in RUN/tensorboard (needs `pip install 'zforcing[tensorboard]'`).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run's newest complete checkpoint (or restart it from step 0 if it has none). Options that repeat the run's own values are accepted.")] = False,
@@ -76,32 +80,72 @@ def train_cli(
     check_real("--dropout", dropout)
     if dropout is not None and dropout >= 1:
         raise usage_error(f"--dropout must be below 1, not {dropout:g}.", "Use a probability such as --dropout 0.2.")
-    torch_device = resolve_device(device)
+    if precision is not None:
+        check_precision(precision)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
-                    kl_anneal=kl_anneal, seed=seed, weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout)
-    if resume:
-        run_dir, run_config, dataset = resumed_run(out, data, settings)
-    else:
-        run_dir, run_config, dataset = new_run(out, data, settings)
-    run_config.train = with_lengths(run_config, len(dataset.split("train")), epochs, max_steps)
-    run_config.train = replace(run_config.train, **given(checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes))
+                    kl_anneal=kl_anneal, seed=seed, weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout,
+                    precision=precision)
+    with joined(device) as group:
+        main = group is None or group.is_main
+        torch_device = resolve_device(device) if group is None else group.device
+        opened: list[PreparedDataset] = []
 
-    stderr.print(
-        escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) on {torch_device}; run folder {run_dir}"),
-        soft_wrap=True,
-    )
-    stop = StopRequest()
-    continue_command = shlex.join(["zforcing", "train", "--resume", "--out", str(run_dir), *runtime_options(device, threads, tensorboard)])
-    with ThreadPolicy(threads) as policy, training_progress() as progress, stop_on_signals(stop, progress.console):
-        reporter = TrainReporter(progress, policy, bound_unit(dataset.meta.modality))
-        try:
-            result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force, stop=stop,
-                           latest_link=RUNS_ROOT, tensorboard=tensorboard)
-        except TrainingStopped as stopped:
-            progress.stop()
-            stderr.print(escape(f"{stopped.message}\nTo continue: {continue_command}"), soft_wrap=True)
-            raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
-    report_result(result, run_dir, bound_unit(dataset.meta.modality))
+        def settle() -> tuple[Path, dict]:  # rank 0's: the run folder and its configuration
+            run_dir, run_config, dataset = resumed_run(out, data, settings) if resume else new_run(out, data, settings)
+            run_config.train = with_lengths(run_config, len(dataset.split("train")), epochs, max_steps)
+            run_config.train = replace(run_config.train, **given(checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes))
+            opened.append(dataset)
+            return run_dir, run_config.to_dict()
+
+        run_dir, config_values = from_main(group, settle)
+        run_config = RunConfig.from_dict(config_values)
+        dataset = opened[0] if opened else rank_dataset(run_config, group)
+        unit = bound_unit(dataset.meta.modality)
+        if main:
+            where = f"on {torch_device}" if group is None else f"on {group.world_size} processes ({group.backend}, {torch_device.type})"
+            stderr.print(escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) {where}; run folder {run_dir}"),
+                         soft_wrap=True)
+        stop = StopRequest()
+        with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
+                stop_on_signals(stop, progress.console if main else None, group is not None):
+            reporter = TrainReporter(progress, policy, unit) if main else None
+            try:
+                result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force, stop=stop,
+                               latest_link=RUNS_ROOT, tensorboard=tensorboard, group=group)
+            except TrainingStopped as stopped:
+                if main:
+                    progress.stop()
+                    command = continue_command(run_dir, runtime_options(device, threads, tensorboard), group)
+                    stderr.print(escape(f"{stopped.message}\nTo continue: {command}"), soft_wrap=True)
+                if group is not None:
+                    group.barrier()  # rank 0 has said so before any rank ends
+                raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
+        if main:
+            report_result(result, run_dir, unit)
+
+
+def rank_dataset(run_config: RunConfig, group: Group) -> PreparedDataset:
+    """The dataset of rank 0's run, opened on another rank: the same path on every machine."""
+    location = run_config.data["location"]
+    hint = "Every machine needs the prepared dataset at the same path as rank 0's."
+    try:
+        dataset = open_dataset(location)
+    except DataError as error:
+        raise DataError(f"Rank {group.rank} cannot open the run's dataset: {error.message}", hint) from None
+    differences = dataset_differences(run_config.data, dataset)
+    if differences:
+        raise DataError(f"Rank {group.rank}: {location} is not rank 0's dataset ({'; '.join(differences)}).", hint)
+    return dataset
+
+
+def continue_command(run_dir: Path, options: list[str], group: Group | None) -> str:
+    """The command that continues a stopped run (a distributed one on any number of ranks)."""
+    arguments = ["train", "--resume", "--out", str(run_dir), *options]
+    if group is None:
+        return shlex.join(["zforcing", *arguments])
+    if group.single_node:
+        return shlex.join(["torchrun", "--nproc-per-node", str(group.world_size), "-m", "zforcing_cli", *arguments])
+    return f"the same torchrun command on every machine, with: -m zforcing_cli {shlex.join(arguments)}"
 
 
 def report_result(result, run_dir: Path, unit: str) -> None:
@@ -163,6 +207,7 @@ def recorded_settings(run_config: RunConfig) -> dict:
         "aux_weight": train_config.aux_weight, "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
         "seed": train_config.seed, "weight_decay": train_config.weight_decay,
         "aux_condition": "hz" if run_config.model.aux_on_hidden else "z", "dropout": run_config.model.embed_dropout,
+        "precision": train_config.precision,
     }
 
 
@@ -217,16 +262,20 @@ def new_run_dir() -> Path:
 
 
 @contextmanager
-def stop_on_signals(stop: StopRequest, console) -> Iterator[None]:
+def stop_on_signals(stop: StopRequest, console, distributed: bool = False) -> Iterator[None]:
     """The first Ctrl-C or SIGTERM asks the trainer to stop after the current update (it then
-    writes a checkpoint); a second one stops at once, as the default handlers do."""
+    writes a checkpoint); a second one stops at once, as the default handlers do. Under
+    torchrun, which passes a signal on to every rank, the ranks stop together at the next
+    update where they compare notes; console None prints nothing (the ranks but 0)."""
     originals = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    when = "once all processes finish the same update" if distributed else "after this update"
 
     def request_stop(number, frame) -> None:
         stop.set(signal.Signals(number).name)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, exit_on_signal)
-        console.print(f"{signal.Signals(number).name}: stopping after this update to write a checkpoint (Ctrl-C again abandons it).")
+        if console is not None:
+            console.print(f"{signal.Signals(number).name}: stopping {when} to write a checkpoint (Ctrl-C again abandons it).")
 
     for number in originals:
         signal.signal(number, request_stop)
@@ -254,6 +303,7 @@ class TrainReporter:
         self.started = time.perf_counter()
         self.last_line = self.started
         self.first_step: int | None = None
+        self.done = 0  # updates taken
 
     def say(self, text: str) -> None:
         self.progress.console.print(escape(text), soft_wrap=True)
@@ -279,7 +329,7 @@ class TrainReporter:
 
     def on_start(self, event: TrainEvent) -> None:
         self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
-        self.first_step = event.step
+        self.first_step = self.done = event.step
         self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.policy.threads, 'thread')}")
         if event.metrics["finished"]:
             self.say(
@@ -287,19 +337,29 @@ class TrainReporter:
                 "pass --epochs N or --max-steps N with --resume to train longer."
             )
 
+    def on_progress(self, event: TrainEvent) -> None:
+        """An update taken whose metrics come later (on a GPU): the bar moves, the metrics stay."""
+        self.policy.refresh()
+        self.done = event.step
+        self.progress.update(self.task, completed=self.done, speed=self.speed(self.done))
+
     def on_step(self, event: TrainEvent) -> None:
         self.policy.refresh()
         m = event.metrics
-        now = time.perf_counter()
-        rate = (event.step - self.first_step) / max(now - self.started, 1e-9)
+        self.done = max(self.done, event.step)  # on a GPU, steps come after their progress
         metrics = f"loss {m['loss']:.1f} KL {m['kl']:.2f} aux {m['aux']:.0f}"
-        self.progress.update(self.task, completed=event.step, speed=f"{rate:.2f} steps/s", metrics=metrics)
+        self.progress.update(self.task, completed=self.done, speed=self.speed(self.done), metrics=metrics)
+        now = time.perf_counter()
         if not stderr.is_terminal and now - self.last_line >= self.LOG_SECONDS:
             self.last_line = now
-            stderr.print(f"step {event.step}/{event.total_steps} {rate:.2f} steps/s {metrics}")
+            stderr.print(f"step {event.step}/{event.total_steps} {self.speed(self.done)} {metrics}")
+
+    def speed(self, step: int) -> str:
+        return f"{(step - self.first_step) / max(time.perf_counter() - self.started, 1e-9):.2f} steps/s"
 
     def on_skip(self, event: TrainEvent) -> None:
-        self.progress.update(self.task, completed=event.step)
+        self.done = max(self.done, event.step)
+        self.progress.update(self.task, completed=self.done)
         skipped = event.metrics["skipped_steps"]
         self.progress.console.print(f"[yellow]step {event.step}: non-finite loss, update skipped ({plural(skipped, 'skipped update')} so far)")
 

@@ -92,8 +92,10 @@ class Batch(NamedTuple):
     first_input: torch.Tensor | None = None  # (B, F): u_1 when the data has a real one (audio's context frame)
 
     def to(self, device: torch.device | str) -> "Batch":
-        first = None if self.first_input is None else self.first_input.to(device, non_blocking=True)
-        return Batch(self.targets.to(device, non_blocking=True), self.mask.to(device, non_blocking=True), first)
+        """The batch on device. To a GPU, the tensors go through pinned (page-locked) memory so
+        that the copies run asynchronously, without the host waiting for them."""
+        pin = torch.device(device).type == "cuda"
+        return Batch(*(None if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=True) for t in self))
 
     def repeat_interleave(self, repeats: int) -> "Batch":
         """Each sequence `repeats` times in a row (the K samples of an importance-weighted bound)."""
@@ -164,6 +166,20 @@ class PreparedSplit:
         bits = np.unpackbits(rows, axis=1, count=self.meta.sequence_length)
         targets = torch.from_numpy(bits.astype(np.float32))
         return Batch(targets, torch.ones_like(targets))
+
+    def steps(self, indices: np.ndarray) -> int:
+        """The steps T of batch(indices), from the stored lengths alone: a process that reads only
+        its share of a batch still draws the whole batch's noise, which is (B, T, Z)."""
+        if "pixels" in self.arrays:
+            return self.meta.sequence_length
+        if "tokens" not in self.arrays and self.layout == "stream":
+            return self.audio["sequence_frames"]
+        offsets = self.arrays["offsets"]
+        indices = np.asarray(indices, dtype=np.int64)
+        longest = int((np.asarray(offsets[indices + 1]) - np.asarray(offsets[indices])).max())
+        if "tokens" in self.arrays:
+            return longest + 1  # the words and </s>
+        return longest // self.audio["frame_size"] - 1  # frames less the context frame
 
     def sentence(self, index: int) -> np.ndarray:
         """One sentence's word ids (without </s>)."""
