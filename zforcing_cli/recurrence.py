@@ -153,16 +153,17 @@ def backpropagate(
     z_slope = torch.cat([passes[..., :latent], 0.5 * eps * std * passes[..., latent:]], dim=-1)
     given = torch.cat([d_mean.transpose(0, 1), d_logvar.transpose(0, 1)], dim=-1) * passes
 
-    d_from_h = zeros(steps, batch, from_h_weight.shape[0])  # [d gates, d a_t] per step
-    d_stats = zeros(steps, batch, 2 * latent)
-    dz_all = zeros(steps, batch, latent)
+    new = states.new_empty  # buffers the loop writes whole
+    d_from_h = new(steps, batch, from_h_weight.shape[0])  # [d gates, d a_t] per step
+    d_stats = new(steps, batch, 2 * latent)
+    dz_all = new(steps, batch, latent)
     d_gates, d_hidden = d_from_h[..., :gate_size], d_from_h[..., gate_size:]
     # The products by the transposed weights: d(x W^T)/dx = d · W. (oneDNN reorders a
     # contiguous copy of W^T faster than it reorders the transposed view.)
     from_h_product, z_product = (StepProduct(w.t().contiguous(), batch) for w in (from_h_weight, z_weight))
     dh = zeros(batch, size)  # from step t+1 through W_fh
     dc_next = d_cell_last.clone()  # dc_{t+1} · f_{t+1}
-    dc = zeros(batch, size)
+    dc = new(batch, size)
     buffers = (d_states[:, 1:].transpose(0, 1), cell_slope, gate_slopes.view(steps, batch, 4, size), d_from_h, d_gates,
                d_gates.view(steps, batch, 4, size), d_hidden, f, d_z.transpose(0, 1), dz_all, given.view(steps, batch, 2, latent),
                z_slope.view(steps, batch, 2, latent), d_stats, hidden_slope)
