@@ -69,6 +69,12 @@ class StepProduct:
             return into.addmm_(x, self.weight_t)
         return into.add_(self.onednn(x))
 
+    def plus(self, base: Tensor, x: Tensor, out: Tensor) -> Tensor:
+        """out = base + x @ weight^T."""
+        if self.packed is None:
+            return torch.addmm(base, x, self.weight_t, out=out)
+        return torch.add(base, self.onednn(x), out=out)
+
     def onednn(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
@@ -138,7 +144,6 @@ def backpropagate(
     first, as returned), the gradients of the seven tensor inputs (noise's: d z_t · std)."""
     steps, batch, gate_size = activations.shape
     size, latent = gate_size // 4, zs.shape[-1]
-    zeros = states.new_zeros
 
     # Everything that does not depend on the incoming gradients, for all steps at once.
     i, f, g, o = activations.chunk(4, dim=-1)
@@ -161,22 +166,27 @@ def backpropagate(
     # The products by the transposed weights: d(x W^T)/dx = d · W. (oneDNN reorders a
     # contiguous copy of W^T faster than it reorders the transposed view.)
     from_h_product, z_product = (StepProduct(w.t().contiguous(), batch) for w in (from_h_weight, z_weight))
-    dh = zeros(batch, size)  # from step t+1 through W_fh
+    # Views taken once, for all steps: the loop itself only computes.
+    slopes, d_gates4 = gate_slopes.view(steps, batch, 4, size), d_gates.view(steps, batch, 4, size)
+    dh_given = d_states.transpose(0, 1)  # (T+1, B, H): the loss's own gradient for h_0..h_T
+    dh = dh_given[-1].clone()  # dL/dh_t, complete when step t's turn comes
     dc_next = d_cell_last.clone()  # dc_{t+1} · f_{t+1}
     dc = new(batch, size)
-    buffers = (d_states[:, 1:].transpose(0, 1), cell_slope, gate_slopes.view(steps, batch, 4, size), d_from_h, d_gates,
-               d_gates.view(steps, batch, 4, size), d_hidden, f, d_z.transpose(0, 1), dz_all, given.view(steps, batch, 2, latent),
-               z_slope.view(steps, batch, 2, latent), d_stats, hidden_slope)
-    for dh_in, c_slope, slopes, d_fh, d_g, d_g4, d_hid, f_t, dz_in, dz, giv, zs_slope, d_s, h_slope in reversed(list(per_step(*buffers))):
-        dh.add_(dh_in)
+    dc_across_gates = dc.unsqueeze(1)
+    buffers = (dh_given[:-1], cell_slope, slopes[:, :, :3], slopes[:, :, 3], d_from_h, d_gates, d_gates4[:, :, :3],
+               d_gates4[:, :, 3], d_hidden, f, d_z.transpose(0, 1), dz_all, dz_all.unsqueeze(2),
+               given.view(steps, batch, 2, latent), z_slope.view(steps, batch, 2, latent), d_stats,
+               d_stats.view(steps, batch, 2, latent), hidden_slope)
+    for (dh_before, c_slope, slopes_ifg, slope_o, d_fh, d_g, d_ifg, d_o, d_hid, f_t, dz_in, dz, dz_across, giv, zs_slope,
+         d_s, d_s_split, h_slope) in reversed(list(per_step(*buffers))):
         torch.addcmul(dc_next, dh, c_slope, out=dc)
-        torch.mul(slopes[:, :3], dc.unsqueeze(1), out=d_g4[:, :3])
-        torch.mul(slopes[:, 3], dh, out=d_g4[:, 3])
+        torch.mul(slopes_ifg, dc_across_gates, out=d_ifg)
+        torch.mul(slope_o, dh, out=d_o)
         torch.mul(dc, f_t, out=dc_next)
-        z_product.add_to(dz.copy_(dz_in), d_g)
-        torch.addcmul(giv, dz.unsqueeze(1), zs_slope, out=d_s.view(batch, 2, latent))
+        z_product.plus(dz_in, d_g, out=dz)
+        torch.addcmul(giv, dz_across, zs_slope, out=d_s_split)
         torch.mul(torch.mm(d_s, out_weight), h_slope, out=d_hid)
-        from_h_product(d_fh, out=dh)
+        from_h_product.plus(dh_before, d_fh, out=dh)  # dL/dh_{t-1}: the loss's own plus through W_fh
 
     # Each weight gradient: one product over all B·T rows.
     rows = steps * batch
