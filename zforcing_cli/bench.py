@@ -60,6 +60,7 @@ from .model import (
     count_parameters,
     gaussian_kl,
     gaussian_log_prob,
+    make_embedding,
     make_output_distribution,
     reverse_index,
 )
@@ -114,10 +115,7 @@ class FusedLSTMPair(nn.Module):
         c = self.config = config
         self.distribution = make_output_distribution(c)
         out_params = self.distribution.num_params(c.input_size)
-        if c.modality == "frames":
-            self.embedding: nn.Module = nn.Linear(c.input_size, c.embed_size)
-        else:
-            self.embedding = nn.Embedding(max(c.input_size, c.start_index + 1), c.embed_size)
+        self.embedding = make_embedding(c)
         self.embed_dropout = nn.Dropout(c.embed_dropout)
         self.forward_rnn = nn.LSTM(c.embed_size, c.hidden_size, batch_first=True)
         self.backward_rnn = nn.LSTM(c.embed_size, c.hidden_size, batch_first=True)

@@ -190,6 +190,14 @@ def make_output_distribution(config: ZForcingConfig):
 # Building blocks
 
 
+def make_embedding(config: ZForcingConfig) -> nn.Module:
+    """emb(·): a Linear on frames; a lookup table on pixels and words, with room for the start
+    symbol, which may lie outside the output vocabulary."""
+    if config.modality == "frames":
+        return nn.Linear(config.input_size, config.embed_size)
+    return nn.Embedding(max(config.input_size, config.start_index + 1), config.embed_size)
+
+
 def clipped_leaky_relu(x: Tensor) -> Tensor:
     """Leaky ReLU with slope 1/3, clipped to [-3, 3] (the paper's §4.1 nonlinearity)."""
     return F.leaky_relu(x, negative_slope=1.0 / 3.0).clamp(-3.0, 3.0)
@@ -295,10 +303,7 @@ class ZForcing(nn.Module):
         c = config
         self.distribution = make_output_distribution(c)
         out_params = self.distribution.num_params(c.input_size)
-        if c.modality == "frames":
-            self.embedding: nn.Module = nn.Linear(c.input_size, c.embed_size)
-        else:
-            self.embedding = nn.Embedding(max(c.input_size, c.start_index + 1), c.embed_size)
+        self.embedding = make_embedding(c)
         self.embed_dropout = nn.Dropout(c.embed_dropout)
         self.backward_rnn = nn.LSTM(c.embed_size, c.hidden_size, batch_first=True)
         self.forward_cell = ForwardCell(c.embed_size, c.latent_size, c.mlp_size, c.hidden_size)
