@@ -88,6 +88,15 @@ def test_fused_matches_reference_in_float32_where_onednn_multiplies(modality):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
 
 
+def test_onednn_products_only_where_torch_allows_them(monkeypatch):
+    large, small = torch.randn(1024, 256), torch.randn(64, 64)
+    assert not onednn_ready(small)
+    assert not onednn_ready(large.double())
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not onednn_ready(large)
+    assert StepProduct(large, 4).packed is None
+
+
 def recurrence_inputs(batch=3, steps=5, size=4, mlp=5, latent=2):
     generator = torch.Generator().manual_seed(3)
 

@@ -48,7 +48,8 @@ def clipped_leaky_relu_with_slope(pre: Tensor) -> tuple[Tensor, Tensor]:
 
 def onednn_ready(weight: Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 class StepProduct:
