@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .recurrence import posterior_recurrence
+from .recurrence import clipped_leaky_relu, posterior_recurrence
 
 MODALITIES = ("binary", "tokens", "frames")
 LOG_2PI = math.log(2 * math.pi)
@@ -196,11 +196,6 @@ def make_embedding(config: ZForcingConfig) -> nn.Module:
     if config.modality == "frames":
         return nn.Linear(config.input_size, config.embed_size)
     return nn.Embedding(max(config.input_size, config.start_index + 1), config.embed_size)
-
-
-def clipped_leaky_relu(x: Tensor) -> Tensor:
-    """Leaky ReLU with slope 1/3, clipped to [-3, 3] (the paper's §4.1 nonlinearity)."""
-    return F.leaky_relu(x, negative_slope=1.0 / 3.0).clamp(-3.0, 3.0)
 
 
 class MLP(nn.Module):

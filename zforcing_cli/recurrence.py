@@ -34,8 +34,13 @@ from torch import Tensor
 # it costs more per call: below about this many weight elements the plain product wins.
 ONEDNN_MIN_WEIGHT = 1 << 18
 
-LEAK = 1.0 / 3.0  # slope of the clipped leaky ReLU (model.clipped_leaky_relu)
+LEAK = 1.0 / 3.0  # slope of the clipped leaky ReLU below zero
 CLIP = 3.0  # its output range
+
+
+def clipped_leaky_relu(x: Tensor) -> Tensor:
+    """Leaky ReLU with slope 1/3, clipped to [-3, 3] (the paper's §4.1 nonlinearity)."""
+    return F.leaky_relu(x, negative_slope=LEAK).clamp(-CLIP, CLIP)
 
 
 def clipped_leaky_relu_with_slope(pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,14 +69,8 @@ class StepProduct:
             return torch.mm(x, self.weight_t, out=out)
         return out.copy_(self.onednn(x))
 
-    def add_to(self, into: Tensor, x: Tensor) -> Tensor:
-        """into += x @ weight^T."""
-        if self.packed is None:
-            return into.addmm_(x, self.weight_t)
-        return into.add_(self.onednn(x))
-
     def plus(self, base: Tensor, x: Tensor, out: Tensor) -> Tensor:
-        """out = base + x @ weight^T."""
+        """out = base + x @ weight^T (out may be base itself)."""
         if self.packed is None:
             return torch.addmm(base, x, self.weight_t, out=out)
         return torch.add(base, self.onednn(x), out=out)
@@ -128,7 +127,7 @@ def rollout(
         torch.clamp(raw, -clamp, clamp, out=s)
         torch.mul(logvar, 0.5, out=std).exp_()
         torch.addcmul(mean, std, eps, out=z)
-        z_product.add_to(torch.add(gates_in, from_h_gates, out=gates), z)
+        z_product.plus(torch.add(gates_in, from_h_gates, out=gates), z, out=gates)
         torch.sigmoid(gates, out=act)
         torch.tanh(gates_g, out=g_t)
         torch.mul(f_t, c, out=c_next).addcmul_(i_t, g_t)
