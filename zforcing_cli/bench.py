@@ -66,7 +66,7 @@ from .model import (
 )
 from .presets import preset_configs
 from .threads import TORCH_DEFAULT_THREADS, ThreadPolicy, available_cores
-from .train import TrainConfig, objective, step_generator
+from .train import TrainConfig, make_optimizer, objective, step_generator
 
 BENCH_PRESETS = ("mnist", "timit", "blizzard", "imdb")
 AUDIO_PRESETS = ("timit", "blizzard")
@@ -163,13 +163,6 @@ class FusedLSTMPair(nn.Module):
             mask=mask,
             bwd_mask=bwd_mask,
         ).summed()
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adam as the trainer sets it up (fused into one kernel on a GPU)."""
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2), eps=config.adam_eps,
-                            weight_decay=config.weight_decay, fused=fused)
 
 
 def update(module: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, config: TrainConfig,
@@ -349,14 +342,21 @@ def median_fetch_seconds(split, batch_size: int, budget: float) -> float:
     return statistics.median(times)
 
 
+def process_memory() -> dict[str, int]:
+    """This process's memory figures from /proc/self/status ("VmHWM", "RssAnon", ...), in
+    bytes; empty where the system has no such file."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {name: int(value.split()[0]) * 1024 for name, _, value in (line.partition(":") for line in lines)
+            if value.strip().endswith("kB")}
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident memory: VmHWM where /proc tells, else getrusage."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    if "VmHWM" in (status := process_memory()):
+        return status["VmHWM"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
@@ -376,7 +376,8 @@ def run(preset: str = "mnist", size: str | None = None, device_spec: str = "auto
         pair = FusedLSTMPair(model.config).to(device)
         model.train(True)
         pair.train(True)
-        model_optimizer, pair_optimizer = make_optimizer(model, train_config), make_optimizer(pair, train_config)
+        on_gpu = device.type == "cuda"  # Adam fused into one kernel there, as the trainer has it
+        model_optimizer, pair_optimizer = (make_optimizer(module, train_config, fused=on_gpu) for module in (model, pair))
         steps = itertools.count()
 
         def model_update(fused: bool) -> Callable[[], object]:
@@ -473,7 +474,7 @@ def shared_worker(seconds: float, threads: int | None, preset: str, size: str, f
     device = torch.device("cpu")
     with ThreadPolicy(threads) as policy, tempfile.TemporaryDirectory(prefix="zforcing-bench-", dir=folder) as temporary:
         model, train_config, batch = training_setup(bench_dataset(preset, Path(temporary)), size, device)
-        optimizer = make_optimizer(model, train_config)
+        optimizer = make_optimizer(model, train_config, fused=False)
         model.train(True)
         steps = itertools.count()
         update(model, optimizer, batch, train_config, step_generator(0, next(steps), device))  # warm-up

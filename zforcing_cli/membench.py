@@ -33,8 +33,8 @@ from .bench import (
     bench_configs,
     check_preset,
     machine_description,
-    make_optimizer,
     peak_rss_bytes,
+    process_memory,
     update,
     write_synthetic_audio,
 )
@@ -42,7 +42,7 @@ from .data.audio import Framing
 from .device import resolve_device
 from .errors import UsageError, ZForcingError
 from .model import ZForcing
-from .train import step_generator
+from .train import make_optimizer, step_generator
 
 DEFAULT_HOURS = 300.0
 DEFAULT_BATCHES = 1000
@@ -56,15 +56,8 @@ LOCATION_HINT = "Choose a folder on a disk (ext4, xfs, btrfs) with --dir."
 
 def read_memory() -> dict[str, int]:
     """RssAnon, RssFile and RssShmem of this process, in bytes (STATUS_FIELDS' names)."""
-    found = {}
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name in STATUS_FIELDS:
-            found[STATUS_FIELDS[name]] = int(value.split()[0]) * 1024
+    status = process_memory()
+    found = {key: status[name] for name, key in STATUS_FIELDS.items() if name in status}
     if len(found) != len(STATUS_FIELDS):
         raise ZForcingError("The memory benchmark reads RssAnon and RssFile from /proc/self/status, which this system "
                             "does not provide.", "Run it on Linux 4.5 or later.")
@@ -156,7 +149,7 @@ def run_memory(preset: str = "blizzard", size: str | None = None, device_spec: s
                              "Ask for more --hours.")
         torch.manual_seed(0)
         model = ZForcing(model_config).to(device)
-        optimizer = make_optimizer(model, train_config)
+        optimizer = make_optimizer(model, train_config, fused=device.type == "cuda")
         model.train(True)
         rng, steps = np.random.default_rng(0), itertools.count()
 

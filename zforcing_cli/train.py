@@ -281,6 +281,13 @@ def device_update(
     return torch.cat([metrics, grad_norm.reshape(1).to(metrics.dtype), skipped.reshape(1)])
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """Adam with the run's settings. fused: one kernel for every parameter, which can also skip
+    a non-finite update on the device (device_update); otherwise torch's default."""
+    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2), eps=config.adam_eps,
+                            weight_decay=config.weight_decay, fused=True if fused else None)
+
+
 @dataclass
 class PendingUpdate:
     """An update taken whose metrics the trainer has not read yet."""
@@ -368,8 +375,7 @@ class Trainer:
         self.training_step: nn.Module = TrainingStep(self.model, cfg, dtype)  # in DDP once run() starts, with a group
         self.resolve_every = resolve_every or (max(1, cfg.log_every) if device.type == "cuda" else 1)
         self.on_device = device.type == "cuda" or group is not None or self.resolve_every > 1
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=cfg.adam_eps,
-                                          weight_decay=cfg.weight_decay, fused=True if self.on_device else None)
+        self.optimizer = make_optimizer(self.model, cfg, fused=self.on_device)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.state = TrainerState(kl_weight=annealed_kl_weight(cfg, 0), lr=cfg.lr)
         self.train_split = dataset.split("train")
