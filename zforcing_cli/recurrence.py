@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# On CPU, oneDNN multiplies a batch of rows by a weight it has reordered once up to 1.8× faster
+# On CPU, oneDNN multiplies a batch of rows by a weight it has reordered once faster
 # than MKL's general product (measured on a 2-core AMD EPYC with 32 rows of 1024 by 4608), but
 # it costs more per call: below about this many weight elements the plain product wins.
 ONEDNN_MIN_WEIGHT = 1 << 18
