@@ -521,6 +521,16 @@ def test_deferred_run_resumes_bit_for_bit_with_its_gradient_scaler(small_dataset
     assert without_timing(read_records(tmp_path / "whole", "train")) == without_timing(read_records(tmp_path / "part", "train"))
 
 
+def test_a_gradient_scaler_finding_its_scale_is_not_divergence(small_dataset, tmp_path):
+    """A scaler that starts far too high skips the first updates while it halves its scale
+    (here about 8: the gradients × 2^127 overflow float32 as fp16's overflow float16). More
+    skips in a row than max_consecutive_skips do not stop the run then."""
+    trainer = deferred_trainer(small_dataset, tmp_path / "scaled", resolve_every=2, max_steps=14, max_consecutive_skips=2)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    trainer.run()
+    assert 2 < trainer.state.skipped_steps < 14 and trainer.scaler.get_scale() < 2.0**127
+
+
 def test_a_gradient_scaler_skips_a_non_finite_update_and_backs_off(tiny_dataset):
     trainer = Trainer(Path("unused"), tiny_run_config(tiny_dataset), tiny_dataset, CPU, resolve_every=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
@@ -545,12 +555,15 @@ CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @CUDA_ONLY
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_training_resumes(small_dataset, tmp_path, precision):
+def test_cuda_training_resumes(small_dataset, tmp_path, precision, monkeypatch):
     cuda = torch.device("cuda")
 
     def config(**extra):
         return tiny_run_config(small_dataset, epochs=2, lr=3e-3, log_every=2, precision=precision, kl_anneal=True, **extra)
 
+    # The scaler starts where fp16's first gradients of these tiny models fit (FP16_INITIAL_SCALE
+    # would skip the first ~10 updates, all five here, while it backs off).
+    monkeypatch.setattr(train_module, "FP16_INITIAL_SCALE", 2.0**6)
     train(tmp_path / "whole", config(max_steps=5), small_dataset, cuda)
     train(tmp_path / "part", config(max_steps=3), small_dataset, cuda)
     train(tmp_path / "part", config(max_steps=5), small_dataset, cuda, resume=True)
@@ -580,9 +593,11 @@ def sync_warnings(work) -> int:
 
 @CUDA_ONLY
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_updates_and_validation_do_not_wait_for_the_gpu(small_dataset, tmp_path, precision):
+def test_cuda_updates_and_validation_do_not_wait_for_the_gpu(small_dataset, tmp_path, precision, monkeypatch):
+    monkeypatch.setattr(train_module, "FP16_INITIAL_SCALE", 2.0**6)  # see test_cuda_training_resumes
     trainer = Trainer(tmp_path / "run", tiny_run_config(small_dataset, precision=precision, kl_anneal=True, eval_batch_size=2),
                       small_dataset, torch.device("cuda"))
+    trainer.create_run_folder()
     order = np.arange(12)
     trainer.take_step(order[:4])  # first use: lazy initialisations
     assert sync_warnings(lambda: (trainer.take_step(order[4:8]), trainer.take_step(order[8:12]))) == 0

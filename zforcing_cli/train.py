@@ -90,6 +90,15 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: the arithmetic of the forward pass (device.autocast_dtype)
 
 
+# fp16's gradient scaler starts at torch's default scale, which suits a loss of order 1. Ours is
+# in nats per sequence, summed over time (hundreds to thousands), and so are its gradients: the
+# scaled gradients overflow float16 and the first updates are skipped while the scaler halves
+# its scale (about 10 on MNIST's tiny test models). Those skips are the scaler calibrating, not
+# divergence, so an fp16 run may skip this many more in a row before it stops (2^16 -> 2^-8).
+FP16_INITIAL_SCALE = 2.0**16
+FP16_BACKOFFS = 24
+
+
 @dataclass
 class RunConfig:
     model: ZForcingConfig
@@ -376,7 +385,7 @@ class Trainer:
         self.resolve_every = resolve_every or (max(1, cfg.log_every) if device.type == "cuda" else 1)
         self.on_device = device.type == "cuda" or group is not None or self.resolve_every > 1
         self.optimizer = make_optimizer(self.model, cfg, fused=self.on_device)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_SCALE) if cfg.precision == "fp16" else None
         self.state = TrainerState(kl_weight=annealed_kl_weight(cfg, 0), lr=cfg.lr)
         self.train_split = dataset.split("train")
         self.valid_split = dataset.split("valid")
@@ -630,12 +639,17 @@ class Trainer:
                 f"non-finite (NaN or infinity), so step {update.step:,} could not be taken.",
                 lower_lr,
             )
-        if state.consecutive_skips >= self.config.train.max_consecutive_skips:
+        if state.consecutive_skips >= self.skips_before_divergence():
             raise TrainingError(
                 f"Training diverged: {state.consecutive_skips} updates in a row had a non-finite loss "
                 f"(steps {update.step - state.consecutive_skips + 1:,} to {update.step:,}); the weights were not touched by them.",
                 lower_lr,
             )
+
+    def skips_before_divergence(self) -> int:
+        """Non-finite updates in a row that stop the run: max_consecutive_skips, and with fp16
+        also one per halving the gradient scaler may need to find its scale."""
+        return self.config.train.max_consecutive_skips + (FP16_BACKOFFS if self.scaler is not None else 0)
 
     def validate(self) -> None:
         self.resolve()
