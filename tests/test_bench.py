@@ -161,6 +161,8 @@ def test_the_memory_benchmark_needs_some_free_space(tmp_path, monkeypatch):
     (["--memory", "--hours", "nan"], "--hours"),
     (["--memory", "--processes", "2"], "two different benchmarks"),
     (["--processes", "2", "--device", "cuda"], "CPU"),
+    (["--tf32", "--device", "cpu"], "--tf32 needs a CUDA device"),
+    (["--memory", "--tf32"], "--tf32 sets the speed benchmark's GPU products"),
     (["--memory", "--size", "tiny", "--hours", "0.0005"], "fewer than a batch"),
 ])
 def test_bad_options_give_one_error_line(args, fragment, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zforcing_cli.device import tensor_float32
 from zforcing_cli.model import ZForcing, ZForcingConfig
 from zforcing_cli import recurrence
 from zforcing_cli.recurrence import PosteriorRecurrence, StepProduct, onednn_ready, posterior_recurrence
@@ -176,3 +177,23 @@ def test_cuda_graph_cache_is_bounded_and_outputs_are_copies(monkeypatch):
         states_for(steps, 1.0)
         assert len(recurrence.GRAPHS) <= 2
     torch.testing.assert_close(states_for(3, 1.0), snapshot)  # captured afresh after eviction
+
+
+@cuda
+def test_cuda_graphs_are_captured_apart_with_and_without_tensor_float32(monkeypatch):
+    """A graph replays the kernels chosen at its capture, so TF32 products get graphs of their own."""
+    monkeypatch.setattr(recurrence, "GRAPHS", recurrence.OrderedDict())
+    model = make_model("frames", dtype=torch.float32, scale=None).cuda()
+    y, mask, noise = (x.cuda() for x in make_batch("frames", 2, 3, 3, dtype=torch.float32))
+
+    def states() -> torch.Tensor:
+        with torch.no_grad():
+            backward = model.backward_states(model.embed(y), mask.sum(1).long())
+            return model.posterior_rollout(model.embed(y), backward, noise)[0]
+
+    with tensor_float32(False):
+        exact = states()
+    with tensor_float32(True):
+        rounded = states()
+    assert len(recurrence.GRAPHS) == 2 or torch.backends.cuda.matmul.allow_tf32  # (one graph if TF32 was on all along)
+    torch.testing.assert_close(rounded, exact, rtol=1e-2, atol=1e-2)

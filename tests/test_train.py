@@ -416,11 +416,14 @@ def test_bf16_on_the_cpu_trains_under_autocast_and_resumes_bit_for_bit(small_dat
     assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=0.02)
 
 
-def test_fp16_on_the_cpu_and_unknown_precisions_are_refused(tiny_dataset, tmp_path):
+def test_fp16_and_tf32_on_the_cpu_and_unknown_precisions_are_refused(tiny_dataset, tmp_path):
     with pytest.raises(UsageError, match="fp16 needs a CUDA device") as caught:
         train(tmp_path / "run", tiny_run_config(tiny_dataset, precision="fp16"), tiny_dataset, CPU)
     assert "bf16" in caught.value.hint
-    with pytest.raises(UsageError, match="must be fp32, bf16 or fp16, not 'fp8'"):
+    with pytest.raises(UsageError, match="tf32 needs a CUDA device") as caught:
+        train(tmp_path / "run", tiny_run_config(tiny_dataset, precision="tf32"), tiny_dataset, CPU)
+    assert "--precision fp32" in caught.value.hint and "TensorFloat-32" in caught.value.hint
+    with pytest.raises(UsageError, match="must be fp32, tf32, bf16 or fp16, not 'fp8'"):
         train(tmp_path / "run", tiny_run_config(tiny_dataset, precision="fp8"), tiny_dataset, CPU)
     assert not (tmp_path / "run").exists()
 
@@ -554,7 +557,7 @@ CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @CUDA_ONLY
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
 def test_cuda_training_resumes(small_dataset, tmp_path, precision, monkeypatch):
     cuda = torch.device("cuda")
 

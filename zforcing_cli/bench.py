@@ -46,7 +46,7 @@ from .data import EMBEDDED, Batch, PreparedDataset, open_dataset, prepare
 from .data.audio import Framing
 from .data.prepared import META_FILE, SAMPLE_SCALE, SPECIALS, DatasetMeta
 from .data.text import IMDB_PROTOCOL
-from .device import resolve_device
+from .device import resolve_device, tensor_float32
 from .errors import UsageError
 from .fileio import write_json
 from .model import (
@@ -362,13 +362,17 @@ def peak_rss_bytes() -> int:
 
 
 def run(preset: str = "mnist", size: str | None = None, device_spec: str = "auto", updates: int = DEFAULT_UPDATES,
-        folder: Path | None = None, progress: Progress | None = None) -> dict:
+        folder: Path | None = None, progress: Progress | None = None, tf32: bool = False) -> dict:
     """The speed benchmark of one preset (see the module's docstring); a record of numbers.
-    Temporary datasets go under folder (default: the temporary folder)."""
+    Temporary datasets go under folder (default: the temporary folder). tf32: on a GPU, every
+    float32 product on TensorFloat-32 tensor cores (as `train --precision tf32`)."""
     size = check_preset(preset, size)
     device = resolve_device(device_spec)
+    if tf32 and device.type != "cuda":
+        raise UsageError(f"--tf32 needs a CUDA device, and this benchmark runs on the {device.type.upper()}.",
+                         "Add --device cuda on a machine with an NVIDIA GPU, or leave --tf32 out.")
     say = progress or (lambda message: None)
-    with tempfile.TemporaryDirectory(prefix="zforcing-bench-", dir=folder) as temporary:
+    with tempfile.TemporaryDirectory(prefix="zforcing-bench-", dir=folder) as temporary, tensor_float32(tf32):
         say(f"Writing the {preset} benchmark dataset")
         dataset = bench_dataset(preset, Path(temporary))
         model, train_config, batch = training_setup(dataset, size, device)
@@ -401,6 +405,7 @@ def run(preset: str = "mnist", size: str | None = None, device_spec: str = "auto
     return {
         "zforcing": __version__,
         "device": str(device),
+        "tf32": tf32,
         "machine": machine_description(device),
         "preset": preset,
         "size": size,

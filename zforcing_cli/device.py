@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -37,23 +39,32 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-# --precision: the dtype the forward pass autocasts to (None: none, plain float32).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --precision: the dtype the forward pass autocasts to (None: none, float32; tf32 only lets a
+# GPU's float32 matrix products round their inputs, see tensor_float32).
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GPU_ONLY = {"tf32": "fp32 (a CPU has no TensorFloat-32 arithmetic)", "fp16": "bf16 or fp32"}  # and what a CPU takes
 
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be fp32, bf16 or fp16, not {precision!r}.", "fp32 is exact; bf16 and fp16 are faster on GPUs.")
+        raise UsageError(f"--precision must be fp32, tf32, bf16 or fp16, not {precision!r}.",
+                         "fp32 is exact; tf32, bf16 and fp16 are faster on GPUs.")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """What the forward pass of training autocasts to for `precision` on `device`: bf16 on a
-    GPU that has it or on the CPU; fp16 only on a GPU (its gradient scaler is a GPU tool)."""
+    GPU that has it or on the CPU; fp16 only on a GPU (its gradient scaler is a GPU tool);
+    tf32 (no autocast: see tensor_float32) only on a GPU that has it."""
     check_precision(precision)
-    if precision == "fp16" and device.type != "cuda":
+    if precision in GPU_ONLY and device.type != "cuda":
         raise UsageError(
-            f"--precision fp16 needs a CUDA device, and this training runs on the {device.type.upper()}.",
-            "Train on a GPU (--device cuda), or use --precision bf16 or fp32 here.",
+            f"--precision {precision} needs a CUDA device, and this training runs on the {device.type.upper()}.",
+            f"Train on a GPU (--device cuda), or use --precision {GPU_ONLY[precision]} here.",
+        )
+    if precision == "tf32" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise DeviceError(
+            f"--precision tf32: {torch.cuda.get_device_name(device)} has no TensorFloat-32 tensor cores (NVIDIA Ampere and later have them).",
+            "Use --precision fp32 (or fp16) on this GPU.",
         )
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(
@@ -61,3 +72,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             "Use --precision fp16 on this GPU (or fp32).",
         )
     return PRECISIONS[precision]
+
+
+@contextmanager
+def tensor_float32(on: bool) -> Iterator[None]:
+    """With on, float32 matrix products on a GPU meanwhile use TensorFloat-32 tensor cores: their
+    inputs rounded to 10 bits of mantissa, their sums kept in float32 (torch's default already
+    lets cuDNN's LSTM do so, not cuBLAS's products). Without on, the setting is left as it is."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

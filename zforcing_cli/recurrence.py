@@ -256,7 +256,9 @@ def run_loop(loop, inputs: tuple, clamp: float) -> tuple[Tensor, ...]:
     reference = inputs[0]
     if not (CUDA_GRAPHS and reference.is_cuda):
         return loop(*inputs, clamp)
-    key = (loop.__name__, clamp, reference.device, *((x.shape, x.dtype) for x in inputs))
+    # A graph keeps the kernels chosen at its capture: TensorFloat-32 products or not is part of the key.
+    key = (loop.__name__, clamp, reference.device, torch.backends.cuda.matmul.allow_tf32,
+           *((x.shape, x.dtype) for x in inputs))
     with torch.cuda.device(reference.device):
         graph = GRAPHS.pop(key, None) or LoopGraph(loop, inputs, clamp)
         GRAPHS[key] = graph  # most recently used last

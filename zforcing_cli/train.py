@@ -45,7 +45,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import Batch, PreparedDataset
-from .device import autocast_dtype
+from .device import autocast_dtype, tensor_float32
 from .distributed import Group, from_main, rank_seed
 from .errors import TrainingError
 from .evaluate import bound_unit, evaluate_split
@@ -87,7 +87,7 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # and when this long has passed since the last one (0: never)
     keep_checkpoints: int = 2
     log_every: int = 10
-    precision: str = "fp32"  # fp32 | bf16 | fp16: the arithmetic of the forward pass (device.autocast_dtype)
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16: the arithmetic of the forward pass (device.autocast_dtype)
 
 
 # fp16's gradient scaler starts at torch's default scale, which suits a loss of order 1. Ours is
@@ -476,19 +476,21 @@ class Trainer:
             self.good_updates = torch.tensor(float(state.step - state.skipped_steps), dtype=torch.float64, device=self.device)
         finished = state.step >= self.total_steps and not self.validation_due()
         self.emit("start", {"parameters": count_parameters(self.model), "finished": finished})
-        try:
-            while True:
-                if self.validation_due():
-                    self.validate()
-                    self.save_training_checkpoint()
-                if state.step >= self.total_steps:
-                    break
-                self.train_until_validation()
-        except _StopNow:
-            folder = self.save_training_checkpoint()
-            if self.group is not None:
-                self.group.barrier()  # no rank ends (and has torchrun end the others) before rank 0 wrote it
-            raise TrainingStopped(self.stopping() or "request", state.step, folder) from None
+        # tf32: the run's float32 products (validation's too) on the GPU's TensorFloat-32 tensor cores.
+        with tensor_float32(cfg.precision == "tf32"):
+            try:
+                while True:
+                    if self.validation_due():
+                        self.validate()
+                        self.save_training_checkpoint()
+                    if state.step >= self.total_steps:
+                        break
+                    self.train_until_validation()
+            except _StopNow:
+                folder = self.save_training_checkpoint()
+                if self.group is not None:
+                    self.group.barrier()  # no rank ends (and has torchrun end the others) before rank 0 wrote it
+                raise TrainingStopped(self.stopping() or "request", state.step, folder) from None
         self.resolve()
         self.model.train(False)
         if self.is_main:

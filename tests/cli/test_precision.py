@@ -13,7 +13,7 @@ TRAIN = ("train", "--batch-size", 4, "--device", "cpu", "--max-steps", 1)
 
 def test_an_unknown_precision_is_a_usage_error(cwd, tiny_data):
     line = assert_clean_error(invoke(*TRAIN, "--data", tiny_data, "--precision", "fp8"), 2)
-    assert "--precision must be fp32, bf16 or fp16, not 'fp8'" in line
+    assert "--precision must be fp32, tf32, bf16 or fp16, not 'fp8'" in line
     assert not (cwd / "runs").exists()
 
 

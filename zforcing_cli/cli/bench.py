@@ -44,12 +44,13 @@ def bench_cli(
     processes: Annotated[int | None, typer.Option("--processes", min=1, help="Measure N CPU trainings at once against one alone instead (the thread policy of docs/performance.md).", show_default=False)] = None,
     seconds: Annotated[float | None, typer.Option("--seconds", help="With --processes: how long each measurement trains.", show_default=f"{DEFAULT_SECONDS:g}")] = None,
     folder: Annotated[Path | None, typer.Option("--dir", help="Where the temporary datasets go; they are removed at the end, also on Ctrl-C.", show_default="the temporary folder")] = None,
+    tf32: Annotated[bool, typer.Option("--tf32", help="On a GPU, time every implementation with float32 products on TensorFloat-32 tensor cores, as `train --precision tf32` runs them (without it, cuBLAS's products are plain float32 while cuDNN's LSTM already uses TF32, torch's default).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")] = False,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
 ) -> None:
     """Measure speed and memory on this machine: a training update against the autograd reference and a fused LSTM pair, sampling, batch loading, peak memory; or host memory on a Blizzard-sized dataset (--memory)."""
-    check_options(memory, processes, device, hours=hours, batches=batches, seconds=seconds, updates=updates)
+    check_options(memory, processes, device, hours=hours, batches=batches, seconds=seconds, updates=updates, tf32=tf32 or None)
     check_real("--seconds", seconds, example="20", above=True)
     preset = preset or ("blizzard" if memory else "mnist")
     if processes is not None:
@@ -61,7 +62,7 @@ def bench_cli(
             result = run_memory(preset, size, device, DEFAULT_HOURS if hours is None else hours, batches or DEFAULT_BATCHES,
                                 folder, say)
         else:
-            result = run(preset, size, device, updates or DEFAULT_UPDATES, folder, say)
+            result = run(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32)
     print_result(result, as_json, memory_tables if memory else speed_tables)
 
 
@@ -73,9 +74,9 @@ def check_options(memory: bool, processes: int | None, device: str, **given) -> 
     for name, owner in owners.items():
         if given[name] is not None and not (memory if owner == "--memory" else processes is not None):
             raise usage_error(f"--{name} applies only with {owner}.", f"Add {owner}, or leave --{name} out.")
-    if given["updates"] is not None and (memory or processes is not None):
-        raise usage_error("--updates sets the speed benchmark's timed updates; it does not apply with --memory or --processes.",
-                          "Leave --updates out.")
+    for name, what in (("updates", "sets the speed benchmark's timed updates"), ("tf32", "sets the speed benchmark's GPU products")):
+        if given[name] is not None and (memory or processes is not None):
+            raise usage_error(f"--{name} {what}; it does not apply with --memory or --processes.", f"Leave --{name} out.")
     if processes is not None and device not in ("auto", "cpu"):
         raise usage_error("--processes measures CPU trainings sharing the cores; it runs on the CPU.", "Leave --device out.")
 
@@ -104,7 +105,7 @@ def megabytes(count: int | None) -> str:
 def speed_tables(result: dict) -> list[Table]:
     cuda = result["update_memory_bytes_fused"] is not None
     table = Table(title=escape(f"{result['preset']} ({result['size']}): batch {result['batch_size']} × {result['steps']} steps, "
-                               f"{result['parameters']:,} parameters, {result['device']}; median of "
+                               f"{result['parameters']:,} parameters, {result['device']}{' (TF32 products)' if result['tf32'] else ''}; median of "
                                f"{plural(result['updates'], 'update')} after a warm-up"),
                   caption=escape(machine_line(result["machine"])), title_justify="left", header_style="bold")
     table.add_column("training update")
