@@ -42,7 +42,10 @@ def resolve_device(spec: str) -> torch.device:
 # --precision: the dtype the forward pass autocasts to (None: none, float32; tf32 only lets a
 # GPU's float32 matrix products round their inputs, see tensor_float32).
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-GPU_ONLY = {"tf32": "fp32 (a CPU has no TensorFloat-32 arithmetic)", "fp16": "bf16 or fp32"}  # and what a CPU takes
+GPU_ONLY = {  # the precisions a CPU refuses, with the hint
+    "tf32": "Train on a GPU (--device cuda), or use --precision fp32 here: a CPU has no TensorFloat-32 arithmetic.",
+    "fp16": "Train on a GPU (--device cuda), or use --precision bf16 or fp32 here.",
+}
 
 
 def check_precision(precision: str) -> None:
@@ -59,7 +62,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision in GPU_ONLY and device.type != "cuda":
         raise UsageError(
             f"--precision {precision} needs a CUDA device, and this training runs on the {device.type.upper()}.",
-            f"Train on a GPU (--device cuda), or use --precision {GPU_ONLY[precision]} here.",
+            GPU_ONLY[precision],
         )
     if precision == "tf32" and torch.cuda.get_device_capability(device)[0] < 8:
         raise DeviceError(
