@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .data import EMBEDDED, Batch, PreparedDataset, open_dataset, prepare
 from .data.audio import Framing
 from .data.prepared import META_FILE, SAMPLE_SCALE, SPECIALS, DatasetMeta
@@ -569,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     start here too."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [WORKER_FLAG]:
+        keep_freed_memory()  # as the command line does for the trainings it measures against
         shared_worker(**json.loads(argv[1]))
         return
     from .cli import (

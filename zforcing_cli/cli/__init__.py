@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from ..allocator import keep_freed_memory
 from ..console import CommandGroup, handle_errors, stdout
 from . import bench, compare, evaluate, interpolate, prepare, sample, train
 from .common import exit_on_signal
@@ -51,6 +52,7 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so that half-written outputs are cleaned up on the way out
     # (`zforcing train` replaces this with its own stop-after-the-update handler).
     signal.signal(signal.SIGTERM, exit_on_signal)
+    keep_freed_memory()  # each training update reuses what the last one freed (allocator.py)
     app()
 
 
