@@ -6,7 +6,8 @@ of 128 KiB and more to the kernel when they are freed, directly (mmap) or by tri
 of its heap, and the kernel must then zero every page again when the next update touches it.
 On MNIST's small preset that was 8,000 to 15,000 page faults per update, and at TIMIT's paper
 size about 48,000. Measured on a 2-core AMD EPYC, alternating the two settings update by update
-in one process: MNIST's small update took 536 ms instead of 718 ms (median of 6 each).
+in one process: MNIST's small update took 536 ms instead of 718 ms (median of 6 each; 556
+against 824 in a second run); at TIMIT's paper size, where the arithmetic dominates, no change.
 
 The cost: the process keeps what it freed, up to its own peak, instead of returning it between
 updates (`zforcing bench --memory` shows the resident memory). The command line applies this
