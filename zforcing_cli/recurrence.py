@@ -3,11 +3,11 @@
 One step of the posterior rollout (model.py's `autograd_rollout` is the same computation left to
 autograd, and the tests hold this file to it):
 
-    from_h = h_{t-1} W_fh^T                           (B, 4H+M): LSTM gates and posterior, one product
-    a_t    = from_h[4H:] + post_in_t                  posterior's hidden pre-activation (post_in: the b_t part)
+    from_h = [gates_in_t, post_in_t] + h_{t-1} W_fh^T  (B, 4H+M): LSTM gates and posterior, one product
+    a_t    = from_h[4H:]                              posterior's hidden pre-activation (post_in: the b_t part)
     s_t    = clamp(lrelu(a_t) W_o^T + b_o, ±C)        [mean, log-variance] of q(z_t | h_{t-1}, b_t), Eq. 7
     z_t    = mean + exp(logvar / 2) · eps_t           the reparameterised sample
-    gates  = gates_in_t + from_h[:4H] + z_t W_z^T     forward LSTM of Eq. 4 (W_z folds g(z) into the gates)
+    gates  = from_h[:4H] + z_t W_z^T                  forward LSTM of Eq. 4 (W_z folds g(z) into the gates)
     c_t, h_t = LSTM cell update
 
 Why by hand: autograd records ~25 small operations per step and, in the backward pass, forms
@@ -43,12 +43,11 @@ def clipped_leaky_relu(x: Tensor) -> Tensor:
     return F.leaky_relu(x, negative_slope=LEAK).clamp(-CLIP, CLIP)
 
 
-def clipped_leaky_relu_with_slope(pre: Tensor) -> tuple[Tensor, Tensor]:
-    """The clipped leaky ReLU of `pre` and its derivative, elementwise, as autograd defines them
-    (leaky_relu: slope 1 where pre > 0; clamp: gradient passes where min ≤ value ≤ max)."""
-    leaky = F.leaky_relu(pre, negative_slope=LEAK)
-    slope = torch.full_like(pre, LEAK).masked_fill_(pre > 0, 1.0) * ((leaky >= -CLIP) & (leaky <= CLIP))
-    return leaky.clamp(-CLIP, CLIP), slope
+def clipped_leaky_relu_slope(hidden: Tensor) -> Tensor:
+    """The derivative of the clipped leaky ReLU, elementwise, from its output: 1 where it is
+    positive, LEAK where it is not, 0 where it was clipped. (Autograd's clamp also lets the
+    gradient through an input exactly at ±CLIP; an output of exactly ±CLIP is taken as clipped.)"""
+    return torch.full_like(hidden, LEAK).masked_fill_(hidden > 0, 1.0).masked_fill_(hidden.abs() >= CLIP, 0.0)
 
 
 def onednn_ready(weight: Tensor) -> bool:
@@ -95,8 +94,9 @@ def rollout(
     clamp: float,
 ) -> tuple[Tensor, ...]:
     """The forward loop. Returns time-major buffers: h_0..h_T and c_0..c_T (T+1, B, H), then
-    for each step the gate activations (T, B, 4H), tanh(c_t) (T, B, H), a_t (T, B, M), the
-    posterior's statistics before and after the clamp (T, B, 2Z) and z_t (T, B, Z)."""
+    for each step the gate activations (T, B, 4H), tanh(c_t) (T, B, H), the posterior's hidden
+    layer lrelu(a_t) (T, B, M), its statistics before and after the clamp (T, B, 2Z) and z_t
+    (T, B, Z)."""
     batch, steps, gate_size = input_gates.shape
     size = gate_size // 4
     latent = noise.shape[-1]
@@ -107,36 +107,37 @@ def rollout(
     cells[0] = 0.0
     activations = new(steps, batch, gate_size)  # sigmoid(i, f, o) and tanh(g)
     tanh_cells = new(steps, batch, size)
-    pre = new(steps, batch, post_in.shape[-1])  # a_t
+    hiddens = new(steps, batch, post_in.shape[-1])  # lrelu(a_t)
     raw_stats, stats = new(steps, batch, 2 * latent), new(steps, batch, 2 * latent)
     zs = new(steps, batch, latent)
     from_h, gates, std = new(batch, from_h_weight.shape[0]), new(batch, gate_size), new(batch, latent)
     from_h_gates, from_h_post, gates_g = from_h[:, :gate_size], from_h[:, gate_size:], gates[:, 2 * size : 3 * size]
+    half = input_gates.new_tensor(0.5)  # a tensor: a Python number with out= costs a conversion every step
     from_h_product, z_product = StepProduct(from_h_weight, batch), StepProduct(z_weight, batch)
     out_weight_t = out_weight.t()
     means, logvars = stats[..., :latent], stats[..., latent:]
     i, f, g, o = activations.chunk(4, dim=-1)
-    inputs = (input_gates.transpose(0, 1), post_in.transpose(0, 1), noise.transpose(0, 1))
-    buffers = (states[:-1], states[1:], cells[:-1], cells[1:], pre, raw_stats, stats, means, logvars, zs,
+    # The products by h_{t-1} start from what does not depend on it: [gates_in_t, post_in_t].
+    inputs = (torch.cat([input_gates, post_in], dim=-1).transpose(0, 1), noise.transpose(0, 1))
+    buffers = (states[:-1], states[1:], cells[:-1], cells[1:], hiddens, raw_stats, stats, means, logvars, zs,
                activations, i, f, g, o, tanh_cells)
-    for gates_in, post, eps, h, h_next, c, c_next, a, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*inputs, *buffers):
-        from_h_product(h, out=from_h)
-        torch.add(from_h_post, post, out=a)
-        hidden = F.leaky_relu(a, negative_slope=LEAK).clamp_(-CLIP, CLIP)
+    for known, eps, h, h_next, c, c_next, hidden, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*inputs, *buffers):
+        from_h_product.plus(known, h, out=from_h)
+        torch.clamp(F.leaky_relu(from_h_post, negative_slope=LEAK), -CLIP, CLIP, out=hidden)
         torch.addmm(out_bias, hidden, out_weight_t, out=raw)
         torch.clamp(raw, -clamp, clamp, out=s)
-        torch.mul(logvar, 0.5, out=std).exp_()
+        torch.mul(logvar, half, out=std).exp_()
         torch.addcmul(mean, std, eps, out=z)
-        z_product.plus(torch.add(gates_in, from_h_gates, out=gates), z, out=gates)
+        z_product.plus(from_h_gates, z, out=gates)
         torch.sigmoid(gates, out=act)
         torch.tanh(gates_g, out=g_t)
         torch.mul(f_t, c, out=c_next).addcmul_(i_t, g_t)
         torch.mul(o_t, torch.tanh(c_next, out=tanh_c), out=h_next)
-    return states, cells, activations, tanh_cells, pre, raw_stats, stats, zs
+    return states, cells, activations, tanh_cells, hiddens, raw_stats, stats, zs
 
 
 def backpropagate(
-    states: Tensor, cells: Tensor, activations: Tensor, tanh_cells: Tensor, pre: Tensor, raw_stats: Tensor,
+    states: Tensor, cells: Tensor, activations: Tensor, tanh_cells: Tensor, hidden: Tensor, raw_stats: Tensor,
     stats: Tensor, zs: Tensor, noise: Tensor, from_h_weight: Tensor, z_weight: Tensor, out_weight: Tensor,
     d_states: Tensor, d_z: Tensor, d_mean: Tensor, d_logvar: Tensor, d_cell_last: Tensor, clamp: float,
 ) -> tuple[Tensor, ...]:
@@ -150,7 +151,7 @@ def backpropagate(
     # d gates = [dc·g·i(1-i), dc·c_{t-1}·f(1-f), dc·i·(1-g²), dh·tanh(c_t)·o(1-o)]
     gate_slopes = torch.cat([g * i * (1 - i), cells[:-1] * f * (1 - f), i * (1 - g * g), tanh_cells * o * (1 - o)], dim=-1)
     cell_slope = o * (1 - tanh_cells * tanh_cells)  # dc_t += dh_t · o · (1 - tanh²(c_t))
-    hidden, hidden_slope = clipped_leaky_relu_with_slope(pre)
+    hidden_slope = clipped_leaky_relu_slope(hidden)
     passes = ((raw_stats >= -clamp) & (raw_stats <= clamp)).to(stats.dtype)
     std = torch.exp(0.5 * stats[..., latent:])
     eps = noise.transpose(0, 1)
