@@ -57,6 +57,12 @@ def write_amat_folder(folder: Path, counts: dict[str, int] | None = None, seed: 
     return pixels
 
 
+def prepared_mnist(root: Path, counts: dict[str, int], seed: int):
+    """A prepared MNIST dataset under root from a fresh .amat folder of `counts` images."""
+    write_amat_folder(root / "amat", counts, seed=seed)
+    return prepare("mnist", str(root / "amat"), root / "prepared")
+
+
 def tiny_run_config(dataset, **train_overrides) -> RunConfig:
     model = ZForcingConfig(
         modality="binary", input_size=2, start_index=2, embed_size=4, hidden_size=8, latent_size=4, mlp_size=8,

@@ -21,13 +21,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from zforcing_cli.checkpoint import newest_checkpoint
-from zforcing_cli.data import open_dataset, prepare
+from zforcing_cli.data import open_dataset
 from zforcing_cli.distributed import joined
 from zforcing_cli.evaluate import evaluate_split
 from zforcing_cli.model import ZForcing
 from zforcing_cli.train import StopRequest, TrainingStopped, train
 
-from conftest import plain, tiny_run_config, write_amat_folder
+from conftest import plain, prepared_mnist, tiny_run_config
 
 CPU = torch.device("cpu")
 
@@ -65,9 +65,7 @@ def rank_main(rank: int, port: int, data: str, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed_data")
-    write_amat_folder(root / "amat", {"train": 14, "valid": 4, "test": 4}, seed=5)
-    return prepare("mnist", str(root / "amat"), root / "prepared")
+    return prepared_mnist(tmp_path_factory.mktemp("distributed_data"), {"train": 14, "valid": 4, "test": 4}, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from zforcing_cli.checkpoint import newest_checkpoint, resolve_latest
-from zforcing_cli.data import open_dataset, prepare
+from zforcing_cli.data import open_dataset
 from zforcing_cli.errors import TrainingError, UsageError, ZForcingError
 from zforcing_cli.evaluate import evaluate_split
 from zforcing_cli.model import ZForcing
 from zforcing_cli.plots import CURVE_PANELS
 from zforcing_cli.train import StopRequest, Trainer, TrainingStopped, train
 
-from conftest import tiny_run_config, write_amat_folder
+from conftest import prepared_mnist, tiny_run_config
 
 CPU = torch.device("cpu")
 # `zforcing_cli.train` the attribute is the train() function (re-exported by the package), so
@@ -34,17 +34,13 @@ train_module = importlib.import_module("zforcing_cli.train")
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     """14 train images: with batch 4, epochs of 4 updates whose last batch is partial."""
-    root = tmp_path_factory.mktemp("resume_data")
-    write_amat_folder(root / "amat", {"train": 14, "valid": 4, "test": 4}, seed=3)
-    return prepare("mnist", str(root / "amat"), root / "prepared")
+    return prepared_mnist(tmp_path_factory.mktemp("resume_data"), {"train": 14, "valid": 4, "test": 4}, seed=3)
 
 
 @pytest.fixture(scope="module")
 def two_step_epochs(tmp_path_factory):
     """8 train images: with batch 4, two updates per epoch."""
-    root = tmp_path_factory.mktemp("plateau_data")
-    write_amat_folder(root / "amat", {"train": 8, "valid": 4, "test": 4}, seed=4)
-    return prepare("mnist", str(root / "amat"), root / "prepared")
+    return prepared_mnist(tmp_path_factory.mktemp("plateau_data"), {"train": 8, "valid": 4, "test": 4}, seed=4)
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict]:
