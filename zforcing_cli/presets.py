@@ -12,8 +12,8 @@ from .train import TrainConfig
 
 PRESETS = ("small", "paper")
 
-# small: sized so that a bare `zforcing train` on 2 CPU cores ends in 11 minutes or less with
-# a useful model: 1000 updates of 0.45 to 0.65 s each, depending on the processor
+# small: sized so that a bare `zforcing train` on 2 CPU cores ends in 8 to 13 minutes with a
+# useful model: 1000 updates of 0.45 to 0.8 s each, depending on the processor and its load
 # (docs/performance.md has the measurements).
 # The auxiliary weights are small because the costs are sums over 784 steps: α = 0.0025 made
 # α·aux larger than the likelihood and stalled training; 1e-4 matched α = 0 in NLL while keeping

@@ -39,7 +39,7 @@ from ..train import (
 from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, exit_on_signal, usage_error
 
 EPILOG = (
-    "**Examples:** `zforcing train` (binarized MNIST, small preset, 11 minutes or less on 2 CPU cores); "
+    "**Examples:** `zforcing train` (binarized MNIST, small preset, 8 to 13 minutes on 2 CPU cores); "
     "`zforcing train --preset paper --device cuda --epochs 50`; "
     "`zforcing train --resume` continues runs/latest. Ctrl-C stops after the current update and "
     "writes a checkpoint that `--resume` continues. Several GPUs: `torchrun --nproc-per-node 4 -m zforcing_cli train ...` "
