@@ -588,6 +588,23 @@ def test_clipped_leaky_relu_values():
     torch.testing.assert_close(clipped_leaky_relu(x), expected)
 
 
+def test_clipped_leaky_relu_gradient_is_its_slope_times_the_incoming_gradient():
+    x = torch.tensor([-20.0, -9.5, -6.0, -3.0, -0.3, 0.5, 2.9, 7.0], dtype=torch.float64, requires_grad=True)
+    clipped_leaky_relu(x).backward(torch.arange(1.0, 9.0, dtype=torch.float64))
+    # slopes: clipped (0) below -9 and above 3, 1/3 below zero, 1 above
+    expected = torch.tensor([0.0, 0.0, 3 / 3, 4 / 3, 5 / 3, 6.0, 7.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_clipped_leaky_relu_backward_matches_autograd_of_its_definition():
+    x = (torch.randn(64, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 6).requires_grad_()
+    grad = torch.randn(64, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    (ours,) = torch.autograd.grad(clipped_leaky_relu(x), x, grad)
+    (reference,) = torch.autograd.grad(ref_clipped_leaky_relu(x), x, grad)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(clipped_leaky_relu, (x.detach()[:4].clone().requires_grad_(),))
+
+
 def test_latent_clamps_hold_with_huge_weights():
     model = make_model("binary", latent_clamp=2.5)
     gen = torch.Generator().manual_seed(51)

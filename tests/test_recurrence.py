@@ -98,6 +98,35 @@ def test_onednn_products_only_where_torch_allows_them(monkeypatch):
     assert StepProduct(large, 4).packed is None
 
 
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_small_steps_loop_on_one_thread_large_ones_share_the_threads(two_threads, monkeypatch):
+    seen = []
+    product = StepProduct.__call__
+    monkeypatch.setattr(StepProduct, "__call__", lambda self, x, out: seen.append(torch.get_num_threads()) or product(self, x, out))
+    inputs = [x.detach().float() for x in recurrence_inputs()]
+    recurrence.rollout(*inputs, 1.2)
+    assert set(seen) == {1} and torch.get_num_threads() == 2
+    seen.clear()
+    monkeypatch.setattr(recurrence, "SERIAL_MAX_WORK", 0)  # every step counts as large
+    recurrence.rollout(*inputs, 1.2)
+    assert set(seen) == {2}
+
+
+def test_the_thread_count_comes_back_after_an_error_in_the_loop(two_threads):
+    with pytest.raises(ZeroDivisionError):
+        with recurrence.step_threads(torch.zeros(1), work=1):
+            assert torch.get_num_threads() == 1
+            1 / 0
+    assert torch.get_num_threads() == 2
+
+
 def recurrence_inputs(batch=3, steps=5, size=4, mlp=5, latent=2):
     generator = torch.Generator().manual_seed(3)
 

@@ -24,6 +24,7 @@ state is accumulated at full precision (on a GPU the products may still use TF32
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +41,32 @@ CLIP = 3.0  # its output range
 
 def clipped_leaky_relu(x: Tensor) -> Tensor:
     """Leaky ReLU with slope 1/3, clipped to [-3, 3] (the paper's §4.1 nonlinearity)."""
-    return F.leaky_relu(x, negative_slope=LEAK).clamp(-CLIP, CLIP)
+    return ClippedLeakyReLU.apply(x)
 
 
-def clipped_leaky_relu_slope(hidden: Tensor) -> Tensor:
-    """The derivative of the clipped leaky ReLU, elementwise, from its output: 1 where it is
-    positive, LEAK where it is not, 0 where it was clipped. (Autograd's clamp also lets the
-    gradient through an input exactly at ±CLIP; an output of exactly ±CLIP is taken as clipped.)"""
-    return torch.full_like(hidden, LEAK).masked_fill_(hidden > 0, 1.0).masked_fill_(hidden.abs() >= CLIP, 0.0)
+def clipped_leaky_relu_backward(grad: Tensor, output: Tensor) -> Tensor:
+    """grad times the nonlinearity's derivative, read from its output: 1 where the output is
+    positive, LEAK where it is not, 0 where it was clipped. (An output of exactly ±CLIP counts as
+    clipped; autograd's clamp would let the gradient through an input exactly at ±CLIP.)"""
+    inside = torch.ops.aten.hardtanh_backward(grad, output, -CLIP, CLIP)  # 0 where |output| = CLIP
+    return torch.ops.aten.leaky_relu_backward(inside, output, LEAK, True)  # the output's sign is the input's
+
+
+class ClippedLeakyReLU(torch.autograd.Function):
+    """clamp(leaky_relu(x)) with a backward pass of two fused kernels that needs only the
+    output: autograd's own keeps the input and the output and runs five (the clamp's mask alone
+    takes three), on every head of every update."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        output = F.leaky_relu(x, negative_slope=LEAK).clamp_(-CLIP, CLIP)
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (output,) = ctx.saved_tensors
+        return clipped_leaky_relu_backward(grad, output)
 
 
 def onednn_ready(weight: Tensor) -> bool:
@@ -76,6 +95,27 @@ class StepProduct:
 
     def onednn(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+SERIAL_MAX_WORK = 1 << 21  # see step_threads
+SERIAL_LOOPS = True
+
+
+@contextmanager
+def step_threads(reference: Tensor, work: int):
+    """One CPU thread for a loop whose per-step product has fewer than SERIAL_MAX_WORK
+    multiply-adds. Such a step is a dozen operations on tensors too small to share between
+    threads: a second thread only adds a barrier to every product, where it waits (on a busy or
+    virtual machine, for as long as its core is taken away)."""
+    serial = SERIAL_LOOPS and reference.device.type == "cpu" and work < SERIAL_MAX_WORK
+    threads = torch.get_num_threads()
+    if serial and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if serial and threads > 1:
+            torch.set_num_threads(threads)
 
 
 def per_step(*buffers: Tensor) -> zip:
@@ -122,19 +162,20 @@ def rollout(
     inputs = (input_gates.transpose(0, 1), post_in.transpose(0, 1), noise.transpose(0, 1))
     buffers = (states[:-1], states[1:], cells[:-1], cells[1:], hiddens, raw_stats, stats, means, logvars, zs,
                activations, i, f, g, o, tanh_cells)
-    for gates_in, post, eps, h, h_next, c, c_next, hidden, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*inputs, *buffers):
-        from_h_product(h, out=from_h)
-        a = torch.add(from_h_post, post, out=from_h_post)
-        torch.clamp(F.leaky_relu(a, negative_slope=LEAK), -CLIP, CLIP, out=hidden)
-        torch.addmm(out_bias, hidden, out_weight_t, out=raw)
-        torch.clamp(raw, -clamp, clamp, out=s)
-        torch.mul(logvar, half, out=std).exp_()
-        torch.addcmul(mean, std, eps, out=z)
-        z_product.plus(torch.add(gates_in, from_h_gates, out=gates), z, out=gates)
-        torch.sigmoid(gates, out=act)
-        torch.tanh(gates_g, out=g_t)
-        torch.mul(f_t, c, out=c_next).addcmul_(i_t, g_t)
-        torch.mul(o_t, torch.tanh(c_next, out=tanh_c), out=h_next)
+    with step_threads(states, batch * from_h_weight.numel()):
+        for gates_in, post, eps, h, h_next, c, c_next, hidden, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*inputs, *buffers):
+            from_h_product(h, out=from_h)
+            a = torch.add(from_h_post, post, out=from_h_post)
+            torch.clamp(F.leaky_relu_(a, negative_slope=LEAK), -CLIP, CLIP, out=hidden)
+            torch.addmm(out_bias, hidden, out_weight_t, out=raw)
+            torch.clamp(raw, -clamp, clamp, out=s)
+            torch.mul(logvar, half, out=std).exp_()
+            torch.addcmul(mean, std, eps, out=z)
+            z_product.plus(torch.add(gates_in, from_h_gates, out=gates), z, out=gates)
+            torch.sigmoid(gates, out=act)
+            torch.tanh(gates_g, out=g_t)
+            torch.mul(f_t, c, out=c_next).addcmul_(i_t, g_t)
+            torch.mul(o_t, torch.tanh(c_next, out=tanh_c), out=h_next)
     return states, cells, activations, tanh_cells, hiddens, raw_stats, stats, zs
 
 
@@ -148,12 +189,20 @@ def backpropagate(
     steps, batch, gate_size = activations.shape
     size, latent = gate_size // 4, zs.shape[-1]
 
+    new = states.new_empty  # buffers written whole
+
     # Everything that does not depend on the incoming gradients, for all steps at once.
     i, f, g, o = activations.chunk(4, dim=-1)
     # d gates = [dc·g·i(1-i), dc·c_{t-1}·f(1-f), dc·i·(1-g²), dh·tanh(c_t)·o(1-o)]
-    gate_slopes = torch.cat([g * i * (1 - i), cells[:-1] * f * (1 - f), i * (1 - g * g), tanh_cells * o * (1 - o)], dim=-1)
-    cell_slope = o * (1 - tanh_cells * tanh_cells)  # dc_t += dh_t · o · (1 - tanh²(c_t))
-    hidden_slope = clipped_leaky_relu_slope(hidden)
+    # (torch's sigmoid_backward(a, s) = a·s(1-s) and tanh_backward(a, t) = a·(1-t²), fused.)
+    gate_slopes = new(steps, batch, gate_size)
+    slope_i, slope_f, slope_g, slope_o = gate_slopes.chunk(4, dim=-1)
+    torch.ops.aten.sigmoid_backward.grad_input(g, i, grad_input=slope_i)
+    torch.ops.aten.sigmoid_backward.grad_input(cells[:-1], f, grad_input=slope_f)
+    torch.ops.aten.tanh_backward.grad_input(i, g, grad_input=slope_g)
+    torch.ops.aten.sigmoid_backward.grad_input(tanh_cells, o, grad_input=slope_o)
+    cell_slope = torch.ops.aten.tanh_backward(o, tanh_cells)  # dc_t += dh_t · o · (1 - tanh²(c_t))
+    hidden_slope = clipped_leaky_relu_backward(torch.ones_like(hidden), hidden)
     passes = ((raw_stats >= -clamp) & (raw_stats <= clamp)).to(stats.dtype)
     std = torch.exp(0.5 * stats[..., latent:])
     eps = noise.transpose(0, 1)
@@ -161,7 +210,6 @@ def backpropagate(
     z_slope = torch.cat([passes[..., :latent], 0.5 * eps * std * passes[..., latent:]], dim=-1)
     given = torch.cat([d_mean.transpose(0, 1), d_logvar.transpose(0, 1)], dim=-1) * passes
 
-    new = states.new_empty  # buffers the loop writes whole
     d_from_h = new(steps, batch, from_h_weight.shape[0])  # [d gates, d a_t] per step
     d_stats = new(steps, batch, 2 * latent)
     dz_all = new(steps, batch, latent)
@@ -180,16 +228,17 @@ def backpropagate(
                d_gates4[:, :, 3], d_hidden, f, d_z.transpose(0, 1), dz_all, dz_all.unsqueeze(2),
                given.view(steps, batch, 2, latent), z_slope.view(steps, batch, 2, latent), d_stats,
                d_stats.view(steps, batch, 2, latent), hidden_slope)
-    for (dh_before, c_slope, slopes_ifg, slope_o, d_fh, d_g, d_ifg, d_o, d_hid, f_t, dz_in, dz, dz_across, giv, zs_slope,
-         d_s, d_s_split, h_slope) in reversed(list(per_step(*buffers))):
-        torch.addcmul(dc_next, dh, c_slope, out=dc)
-        torch.mul(slopes_ifg, dc_across_gates, out=d_ifg)
-        torch.mul(slope_o, dh, out=d_o)
-        torch.mul(dc, f_t, out=dc_next)
-        z_product.plus(dz_in, d_g, out=dz)
-        torch.addcmul(giv, dz_across, zs_slope, out=d_s_split)
-        torch.mul(torch.mm(d_s, out_weight), h_slope, out=d_hid)
-        from_h_product.plus(dh_before, d_fh, out=dh)  # dL/dh_{t-1}: the loss's own plus through W_fh
+    with step_threads(states, batch * from_h_weight.numel()):
+        for (dh_before, c_slope, slopes_ifg, slope_o, d_fh, d_g, d_ifg, d_o, d_hid, f_t, dz_in, dz, dz_across, giv, zs_slope,
+             d_s, d_s_split, h_slope) in reversed(list(per_step(*buffers))):
+            torch.addcmul(dc_next, dh, c_slope, out=dc)
+            torch.mul(slopes_ifg, dc_across_gates, out=d_ifg)
+            torch.mul(slope_o, dh, out=d_o)
+            torch.mul(dc, f_t, out=dc_next)
+            z_product.plus(dz_in, d_g, out=dz)
+            torch.addcmul(giv, dz_across, zs_slope, out=d_s_split)
+            torch.mul(torch.mm(d_s, out_weight), h_slope, out=d_hid)
+            from_h_product.plus(dh_before, d_fh, out=dh)  # dL/dh_{t-1}: the loss's own plus through W_fh
 
     # Each weight gradient: one product over all B·T rows.
     rows = steps * batch
