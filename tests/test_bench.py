@@ -52,6 +52,17 @@ def test_every_preset_runs_at_the_tiny_size(preset, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the temporary dataset is gone
 
 
+def test_widths_and_batch_can_replace_the_sizes(tmp_path):
+    common = ("--size", "tiny", "--updates", "1", "--device", "cpu", "--dir", tmp_path)
+    tiny = bench_json(*common)
+    resized = bench_json(*common, "--hidden-size", "20", "--mlp-size", "18", "--batch-size", "3")
+    assert (resized["hidden_size"], resized["mlp_size"], resized["batch_size"]) == (20, 18, 3)
+    assert (tiny["hidden_size"], tiny["mlp_size"]) != (20, 18) and tiny["batch_size"] != 3
+    assert resized["parameters"] > tiny["parameters"] and resized["fused_lstm_pair_parameters"] > tiny["fused_lstm_pair_parameters"]
+    only_batch = bench_json(*common, "--batch-size", "5")
+    assert (only_batch["hidden_size"], only_batch["mlp_size"], only_batch["batch_size"]) == (tiny["hidden_size"], tiny["mlp_size"], 5)
+
+
 def test_the_table_puts_the_three_updates_side_by_side(tmp_path):
     result = invoke("bench", "--preset", "timit", "--size", "tiny", "--updates", "1", "--device", "cpu", "--dir", tmp_path)
     assert result.exit_code == 0, plain(result.output)
@@ -163,6 +174,10 @@ def test_the_memory_benchmark_needs_some_free_space(tmp_path, monkeypatch):
     (["--processes", "2", "--device", "cuda"], "CPU"),
     (["--tf32", "--device", "cpu"], "--tf32 needs a CUDA device"),
     (["--memory", "--tf32"], "--tf32 sets the speed benchmark's GPU products"),
+    (["--processes", "2", "--hidden-size", "8"], "--hidden-size resizes the speed benchmark's model"),
+    (["--memory", "--batch-size", "8"], "--batch-size resizes"),
+    (["--batch-size", "1025"], "--batch-size"),
+    (["--mlp-size", "0"], "--mlp-size"),
     (["--memory", "--size", "tiny", "--hours", "0.0005"], "fewer than a batch"),
 ])
 def test_bad_options_give_one_error_line(args, fragment, tmp_path):

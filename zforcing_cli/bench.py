@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -258,21 +258,33 @@ def bench_dataset(preset: str, folder: Path) -> PreparedDataset:
     return write_synthetic_audio(folder / preset, preset, SYNTHETIC_SEQUENCES, rng)
 
 
-def bench_configs(size: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
+@dataclass(frozen=True)
+class Resize:
+    """Widths and batch in place of the size's, where given (None: the size's own)."""
+
+    hidden_size: int | None = None  # units of both LSTMs
+    mlp_size: int | None = None  # hidden units of every MLP head
+    batch_size: int | None = None  # sequences per update, at most SYNTHETIC_SEQUENCES
+
+
+def bench_configs(size: str, meta: DatasetMeta, resize: Resize = Resize()) -> tuple[ZForcingConfig, TrainConfig]:
     """The preset's model and training configs at `size` for the dataset, as measured: α and β
-    at least AUX_WEIGHT; tiny: TINY_MODEL widths and a batch of TINY_BATCH."""
+    at least AUX_WEIGHT; tiny: TINY_MODEL widths and a batch of TINY_BATCH; then `resize`."""
     model_config, train_config = preset_configs("small" if size == "tiny" else size, meta)
     if size == "tiny":
         model_config = replace(model_config, **TINY_MODEL)
         train_config.batch_size = TINY_BATCH
+    widths = {name: value for name, value in (("hidden_size", resize.hidden_size), ("mlp_size", resize.mlp_size)) if value}
+    model_config = replace(model_config, **widths)
+    train_config.batch_size = resize.batch_size or train_config.batch_size
     train_config.aux_weight = train_config.aux_weight or AUX_WEIGHT
     train_config.bwd_weight = train_config.bwd_weight or AUX_WEIGHT
     return model_config, train_config
 
 
-def training_setup(dataset: PreparedDataset, size: str, device: torch.device):
+def training_setup(dataset: PreparedDataset, size: str, device: torch.device, resize: Resize = Resize()):
     """(model, train config, the first training batch on device) for a dataset."""
-    model_config, train_config = bench_configs(size, dataset.meta)
+    model_config, train_config = bench_configs(size, dataset.meta, resize)
     torch.manual_seed(0)
     model = ZForcing(model_config).to(device)
     batch = dataset.split("train").batch(np.arange(train_config.batch_size)).to(device)
@@ -363,10 +375,12 @@ def peak_rss_bytes() -> int:
 
 
 def run(preset: str = "mnist", size: str | None = None, device_spec: str = "auto", updates: int = DEFAULT_UPDATES,
-        folder: Path | None = None, progress: Progress | None = None, tf32: bool = False) -> dict:
+        folder: Path | None = None, progress: Progress | None = None, tf32: bool = False,
+        resize: Resize = Resize()) -> dict:
     """The speed benchmark of one preset (see the module's docstring); a record of numbers.
     Temporary datasets go under folder (default: the temporary folder). tf32: on a GPU, every
-    float32 product on TensorFloat-32 tensor cores (as `train --precision tf32`)."""
+    float32 product on TensorFloat-32 tensor cores (as `train --precision tf32`). resize: other
+    widths or batch than the size's."""
     size = check_preset(preset, size)
     device = resolve_device(device_spec)
     if tf32 and device.type != "cuda":
@@ -376,7 +390,7 @@ def run(preset: str = "mnist", size: str | None = None, device_spec: str = "auto
     with tempfile.TemporaryDirectory(prefix="zforcing-bench-", dir=folder) as temporary, tensor_float32(tf32):
         say(f"Writing the {preset} benchmark dataset")
         dataset = bench_dataset(preset, Path(temporary))
-        model, train_config, batch = training_setup(dataset, size, device)
+        model, train_config, batch = training_setup(dataset, size, device, resize)
         torch.manual_seed(0)
         pair = FusedLSTMPair(model.config).to(device)
         model.train(True)
@@ -411,6 +425,8 @@ def run(preset: str = "mnist", size: str | None = None, device_spec: str = "auto
         "preset": preset,
         "size": size,
         "batch_size": train_config.batch_size,
+        "hidden_size": model.config.hidden_size,
+        "mlp_size": model.config.mlp_size,
         "steps": dataset.meta.sequence_length,
         "input_size": dataset.meta.input_size,
         "parameters": count_parameters(model),

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..bench import DEFAULT_UPDATES, IMPLEMENTATIONS, SIZES, bench_shared, run
+from ..bench import DEFAULT_UPDATES, IMPLEMENTATIONS, SIZES, SYNTHETIC_SEQUENCES, Resize, bench_shared, run
 from ..console import plural, results_table, stderr, stdout
 from ..fileio import json_record
 from ..membench import DEFAULT_BATCHES, DEFAULT_HOURS, run_memory
@@ -22,6 +22,7 @@ from .common import DeviceOption, ThreadsOption, check_real, usage_error
 EPILOG = (
     "**Examples:** `zforcing bench --preset timit` times a training update at the paper's TIMIT size against the "
     "autograd reference and a fused LSTM pair; `zforcing bench --preset blizzard --device cuda --json`; "
+    "`zforcing bench --hidden-size 128 --mlp-size 128 --batch-size 64` times MNIST at other sizes; "
     "`zforcing bench --memory` trains on a sparse 300-hour dataset and shows host memory staying flat; "
     "`zforcing bench --processes 2 --seconds 20` measures two trainings sharing the CPU. docs/performance.md "
     "explains each figure."
@@ -37,6 +38,9 @@ NAMES = {
 def bench_cli(
     preset: Annotated[str | None, typer.Option("--preset", help="Model and data shape: mnist (binarized MNIST, 784 steps), timit (frames of 200 samples, 40 steps, batch 32), blizzard (the same frames, batch 128), imdb (a 16,004-word vocabulary, sentences of 16 steps).", show_default="mnist; blizzard with --memory")] = None,
     size: Annotated[str | None, typer.Option("--size", help=f"Model sizes: {', '.join(SIZES)}. small and paper are the training presets'; tiny only checks that the benchmark runs (its figures mean nothing).", show_default="paper for timit, blizzard and imdb; small for mnist and with --memory")] = None,
+    hidden_size: Annotated[int | None, typer.Option("--hidden-size", min=1, help="Units of both LSTMs in place of the size's (the fused LSTM pair's follow).", show_default="the size's")] = None,
+    mlp_size: Annotated[int | None, typer.Option("--mlp-size", min=1, help="Hidden units of every MLP head in place of the size's.", show_default="the size's")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, max=SYNTHETIC_SEQUENCES, help="Sequences per update in place of the size's.", show_default="the size's")] = None,
     updates: Annotated[int | None, typer.Option("--updates", min=1, help="Timed updates of each implementation after a warm-up one; their median is reported.", show_default=str(DEFAULT_UPDATES))] = None,
     memory: Annotated[bool, typer.Option("--memory", help="Measure host memory instead: random batches from a sparse memory-mapped audio dataset of --hours, with a training update every few batches.")] = False,
     hours: Annotated[float | None, typer.Option("--hours", help="With --memory: hours of 16 kHz int16 audio in the dataset (2 bytes a sample; it takes no disk space).", show_default=f"{DEFAULT_HOURS:g}, Blizzard's 34.6 GB")] = None,
@@ -50,7 +54,8 @@ def bench_cli(
     threads: ThreadsOption = None,
 ) -> None:
     """Measure speed and memory on this machine: a training update against the autograd reference and a fused LSTM pair, sampling, batch loading, peak memory; or host memory on a Blizzard-sized dataset (--memory)."""
-    check_options(memory, processes, device, hours=hours, batches=batches, seconds=seconds, updates=updates, tf32=tf32 or None)
+    check_options(memory, processes, device, hours=hours, batches=batches, seconds=seconds, updates=updates, tf32=tf32 or None,
+                  hidden_size=hidden_size, mlp_size=mlp_size, batch_size=batch_size)
     check_real("--seconds", seconds, example="20", above=True)
     preset = preset or ("blizzard" if memory else "mnist")
     if processes is not None:
@@ -62,7 +67,8 @@ def bench_cli(
             result = run_memory(preset, size, device, DEFAULT_HOURS if hours is None else hours, batches or DEFAULT_BATCHES,
                                 folder, say)
         else:
-            result = run(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32)
+            result = run(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32,
+                         Resize(hidden_size, mlp_size, batch_size))
     print_result(result, as_json, memory_tables if memory else speed_tables)
 
 
@@ -74,9 +80,12 @@ def check_options(memory: bool, processes: int | None, device: str, **given) -> 
     for name, owner in owners.items():
         if given[name] is not None and not (memory if owner == "--memory" else processes is not None):
             raise usage_error(f"--{name} applies only with {owner}.", f"Add {owner}, or leave --{name} out.")
-    for name, what in (("updates", "sets the speed benchmark's timed updates"), ("tf32", "sets the speed benchmark's GPU products")):
+    speed_only = {"updates": "sets the speed benchmark's timed updates", "tf32": "sets the speed benchmark's GPU products",
+                  **dict.fromkeys(("hidden_size", "mlp_size", "batch_size"), "resizes the speed benchmark's model")}
+    for name, what in speed_only.items():
         if given[name] is not None and (memory or processes is not None):
-            raise usage_error(f"--{name} {what}; it does not apply with --memory or --processes.", f"Leave --{name} out.")
+            option = "--" + name.replace("_", "-")
+            raise usage_error(f"{option} {what}; it does not apply with --memory or --processes.", f"Leave {option} out.")
     if processes is not None and device not in ("auto", "cpu"):
         raise usage_error("--processes measures CPU trainings sharing the cores; it runs on the CPU.", "Leave --device out.")
 
@@ -105,7 +114,7 @@ def megabytes(count: int | None) -> str:
 def speed_tables(result: dict) -> list[Table]:
     cuda = result["update_memory_bytes_fused"] is not None
     table = Table(title=escape(f"{result['preset']} ({result['size']}): batch {result['batch_size']} × {result['steps']} steps, "
-                               f"{result['parameters']:,} parameters, {result['device']}{' (TF32 products)' if result['tf32'] else ''}; median of "
+                               f"LSTMs {result['hidden_size']:,}, MLPs {result['mlp_size']:,}, {result['parameters']:,} parameters, {result['device']}{' (TF32 products)' if result['tf32'] else ''}; median of "
                                f"{plural(result['updates'], 'update')} after a warm-up"),
                   caption=escape(machine_line(result["machine"])), title_justify="left", header_style="bold")
     table.add_column("training update")
