@@ -89,6 +89,34 @@ def test_fused_matches_reference_in_float32_where_onednn_multiplies(modality):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5 * max(scale, 1.0), msg=name)
 
 
+def test_every_step_product_through_onednn_matches_the_float64_reference():
+    # Sizes where all three per-step weights (h, z and the posterior's square output layer) are
+    # large enough for oneDNN in float32, against the autograd loop in float64 (MKL products).
+    batch, steps, size, mlp, latent, clamp = 4, 5, 256, 512, 256, 2.0
+    model = make_model("frames", scale=None, hidden_size=size, mlp_size=mlp, latent_size=latent, latent_clamp=clamp)
+    generator = torch.Generator().manual_seed(8)
+
+    def draw(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    inputs = [draw(batch, steps, 4 * size), draw(batch, steps, mlp), draw(batch, steps, latent),
+              draw(4 * size + mlp, size, scale=size**-0.5), draw(4 * size, latent, scale=latent**-0.5),
+              model.posterior.out.weight.detach(), model.posterior.out.bias.detach()]
+    assert all(onednn_ready(weight.float()) for weight in inputs[3:6]) or not onednn_ready(torch.zeros(1 << 18))
+    cotangents = [draw(batch, steps + 1, size), draw(batch, steps, latent), draw(batch, steps, latent), draw(batch, steps, latent)]
+
+    leaves32 = [x.float().requires_grad_() for x in inputs]
+    states, z, mean, logvar, _ = posterior_recurrence(*leaves32, clamp=clamp)
+    fused = [states, z, mean, logvar, *torch.autograd.grad((states, z, mean, logvar), leaves32, [c.float() for c in cotangents])]
+    leaves64 = [x.clone().requires_grad_() for x in inputs[:5]]
+    reference = list(model.autograd_rollout(*leaves64))[:4]
+    weight, bias = model.posterior.out.weight, model.posterior.out.bias
+    reference += torch.autograd.grad(reference, [*leaves64, weight, bias], cotangents)
+    for index, (got, expected) in enumerate(zip(fused, reference)):
+        tolerance = 1e-4 * max(expected.abs().max().item(), 1.0)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=tolerance, msg=f"output or gradient {index}")
+
+
 def test_onednn_products_only_where_torch_allows_them(monkeypatch):
     large, small = torch.randn(1024, 256), torch.randn(64, 64)
     assert not onednn_ready(small)

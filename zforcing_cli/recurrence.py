@@ -78,9 +78,10 @@ def onednn_ready(weight: Tensor) -> bool:
 class StepProduct:
     """x @ weight^T for the (B, ·) rows of one step, the weight prepared once for every step."""
 
-    def __init__(self, weight: Tensor, rows: int):  # weight (N, K)
+    def __init__(self, weight: Tensor, rows: int):  # weight (N, K), a transposed view or not
         self.weight_t = weight.t()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if onednn_ready(weight) else None
+        ready = onednn_ready(weight)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows) if ready else None
 
     def __call__(self, x: Tensor, out: Tensor) -> Tensor:  # (B, K) -> out (B, N)
         if self.packed is None:
@@ -154,7 +155,7 @@ def rollout(
     from_h_gates, from_h_post, gates_g = from_h[:, :gate_size], from_h[:, gate_size:], gates[:, 2 * size : 3 * size]
     half = input_gates.new_tensor(0.5)  # a tensor: a Python number with out= costs a conversion every step
     from_h_product, z_product = StepProduct(from_h_weight, batch), StepProduct(z_weight, batch)
-    out_weight_t = out_weight.t()
+    out_product, out_bias_rows = StepProduct(out_weight, batch), out_bias.expand(batch, -1)
     means, logvars = stats[..., :latent], stats[..., latent:]
     i, f, g, o = activations.chunk(4, dim=-1)
     # (Starting each product from [gates_in_t, post_in_t] would save the two adds, but a copy of
@@ -167,7 +168,7 @@ def rollout(
             from_h_product(h, out=from_h)
             a = torch.add(from_h_post, post, out=from_h_post)
             torch.clamp(F.leaky_relu_(a, negative_slope=LEAK), -CLIP, CLIP, out=hidden)
-            torch.addmm(out_bias, hidden, out_weight_t, out=raw)
+            out_product.plus(out_bias_rows, hidden, out=raw)
             torch.clamp(raw, -clamp, clamp, out=s)
             torch.mul(logvar, half, out=std).exp_()
             torch.addcmul(mean, std, eps, out=z)
@@ -214,9 +215,11 @@ def backpropagate(
     d_stats = new(steps, batch, 2 * latent)
     dz_all = new(steps, batch, latent)
     d_gates, d_hidden = d_from_h[..., :gate_size], d_from_h[..., gate_size:]
-    # The products by the transposed weights: d(x W^T)/dx = d · W. (oneDNN reorders a
-    # contiguous copy of W^T faster than it reorders the transposed view.)
+    # The products by the transposed weights: d(x W^T)/dx = d · W. (The large ones from a
+    # contiguous copy of W^T, which oneDNN reorders faster than the transposed view.)
     from_h_product, z_product = (StepProduct(w.t().contiguous(), batch) for w in (from_h_weight, z_weight))
+    out_product = StepProduct(out_weight.t(), batch)  # where small, MKL multiplies by out_weight itself
+    from_stats = new(batch, out_weight.shape[1])
     # Views taken once, for all steps: the loop itself only computes.
     slopes, d_gates4 = gate_slopes.view(steps, batch, 4, size), d_gates.view(steps, batch, 4, size)
     dh_given = d_states.transpose(0, 1)  # (T+1, B, H): the loss's own gradient for h_0..h_T
@@ -237,7 +240,7 @@ def backpropagate(
             torch.mul(dc, f_t, out=dc_next)
             z_product.plus(dz_in, d_g, out=dz)
             torch.addcmul(giv, dz_across, zs_slope, out=d_s_split)
-            torch.mul(torch.mm(d_s, out_weight), h_slope, out=d_hid)
+            torch.mul(out_product(d_s, out=from_stats), h_slope, out=d_hid)
             from_h_product.plus(dh_before, d_fh, out=dh)  # dL/dh_{t-1}: the loss's own plus through W_fh
 
     # Each weight gradient: one product over all B·T rows.
