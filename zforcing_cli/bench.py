@@ -274,8 +274,8 @@ def bench_configs(size: str, meta: DatasetMeta, resize: Resize = Resize()) -> tu
     if size == "tiny":
         model_config = replace(model_config, **TINY_MODEL)
         train_config.batch_size = TINY_BATCH
-    widths = {name: value for name, value in (("hidden_size", resize.hidden_size), ("mlp_size", resize.mlp_size)) if value}
-    model_config = replace(model_config, **widths)
+    model_config = replace(model_config, hidden_size=resize.hidden_size or model_config.hidden_size,
+                           mlp_size=resize.mlp_size or model_config.mlp_size)
     train_config.batch_size = resize.batch_size or train_config.batch_size
     train_config.aux_weight = train_config.aux_weight or AUX_WEIGHT
     train_config.bwd_weight = train_config.bwd_weight or AUX_WEIGHT

@@ -99,23 +99,22 @@ class StepProduct:
 
 
 SERIAL_MAX_WORK = 1 << 21  # see step_threads
-SERIAL_LOOPS = True
 
 
 @contextmanager
-def step_threads(reference: Tensor, work: int):
-    """One CPU thread for a loop whose per-step product has fewer than SERIAL_MAX_WORK
-    multiply-adds. Such a step is a dozen operations on tensors too small to share between
-    threads: a second thread only adds a barrier to every product, where it waits (on a busy or
-    virtual machine, for as long as its core is taken away)."""
-    serial = SERIAL_LOOPS and reference.device.type == "cpu" and work < SERIAL_MAX_WORK
+def step_threads(from_h_weight: Tensor, rows: int):
+    """One CPU thread for a loop whose per-step product by from_h_weight has fewer than
+    SERIAL_MAX_WORK multiply-adds. Such a step is a dozen operations on tensors too small to
+    share between threads: a second thread only adds a barrier to every product, where it waits
+    (on a busy or virtual machine, for as long as its core is taken away)."""
     threads = torch.get_num_threads()
-    if serial and threads > 1:
+    serial = from_h_weight.device.type == "cpu" and rows * from_h_weight.numel() < SERIAL_MAX_WORK and threads > 1
+    if serial:
         torch.set_num_threads(1)
     try:
         yield
     finally:
-        if serial and threads > 1:
+        if serial:
             torch.set_num_threads(threads)
 
 
@@ -163,7 +162,7 @@ def rollout(
     inputs = (input_gates.transpose(0, 1), post_in.transpose(0, 1), noise.transpose(0, 1))
     buffers = (states[:-1], states[1:], cells[:-1], cells[1:], hiddens, raw_stats, stats, means, logvars, zs,
                activations, i, f, g, o, tanh_cells)
-    with step_threads(states, batch * from_h_weight.numel()):
+    with step_threads(from_h_weight, batch):
         for gates_in, post, eps, h, h_next, c, c_next, hidden, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*inputs, *buffers):
             from_h_product(h, out=from_h)
             a = torch.add(from_h_post, post, out=from_h_post)
@@ -231,7 +230,7 @@ def backpropagate(
                d_gates4[:, :, 3], d_hidden, f, d_z.transpose(0, 1), dz_all, dz_all.unsqueeze(2),
                given.view(steps, batch, 2, latent), z_slope.view(steps, batch, 2, latent), d_stats,
                d_stats.view(steps, batch, 2, latent), hidden_slope)
-    with step_threads(states, batch * from_h_weight.numel()):
+    with step_threads(from_h_weight, batch):
         for (dh_before, c_slope, slopes_ifg, slope_o, d_fh, d_g, d_ifg, d_o, d_hid, f_t, dz_in, dz, dz_across, giv, zs_slope,
              d_s, d_s_split, h_slope) in reversed(list(per_step(*buffers))):
             torch.addcmul(dc_next, dh, c_slope, out=dc)
