@@ -18,6 +18,7 @@ from torch.distributions import Bernoulli, Categorical, Normal, kl_divergence
 from zforcing_cli.data import Batch
 from zforcing_cli.evaluate import evaluate_split
 from zforcing_cli.model import (
+    AuxHead,
     GaussianHead,
     ZForcing,
     ZForcingConfig,
@@ -173,8 +174,8 @@ def reference_forward(model: ZForcing, y, mask, noise) -> dict:
         per_step["kl"].append(kl_divergence(q, p).sum(-1))
         per_step["log_q_minus_log_p"].append((q.log_prob(z) - p.log_prob(z)).sum(-1))
         aux_cond = torch.cat([h_prev, z], -1) if c.aux_on_hidden else z
-        a_mean, a_logvar = ref_mlp(model.aux_head.mlp, aux_cond).chunk(2, dim=-1)
-        a_logvar = a_logvar.clamp(-c.latent_clamp, c.latent_clamp)  # aux log-variance clamped like the prior's
+        # The aux MLP's whole output clamped like the prior's, as in the authors' code.
+        a_mean, a_logvar = ref_mlp(model.aux_head.mlp, aux_cond).clamp(-c.latent_clamp, c.latent_clamp).chunk(2, dim=-1)
         per_step["aux"].append(-Normal(torch.tanh(a_mean), torch.exp(0.5 * a_logvar)).log_prob(b[:, t]).sum(-1))
         if t == 0:
             per_step["bwd"].append(torch.zeros(batch, dtype=dtype))  # u_1 is not data
@@ -360,6 +361,24 @@ def test_aux_gradient_trains_latent_path(aux_on_hidden):
     # -log p(b_t | z_t) with z_t from the posterior: the prior and the two output heads are not on its path
     for name in ("prior", "output_head", "backward_head"):
         assert g[name] == 0.0, (name, g)
+
+
+def test_aux_head_clamps_its_whole_output_as_the_authors_code():
+    """Eq. 8's Gaussian from the aux MLP's output clamped to ±clamp, the mean before its tanh
+    too: past the clamp, neither half moves the cost, and the cost is the clamped Gaussian's."""
+    torch.manual_seed(0)
+    head = AuxHead(3, 4, 2, clamp=1.5).double()
+    with torch.no_grad():
+        head.mlp.out.weight.zero_()
+        head.mlp.out.bias.copy_(torch.tensor([3.0, -0.5, -4.0, 0.7], dtype=torch.float64))  # [mean, logvar]
+    target = torch.tensor([[[0.2, -0.1]]], dtype=torch.float64)
+    cost = head.nll(torch.randn(1, 1, 3, dtype=torch.float64), target)
+    expected = -Normal(torch.tanh(torch.tensor([1.5, -0.5], dtype=torch.float64)),
+                       torch.exp(0.5 * torch.tensor([-1.5, 0.7], dtype=torch.float64))).log_prob(target).sum(-1)
+    torch.testing.assert_close(cost, expected, rtol=1e-12, atol=1e-12)
+    cost.sum().backward()
+    assert head.mlp.out.bias.grad[0] == 0.0 and head.mlp.out.bias.grad[2] == 0.0  # clamped: mean and logvar
+    assert head.mlp.out.bias.grad[1] != 0.0 and head.mlp.out.bias.grad[3] != 0.0
 
 
 # ---------------------------------------------------------------------------------------------

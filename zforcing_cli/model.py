@@ -236,9 +236,11 @@ class Posterior(GaussianMLP):
 class AuxHead(nn.Module):
     """Parameterizes p(b_t | z_t) = N(mu_t^(a), sigma_t^(a)), Eq. 8 (or p(b_t | h_{t-1}, z_t)).
 
-    The mean goes through tanh because b_t is an LSTM output and lies in (-1, 1). The
-    log-variance is clamped like the prior's: unbounded, the cost could fall without limit
-    wherever b_t becomes predictable, and swamp the bound it regularises.
+    The mean goes through tanh because b_t is an LSTM output and lies in (-1, 1). The MLP's
+    whole output is clamped like the prior's, as the authors' code clamped it: the mean before
+    its tanh (where the gradient then stops) and the log-variance, which unbounded could let
+    the cost fall without limit wherever b_t becomes predictable, and swamp the bound it
+    regularises.
     """
 
     def __init__(self, in_size: int, hidden_size: int, target_size: int, clamp: float):
@@ -247,8 +249,7 @@ class AuxHead(nn.Module):
         self.clamp = clamp
 
     def nll(self, condition: Tensor, target: Tensor) -> Tensor:  # (B, T, in), (B, T, H) -> (B, T)
-        mean, logvar = self.mlp(condition).chunk(2, dim=-1)
-        logvar = logvar.clamp(-self.clamp, self.clamp)
+        mean, logvar = self.mlp(condition).clamp(-self.clamp, self.clamp).chunk(2, dim=-1)
         return -gaussian_log_prob(target, torch.tanh(mean), logvar).sum(-1)
 
 

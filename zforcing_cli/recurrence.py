@@ -152,7 +152,9 @@ def rollout(
     zs = new(steps, batch, latent)
     from_h, gates, std = new(batch, from_h_weight.shape[0]), new(batch, gate_size), new(batch, latent)
     from_h_gates, from_h_post, gates_g = from_h[:, :gate_size], from_h[:, gate_size:], gates[:, 2 * size : 3 * size]
-    half = input_gates.new_tensor(0.5)  # a tensor: a Python number with out= costs a conversion every step
+    # A tensor: a Python number with out= costs a conversion every step. Filled on the device,
+    # not copied from the host (new_tensor), which CUDA-graph capture refuses.
+    half = input_gates.new_full((), 0.5)
     from_h_product, z_product = StepProduct(from_h_weight, batch), StepProduct(z_weight, batch)
     out_product, out_bias_rows = StepProduct(out_weight, batch), out_bias.expand(batch, -1)
     means, logvars = stats[..., :latent], stats[..., latent:]
