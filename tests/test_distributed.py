@@ -170,16 +170,19 @@ def test_shared_validation_adds_up_to_one_process_s(tiny_dataset, tiny_model_con
     assert sum(share.steps for share in shares) == whole.steps == 8 * 784
 
 
-def test_torchrun_trains_with_rank_0_alone_writing_and_reporting(tiny_data, tmp_path):
-    """The command as users type it: `torchrun --nproc-per-node 2 -m zforcing_cli train ...`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+@pytest.mark.parametrize("processes", [2, 1])
+def test_torchrun_trains_with_rank_0_alone_writing_and_reporting(tiny_data, tmp_path, processes):
+    """The command as users type it: `torchrun --nproc-per-node 2 -m zforcing_cli train ...`. One
+    process is a group of one (the check of NCCL on a machine with one GPU)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(free_port()),
                "-m", "zforcing_cli", "train", "--data", str(tiny_data), "--out", "run", "--device", "cpu", "--threads", "1",
                "--max-steps", "2", "--batch-size", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ZFORCING_ACTIVE_DIR": str(tmp_path / "active")}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     stderr = plain(done.stderr)
     assert done.returncode == 0, stderr
-    assert stderr.count("training on mnist") == 1 and "on 2 processes (gloo, cpu)" in stderr
+    where = "on 1 process (gloo, cpu)" if processes == 1 else "on 2 processes (gloo, cpu)"
+    assert stderr.count("training on mnist") == 1 and where in stderr
     assert plain(done.stdout).count("Best validation bound") == 1
     assert [(r["type"], r["step"]) for r in records(tmp_path / "run")] == [("train", 2), ("valid", 2)]  # once: by rank 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best-00000002", "step-00000002"]

@@ -35,8 +35,11 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 def launched_rank() -> int | None:
-    """This process's rank when torchrun started several (WORLD_SIZE > 1); None otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    """This process's rank when torchrun started it (TORCHELASTIC_RUN_ID), or when several
+    processes were started otherwise (WORLD_SIZE > 1); None for a process on its own. A
+    torchrun of one process is a group of one, so that it trains as with more (DDP, NCCL)."""
+    by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 and not by_torchrun:
         return None
     return int(os.environ.get("RANK", "0") or 0)
 
@@ -106,7 +109,7 @@ class Group:
 
 
 def start(device_spec: str) -> Group | None:
-    """Join the ranks torchrun started (None when it started one process or none): NCCL with
+    """Join the ranks torchrun started (None for a process on its own): NCCL with
     this rank's GPU, cuda:LOCAL_RANK, when --device is auto or cuda and there are GPUs; gloo on
     the CPU otherwise."""
     rank = launched_rank()

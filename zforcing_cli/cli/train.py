@@ -102,7 +102,8 @@ def train_cli(
         dataset = opened[0] if opened else rank_dataset(run_config, group)
         unit = bound_unit(dataset.meta.modality)
         if main:
-            where = f"on {torch_device}" if group is None else f"on {group.world_size} processes ({group.backend}, {torch_device.type})"
+            processes = "1 process" if group is None or group.world_size == 1 else f"{group.world_size:,} processes"
+            where = f"on {torch_device}" if group is None else f"on {processes} ({group.backend}, {torch_device.type})"
             stderr.print(escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) {where}; run folder {run_dir}"),
                          soft_wrap=True)
         stop = StopRequest()
