@@ -80,3 +80,38 @@ def test_cli_diagnostics_table_json_and_plot(in_trained):
 def test_cli_plot_errors(in_trained):
     assert_clean_error(invoke("evaluate", "--plot", "kl.png"), 2, "--diagnostics")
     assert_clean_error(invoke("evaluate", "--diagnostics", "--plot", "kl.jpg"), 2, ".png or .svg")
+
+
+def test_a_target_that_does_not_vary_is_reported_quiet_and_its_aux_at_the_floor(tiny_dataset):
+    """The collapse of the paper's claim made visible: b_t that is the same for every sequence
+    (here: a backward LSTM that ignores its input), and an aux head whose log-variance sits at
+    the clamp's floor."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.backward_rnn.weight_ih_l0.zero_()  # b_t no longer reads y
+        model.aux_head.mlp.out.bias[model.config.hidden_size:] = -50.0  # every log-variance clamped to -8
+    found = diagnose_split(model, tiny_dataset.split("test"))
+    assert found.aux_floor_fraction == 1.0 and set(found.aux_floor_per_step) == {1.0}
+    assert found.backward_variance_median < 1e-12 and found.backward_quiet_fraction == 1.0
+    assert found.floor_variance == pytest.approx(np.exp(-8.0))
+
+
+def test_a_target_that_varies_is_not_quiet(tiny_dataset):
+    model = tiny_model()
+    with torch.no_grad():
+        model.backward_rnn.weight_ih_l0.mul_(30.0)  # b_t swings with the pixels
+    found = diagnose_split(model, tiny_dataset.split("test"))
+    assert found.aux_floor_fraction == 0.0  # the untrained head's log-variances are near 0
+    assert found.backward_variance_median > 1e-3 and found.backward_quiet_fraction < 0.5
+    assert len(found.backward_variance_per_step) == 784
+
+
+def test_the_collapse_warning_names_the_kl_and_its_unit():
+    from zforcing_cli.diagnostics import COLLAPSED_KL, collapse_warning
+
+    assert collapse_warning(0.11, "nats per image") == (
+        "The latents have collapsed: the validation KL is 0.11 nats per image (under 0.5), so z_t carries almost "
+        "nothing about the data; see docs/diagnostics.md, \"Why the latents collapse\".")
+    assert collapse_warning(COLLAPSED_KL, "nats per sentence") is None
+    assert collapse_warning(3.9, "nats per sentence") is None
+    assert collapse_warning(float("nan"), "nats per sequence") is None  # no bound, no claim

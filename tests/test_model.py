@@ -27,6 +27,7 @@ from zforcing_cli.model import (
     gaussian_kl,
     gaussian_log_prob,
 )
+from zforcing_cli.schedule import annealed_aux_weight
 from zforcing_cli.train import TrainConfig, TrainerState, annealed_kl_weight, objective, plateau_update
 
 TERMS = ("nll", "kl", "aux", "bwd", "log_q_minus_log_p")
@@ -309,7 +310,7 @@ def undetached_auxiliary_costs(self, y, h_prev, z, backward):
     aux_condition = torch.cat([h_prev, z], dim=-1) if self.config.aux_on_hidden else z
     aux = self.aux_head.nll(aux_condition, backward)
     bwd = self.distribution.nll(self.backward_head(backward), self.shift_right(y))
-    return aux, bwd
+    return aux, bwd, self.aux_head.stats(aux_condition)[1]
 
 
 def grads(loss, params):
@@ -767,6 +768,28 @@ def test_annealed_kl_weight():
     off = TrainConfig(kl_anneal=False)
     for n in (0, 5, 16000, 10**6):
         assert annealed_kl_weight(off, n) == 1.0
+
+
+def test_annealed_aux_weight_moves_by_its_increment_then_stays():
+    """The authors' schedule of α: linear from aux_start to aux_weight by aux_increment per update,
+    down as well as up; constant without aux_start."""
+    down = TrainConfig(aux_start=1e-2, aux_weight=1e-3, aux_increment=5e-5)
+    assert annealed_aux_weight(down, 0) == 1e-2
+    assert annealed_aux_weight(down, 100) == pytest.approx(1e-2 - 100 * 5e-5, abs=1e-15)
+    assert annealed_aux_weight(down, 179) > 1e-3 and annealed_aux_weight(down, 180) == pytest.approx(1e-3, abs=1e-15)
+    assert annealed_aux_weight(down, 10**6) == pytest.approx(1e-3, abs=1e-15)
+    up = TrainConfig(aux_start=0.0, aux_weight=2e-4, aux_increment=5e-5)
+    assert [annealed_aux_weight(up, n) for n in (0, 1, 3, 4, 9)] == pytest.approx([0.0, 5e-5, 1.5e-4, 2e-4, 2e-4], abs=1e-15)
+    assert all(annealed_aux_weight(TrainConfig(aux_weight=3e-3), n) == 3e-3 for n in (0, 7, 10**6))
+
+
+def test_objective_takes_the_scheduled_aux_weight():
+    out = ZForcingOutput(nll=torch.tensor([10.0]), kl=torch.tensor([1.0]), aux=torch.tensor([100.0]),
+                         bwd=torch.tensor([0.0]), log_q_minus_log_p=torch.tensor([0.0]))
+    config = TrainConfig(aux_weight=0.5)
+    assert objective(out, 1.0, config).item() == pytest.approx(61.0)
+    assert objective(out, 1.0, config, aux_weight=0.25).item() == pytest.approx(36.0)
+    assert objective(out, 1.0, config, aux_weight=0.0).item() == pytest.approx(11.0)
 
 
 def test_objective_combines_terms_and_averages_over_batch():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zforcing_cli import diagnostics
 from zforcing_cli.checkpoint import newest_checkpoint, resolve_latest
 from zforcing_cli.data import open_dataset
 from zforcing_cli.errors import TrainingError, UsageError, ZForcingError
@@ -169,13 +170,13 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def nan_loss(out, kl_weight, config):
-    return train_module_objective(out, kl_weight, config) * float("nan")
+def nan_loss(out, kl_weight, config, aux_weight=None):
+    return train_module_objective(out, kl_weight, config, aux_weight) * float("nan")
 
 
-def nan_gradient(out, kl_weight, config):
+def nan_gradient(out, kl_weight, config, aux_weight=None):
     """A finite loss whose gradient is NaN: d sqrt(x)/dx is infinite at 0, times 0."""
-    loss = train_module_objective(out, kl_weight, config)
+    loss = train_module_objective(out, kl_weight, config, aux_weight)
     x = out.nll.sum()
     return loss + 0.0 * torch.sqrt(x - x.detach())
 
@@ -186,11 +187,11 @@ train_module_objective = train_module.objective
 def run_with_bad_steps(dataset, run_dir, bad_calls, make_bad, **overrides):
     calls = {"n": 0}
 
-    def objective(out, kl_weight, config):
+    def objective(out, kl_weight, config, aux_weight=None):
         calls["n"] += 1
         if calls["n"] in bad_calls:
-            return make_bad(out, kl_weight, config)
-        return train_module_objective(out, kl_weight, config)
+            return make_bad(out, kl_weight, config, aux_weight)
+        return train_module_objective(out, kl_weight, config, aux_weight)
 
     history = []
     trainer_box = {}
@@ -340,6 +341,28 @@ def test_events_report_progress(finished_run):
     assert kinds.count("step") == 6 and kinds.count("validation") == 1
     assert all(event.total_steps == 6 for event in events)
     assert events[0].metrics["parameters"] > 0
+
+
+@pytest.mark.parametrize("threshold, warnings", [(1e9, 1), (0.0, 0)])
+def test_collapsed_latents_are_told_once(tiny_dataset, tmp_path, monkeypatch, threshold, warnings):
+    """A validation KL under COLLAPSED_KL warns once, in one line that points to the docs,
+    however many validations follow."""
+    monkeypatch.setattr(diagnostics, "COLLAPSED_KL", threshold)
+    events = []
+    train(tmp_path / "run", tiny_run_config(tiny_dataset, epochs=3), tiny_dataset, CPU, events.append)
+    assert [e.kind for e in events].count("validation") == 3
+    told = [e.metrics["message"] for e in events if e.kind == "warning"]
+    assert len(told) == warnings
+    if warnings:
+        assert told[0].startswith("The latents have collapsed: the validation KL is ") and "nats per image" in told[0]
+        assert "docs/diagnostics.md" in told[0] and "\n" not in told[0]
+
+
+def test_a_scheduled_aux_weight_is_logged_with_each_update(tiny_dataset, tmp_path):
+    train(tmp_path / "run", tiny_run_config(tiny_dataset, max_steps=4, aux_start=0.01, aux_weight=0.001, aux_increment=0.003),
+          tiny_dataset, CPU)
+    logged = [r["aux_weight"] for r in read_records(tmp_path / "run", "train")]
+    assert logged == pytest.approx([0.01, 0.007, 0.004, 0.001])
 
 
 def test_evaluating_the_best_checkpoint_reproduces_the_validation_bound(finished_run, tiny_dataset):

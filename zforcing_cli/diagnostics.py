@@ -7,7 +7,12 @@ Over a split's sequences, with one posterior sample each:
   data of its posterior mean E_q[z] exceeds 0.01. Here a unit is a dimension d at step t, with
   the mean taken along the sampled path of the steps before it; a dimension counts as active
   when it is active at some step;
-- the auxiliary cost −log p(b_t | z_t) per step.
+- the auxiliary cost −log p(b_t | z_t) per step, and how much of it sits at the floor that the
+  clamp of its log-variance allows: the share of b_t's dimensions whose aux log-variance is at
+  −clamp (the head then claims to know b_t to within e^(−clamp/2));
+- the variance over the data of the aux cost's target b_t, per step and unit: a target that
+  barely varies from sequence to sequence is predicted to the floor without any information
+  in z_t (docs/diagnostics.md, "Why the latents collapse").
 
 Per-step figures are sums over the sequences divided by their number (a sequence that has
 ended adds nothing), so that they add up over steps to the per-sequence averages that
@@ -29,6 +34,16 @@ from .model import ZForcing
 from .plots import figure_bytes, new_figure
 
 ACTIVE_THRESHOLD = 0.01  # Burda et al. (2016): Var_x(E_q[z_u]) above this makes unit u active
+COLLAPSED_KL = 0.5  # nats per sequence: below this at a validation, training warns that z is unused
+
+
+def collapse_warning(kl: float, unit: str) -> str | None:
+    """The one-line warning for a validation KL (nats per sequence) under COLLAPSED_KL, else None."""
+    if not kl < COLLAPSED_KL:
+        return None
+    per = unit.removeprefix("nats ")
+    return (f"The latents have collapsed: the validation KL is {kl:.2f} nats {per} (under {COLLAPSED_KL:g}), so z_t "
+            "carries almost nothing about the data; see docs/diagnostics.md, \"Why the latents collapse\".")
 
 
 @dataclass
@@ -42,6 +57,12 @@ class Diagnostics:
     active_per_step: list[int]  # (T,) dimensions active at each step
     active_dimensions: int  # dimensions active at some step
     latent_size: int
+    aux_floor_per_step: list[float]  # (T,) share of b_t's dimensions whose aux log-variance is at the floor
+    aux_floor_fraction: float  # the same over every valid step
+    backward_variance_per_step: list[float]  # (T,) median over units of Var over the data of b_t
+    backward_variance_median: float  # median over steps and units of Var_x(b_t)
+    backward_quiet_fraction: float  # share of (step, unit) whose Var_x(b_t) is below the aux floor's variance
+    floor_variance: float  # e^(-clamp): the aux head's smallest variance
     threshold: float = ACTIVE_THRESHOLD
 
     @property
@@ -59,14 +80,17 @@ class Diagnostics:
 class Accumulator:
     """Running sums over batches of sequences of different lengths (float64)."""
 
-    def __init__(self, latent_size: int):
-        self.latent_size = latent_size
+    def __init__(self, latent_size: int, hidden_size: int, clamp: float):
+        self.latent_size, self.hidden_size, self.clamp = latent_size, hidden_size, clamp
         self.sequences = 0
         self.kl = np.zeros((0, latent_size))  # (T, Z) Σ over sequences
         self.aux = np.zeros(0)
         self.count = np.zeros(0)  # sequences valid at each step
         self.mean_sum = np.zeros((0, latent_size))
         self.mean_squares = np.zeros((0, latent_size))
+        self.floor = np.zeros(0)  # Σ over sequences of the dimensions at the aux floor
+        self.b_sum = np.zeros((0, hidden_size))
+        self.b_squares = np.zeros((0, hidden_size))
 
     def grow(self, steps: int) -> None:
         extra = steps - len(self.count)
@@ -74,9 +98,11 @@ class Accumulator:
             pad = lambda array: np.concatenate([array, np.zeros((extra, *array.shape[1:]))])  # noqa: E731
             self.kl, self.aux, self.count = pad(self.kl), pad(self.aux), pad(self.count)
             self.mean_sum, self.mean_squares = pad(self.mean_sum), pad(self.mean_squares)
+            self.floor, self.b_sum, self.b_squares = pad(self.floor), pad(self.b_sum), pad(self.b_squares)
 
-    def add(self, kl: torch.Tensor, aux: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor) -> None:
-        """kl, mean (B, T, Z); aux, mask (B, T)."""
+    def add(self, kl: torch.Tensor, aux: torch.Tensor, mean: torch.Tensor, mask: torch.Tensor,
+            backward: torch.Tensor, aux_at_floor: torch.Tensor) -> None:
+        """kl, mean (B, T, Z); aux, mask, aux_at_floor (B, T); backward (B, T, H)."""
         mask = mask.double()
         steps = mask.shape[1]
         self.grow(steps)
@@ -86,13 +112,23 @@ class Accumulator:
         self.count[:steps] += mask.sum(0).cpu().numpy()
         self.mean_sum[:steps] += (mean.double() * weights).sum(0).cpu().numpy()
         self.mean_squares[:steps] += (mean.double().pow(2) * weights).sum(0).cpu().numpy()
+        self.floor[:steps] += (aux_at_floor.double() * mask).sum(0).cpu().numpy()
+        self.b_sum[:steps] += (backward.double() * weights).sum(0).cpu().numpy()
+        self.b_squares[:steps] += (backward.double().pow(2) * weights).sum(0).cpu().numpy()
         self.sequences += mask.shape[0]
 
-    def result(self) -> Diagnostics:
+    def spread(self, sums: np.ndarray, squares: np.ndarray) -> np.ndarray:
+        """Var over the sequences, per step and column (0 where fewer than two sequences reach)."""
         count = np.maximum(self.count, 1)[:, None]
-        variance = np.maximum(self.mean_squares / count - (self.mean_sum / count) ** 2, 0.0)
+        variance = np.maximum(squares / count - (sums / count) ** 2, 0.0)
         variance[self.count < 2] = 0.0  # one sequence has no spread
+        return variance
+
+    def result(self) -> Diagnostics:
+        variance = self.spread(self.mean_sum, self.mean_squares)
         active = variance > ACTIVE_THRESHOLD
+        b_variance = self.spread(self.b_sum, self.b_squares)[self.count >= 2]  # (steps with a spread, H)
+        floor_variance = float(np.exp(-self.clamp))
         per_sequence = max(self.sequences, 1)
         kl = self.kl / per_sequence
         return Diagnostics(
@@ -105,6 +141,12 @@ class Accumulator:
             active_per_step=active.sum(1).astype(int).tolist(),
             active_dimensions=int(active.any(0).sum()),
             latent_size=self.latent_size,
+            aux_floor_per_step=(self.floor / np.maximum(self.count, 1) / self.hidden_size).tolist(),
+            aux_floor_fraction=float(self.floor.sum() / max(self.count.sum(), 1) / self.hidden_size),
+            backward_variance_per_step=np.median(self.spread(self.b_sum, self.b_squares), axis=1).tolist(),
+            backward_variance_median=float(np.median(b_variance)) if b_variance.size else 0.0,
+            backward_quiet_fraction=float((b_variance < floor_variance).mean()) if b_variance.size else 0.0,
+            floor_variance=floor_variance,
         )
 
 
@@ -119,11 +161,11 @@ def diagnose_split(
     progress: Callable[[int, int], None] | None = None,
 ) -> Diagnostics:
     """The diagnostics over the split's first `limit` sequences (all when None)."""
-    totals = Accumulator(model.config.latent_size)
+    totals = Accumulator(model.config.latent_size, model.config.hidden_size, model.config.latent_clamp)
     count = sequence_count(split, limit)
     for batch, generator in evaluation_batches(model, split, count, batch_size, device, seed, progress):
         terms = model.step_terms(batch.targets, batch.mask, generator=generator, first_input=batch.first_input)
-        totals.add(terms.kl, terms.aux, terms.posterior_mean, terms.mask)
+        totals.add(terms.kl, terms.aux, terms.posterior_mean, terms.mask, terms.backward, terms.aux_at_floor)
     return totals.result()
 
 

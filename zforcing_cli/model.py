@@ -94,6 +94,8 @@ class StepTerms:
     bwd: Tensor  # (B, T) -log p(u_t | b_t)
     log_ratio: Tensor  # (B, T) log q(z_t) - log p(z_t) at the sampled z_t
     posterior_mean: Tensor  # (B, T, Z) mean of q(z_t | h_{t-1}, b_t)
+    backward: Tensor  # (B, T, H) b_t, the aux cost's target
+    aux_at_floor: Tensor  # (B, T) dimensions of b_t whose aux log-variance sits at the clamp's floor
     mask: Tensor  # (B, T) valid steps
     bwd_mask: Tensor  # (B, T) valid steps with a u_t to predict (not the start input)
 
@@ -248,9 +250,12 @@ class AuxHead(nn.Module):
         self.mlp = MLP(in_size, hidden_size, 2 * target_size)
         self.clamp = clamp
 
-    def nll(self, condition: Tensor, target: Tensor) -> Tensor:  # (B, T, in), (B, T, H) -> (B, T)
+    def stats(self, condition: Tensor) -> tuple[Tensor, Tensor]:  # (B, T, in) -> mean, logvar (B, T, H) each
         mean, logvar = self.mlp(condition).clamp(-self.clamp, self.clamp).chunk(2, dim=-1)
-        return -gaussian_log_prob(target, torch.tanh(mean), logvar).sum(-1)
+        return torch.tanh(mean), logvar
+
+    def nll(self, condition: Tensor, target: Tensor) -> Tensor:  # (B, T, in), (B, T, H) -> (B, T)
+        return -gaussian_log_prob(target, *self.stats(condition)).sum(-1)
 
 
 class ForwardCell(nn.Module):
@@ -403,24 +408,27 @@ class ZForcing(nn.Module):
         kl = gaussian_kl(q_mean, q_logvar, p_mean, p_logvar)  # (B, T, Z)
         log_ratio = (gaussian_log_prob(z, q_mean, q_logvar) - gaussian_log_prob(z, p_mean, p_logvar)).sum(-1)
         if auxiliary:
-            aux, bwd = self.auxiliary_costs(y, h_prev, z, backward)
+            aux, bwd, aux_logvar = self.auxiliary_costs(y, h_prev, z, backward)
+            aux_at_floor = (aux_logvar.detach() <= -c.latent_clamp).sum(-1).to(nll.dtype)
         else:
-            aux = bwd = torch.zeros_like(nll)
+            aux = bwd = aux_at_floor = torch.zeros_like(nll)
         bwd_mask = mask.clone()
         bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
-        return StepTerms(nll=nll, kl=kl, aux=aux, bwd=bwd, log_ratio=log_ratio, posterior_mean=q_mean,
-                         mask=mask, bwd_mask=bwd_mask)
+        return StepTerms(nll=nll, kl=kl, aux=aux, bwd=bwd, log_ratio=log_ratio, posterior_mean=q_mean, backward=backward,
+                         aux_at_floor=aux_at_floor, mask=mask, bwd_mask=bwd_mask)
 
-    def auxiliary_costs(self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor) -> tuple[Tensor, Tensor]:
-        """-log p(b_t | z_t) (Eq. 8) and -log p(u_t | b_t) (Eq. 10), each (B, T)."""
+    def auxiliary_costs(self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-log p(b_t | z_t) (Eq. 8) and -log p(u_t | b_t) (Eq. 10), each (B, T), and the aux
+        head's log-variance (B, T, H)."""
         aux_condition = torch.cat([h_prev, z], dim=-1) if self.config.aux_on_hidden else z
         # The target b_t is detached: the auxiliary gradient trains z_t (through the posterior
         # and prior) and the aux head, never the backward RNN's states directly (§3.4).
-        aux = self.aux_head.nll(aux_condition, backward.detach())
+        aux_mean, aux_logvar = self.aux_head.stats(aux_condition)
+        aux = -gaussian_log_prob(backward.detach(), aux_mean, aux_logvar).sum(-1)
         # b_t predicts u_t = y_{t-1} for t ≥ 2; u_1 is the start symbol, which may lie outside the
         # output vocabulary, so step 1 is left out here and padded with a zero cost.
         bwd = self.distribution.nll(self.backward_head(backward[:, 1:]), y[:, :-1])
-        return aux, F.pad(bwd, (1, 0))
+        return aux, F.pad(bwd, (1, 0)), aux_logvar
 
     def posterior_rollout(
         self, embedded_u: Tensor, backward: Tensor, noise: Tensor

@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .data import Batch, PreparedDataset
 from .device import autocast_dtype, tensor_float32
+from .diagnostics import collapse_warning
 from .distributed import Group, from_main, rank_seed
 from .errors import TrainingError
 from .evaluate import bound_unit, evaluate_split
@@ -53,6 +54,7 @@ from .fileio import check_can_write, json_record, write_bytes, write_json
 from .model import StepTerms, ZForcing, ZForcingConfig, count_parameters
 from .plots import write_training_curves
 from .runlock import RunLock, RunLockedError
+from .schedule import annealed_aux_weight, annealed_kl_weight, annealed_kl_weight_on_device, aux_weight_reaches_zero
 from .tensorboard import TensorBoardLog, require_tensorboard
 from .runlock import holder as lock_holder
 
@@ -71,7 +73,9 @@ class TrainConfig:
     adam_eps: float = 1e-5
     adam_beta2: float = 0.999
     weight_decay: float = 0.0  # L2 penalty added to the gradient by Adam (the authors' IMDB setting: 1e-6)
-    aux_weight: float = 0.0  # α of Eq. 10
+    aux_weight: float = 0.0  # α of Eq. 10 (with aux_start: its final value)
+    aux_start: float | None = None  # α's first value, moved towards aux_weight by aux_increment per update
+    aux_increment: float = 5e-5  # the authors' step
     bwd_weight: float = 0.0  # β of Eq. 10
     kl_anneal: bool = False  # w_kl from kl_start to 1 by kl_increment per update
     kl_start: float = 0.2
@@ -185,11 +189,13 @@ class TrainResult:
 # -- one update -----------------------------------------------------------------------------------
 
 
-def objective(out, kl_weight: float, config: TrainConfig) -> torch.Tensor:
-    """Eq. 10 per sequence, averaged over the batch: -log p(y|h) + w·KL + α·aux + β·bwd."""
+def objective(out, kl_weight: float, config: TrainConfig, aux_weight: float | None = None) -> torch.Tensor:
+    """Eq. 10 per sequence, averaged over the batch: -log p(y|h) + w·KL + α·aux + β·bwd, with α
+    the given aux_weight (config.aux_weight when None)."""
+    aux_weight = config.aux_weight if aux_weight is None else aux_weight
     per_sequence = out.nll + kl_weight * out.kl
-    if config.aux_weight:
-        per_sequence = per_sequence + config.aux_weight * out.aux
+    if aux_weight:
+        per_sequence = per_sequence + aux_weight * out.aux
     if config.bwd_weight:
         per_sequence = per_sequence + config.bwd_weight * out.bwd
     return per_sequence.mean()
@@ -209,14 +215,14 @@ class TrainingStep(nn.Module):
         self.model, self.config, self.dtype = model, config, dtype
 
     def forward(self, y: Tensor, mask: Tensor, first_input: Tensor | None, noise: Tensor,
-                kl_weight: float | Tensor) -> tuple[Tensor, Tensor]:
+                kl_weight: float | Tensor, aux_weight: float | None = None) -> tuple[Tensor, Tensor]:
         if self.dtype is None:
             out = self.model(y, mask, noise=noise, first_input=first_input)
         else:
             with torch.autocast(y.device.type, dtype=self.dtype), onednn_off(y.device.type == "cpu"):
                 terms = self.model.step_terms(y, mask, noise=noise, first_input=first_input)
             out = in_float32(terms).summed()
-        loss = objective(out, kl_weight, self.config)
+        loss = objective(out, kl_weight, self.config, aux_weight)
         metrics = torch.stack([loss, out.nll.mean(), out.kl.mean(), out.aux.mean(), out.bwd.mean(), out.elbo.mean()]).detach()
         return loss, metrics
 
@@ -240,11 +246,12 @@ def in_float32(terms: StepTerms) -> StepTerms:
 
 def checked_update(
     step: TrainingStep, optimizer: torch.optim.Optimizer, batch: Batch, noise: Tensor, kl_weight: float, config: TrainConfig,
+    aux_weight: float | None = None,
 ) -> Tensor:
     """One Adam update, checked on the host: a non-finite loss is never backpropagated and a
     non-finite gradient never reaches Adam. Returns the METRICS and, last, 1 when it was
     skipped (0 otherwise). Each check waits for the device: device_update does not."""
-    loss, metrics = step(batch.targets, batch.mask, batch.first_input, noise, kl_weight)
+    loss, metrics = step(batch.targets, batch.mask, batch.first_input, noise, kl_weight, aux_weight)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         return torch.cat([metrics, metrics.new_tensor([math.nan, 1.0])])
@@ -260,6 +267,7 @@ def checked_update(
 def device_update(
     step: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, noise: Tensor, kl_weight: float | Tensor,
     config: TrainConfig, scaler: torch.amp.GradScaler | None = None, group: Group | None = None, share: float = 1.0,
+    aux_weight: float | None = None,
 ) -> Tensor:
     """One update that never waits for the device; returns what checked_update returns, on the
     device. optimizer is Adam with fused=True: when the loss or the gradient is not finite, its
@@ -270,7 +278,7 @@ def device_update(
     rank's `share` of the global batch, and the metrics are added over the ranks. DDP averages
     the ranks' gradients, so each rank weighs its loss by share × ranks: the average is then
     the gradient of the mean over the global batch, however unevenly it was divided."""
-    loss, metrics = step(batch.targets, batch.mask, batch.first_input, noise, kl_weight)
+    loss, metrics = step(batch.targets, batch.mask, batch.first_input, noise, kl_weight, aux_weight)
     if group is not None:
         metrics = group.all_reduce(metrics * share)
         loss = loss * (share * group.world_size)
@@ -316,17 +324,6 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(size)
-
-
-def annealed_kl_weight(config: TrainConfig, updates: int) -> float:
-    if not config.kl_anneal:
-        return 1.0
-    return min(1.0, config.kl_start + config.kl_increment * updates)
-
-
-def annealed_kl_weight_on_device(config: TrainConfig, updates: Tensor) -> Tensor:
-    """annealed_kl_weight for a count of updates held on the device."""
-    return torch.clamp(config.kl_start + config.kl_increment * updates, max=1.0)
 
 
 def plateau_update(state: TrainerState, valid_elbo: float, config: TrainConfig) -> bool:
@@ -396,6 +393,7 @@ class Trainer:
         self.good_updates: Tensor | None = None  # updates not skipped, counted on the device (KL annealing)
         self.agreed_stop: str | None = None  # distributed: the stop all ranks agreed on
         self.agreed_checkpoint = False  # distributed: rank 0's clock asked for a checkpoint
+        self.warned_collapse = False  # the latents' collapse is told once
 
     @property
     def is_main(self) -> bool:
@@ -471,7 +469,7 @@ class Trainer:
         state, cfg = self.state, self.config.train
         if self.group is not None:
             # An update uses every parameter but the auxiliary heads' when their weight is 0.
-            self.training_step = self.group.wrap(self.training_step, find_unused=not (cfg.aux_weight and cfg.bwd_weight))
+            self.training_step = self.group.wrap(self.training_step, find_unused=aux_weight_reaches_zero(cfg) or not cfg.bwd_weight)
         if self.on_device and cfg.kl_anneal:
             self.good_updates = torch.tensor(float(state.step - state.skipped_steps), dtype=torch.float64, device=self.device)
         finished = state.step >= self.total_steps and not self.validation_due()
@@ -561,13 +559,15 @@ class Trainer:
         if self.group is not None:
             torch.manual_seed(rank_seed(cfg.seed, state.step, self.group.rank))  # dropout: its own on each rank
         batch, noise, share = self.step_inputs(indices)
+        aux_weight = annealed_aux_weight(cfg, state.step)
         if self.on_device:
             kl_weight = state.kl_weight if self.good_updates is None else annealed_kl_weight_on_device(cfg, self.good_updates)
-            record = device_update(self.training_step, self.optimizer, batch, noise, kl_weight, cfg, self.scaler, self.group, share)
+            record = device_update(self.training_step, self.optimizer, batch, noise, kl_weight, cfg, self.scaler, self.group, share,
+                                   aux_weight)
             if self.good_updates is not None:
                 self.good_updates += 1 - record[-1]
         else:
-            record = checked_update(self.training_step, self.optimizer, batch, noise, state.kl_weight, cfg)
+            record = checked_update(self.training_step, self.optimizer, batch, noise, state.kl_weight, cfg, aux_weight)
         state.step += 1
         state.batch_in_epoch += 1
         self.pending.append(PendingUpdate(state.step, state.epoch, state.lr, record))
@@ -622,7 +622,7 @@ class Trainer:
         cfg, state = self.config.train, self.state
         state.consecutive_skips = 0
         state.kl_weight = annealed_kl_weight(cfg, update.step - state.skipped_steps)
-        metrics.update(kl_weight=state.kl_weight, lr=update.lr, seconds=seconds)
+        metrics.update(kl_weight=state.kl_weight, aux_weight=annealed_aux_weight(cfg, update.step - 1), lr=update.lr, seconds=seconds)
         if update.step % cfg.log_every == 0 or update.step == self.total_steps:
             self.log({"type": "train", "step": update.step, "epoch": update.epoch, **metrics})
         self.emit("step", metrics, update)
@@ -675,6 +675,10 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.samples(self.model, state.step)
         self.emit("validation", metrics)
+        warning = None if self.warned_collapse else collapse_warning(result.kl, bound_unit(self.dataset.meta.modality))
+        if warning is not None:
+            self.warned_collapse = True
+            self.emit("warning", {"message": warning})
         state.validated_step = state.step
         if epoch_done:
             state.epoch += 1

@@ -116,9 +116,9 @@ def test_skipped_updates_are_shown(cwd, tiny_data, monkeypatch):
     real = train_module.objective
     calls = {"n": 0}
 
-    def second_is_nan(out, kl_weight, config):
+    def second_is_nan(out, kl_weight, config, aux_weight=None):
         calls["n"] += 1
-        return real(out, kl_weight, config) * (math.nan if calls["n"] == 2 else 1.0)
+        return real(out, kl_weight, config, aux_weight) * (math.nan if calls["n"] == 2 else 1.0)
 
     monkeypatch.setattr(train_module, "objective", second_is_nan)
     result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 3)

@@ -131,6 +131,10 @@ def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:
         ("KL per step: largest", f"{max(found.kl_per_step, default=0.0):.3f} at step {peak + 1}"),
         ("KL per dimension: largest", f"{max(found.kl_per_dimension, default=0.0):.2f}"),
         ("auxiliary cost per sequence", f"{sum(found.aux_per_step):.2f}"),
+        ("aux log-variances at the clamp's floor", f"{100 * found.aux_floor_fraction:.1f}%"),
+        ("Var over the data of b_t: median", f"{found.backward_variance_median:.2e}"),
+        (f"Var over the data of b_t: below the floor's e^{-np.log(found.floor_variance):g}",
+         f"{100 * found.backward_quiet_fraction:.1f}% of (step, unit)"),
     ]
 
 

@@ -58,6 +58,8 @@ def train_cli(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences per update.", show_default=preset_defaults("batch_size"))] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (finite, > 0).", show_default=preset_defaults("lr"))] = None,
     aux_weight: Annotated[Optional[float], typer.Option("--aux-weight", help="α: weight of the auxiliary cost -log p(b_t|z_t).", show_default=preset_defaults("aux_weight"))] = None,
+    aux_start: Annotated[Optional[float], typer.Option("--aux-start", help="α's first value: α then moves linearly to --aux-weight by --aux-increment per update, as in the authors' code. Without it (and with --aux-weight given), α is constant.", show_default=preset_defaults("aux_start"))] = None,
+    aux_increment: Annotated[Optional[float], typer.Option("--aux-increment", help="With --aux-start: how far α moves per update.", show_default=preset_defaults("aux_increment"))] = None,
     bwd_weight: Annotated[Optional[float], typer.Option("--bwd-weight", help="β: weight of the backward prediction -log p(u_t|b_t).", show_default=preset_defaults("bwd_weight"))] = None,
     kl_anneal: Annotated[Optional[bool], typer.Option("--kl-anneal/--no-kl-anneal", help="KL weight from 0.2 to 1 by 5e-5 per update.", show_default="off")] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout on the input embeddings, in [0, 1).", show_default="text: 0.2, others: 0")] = None,
@@ -74,15 +76,16 @@ def train_cli(
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     check_real("--lr", lr, example="0.001", above=True)
-    for option, value in (("--aux-weight", aux_weight), ("--bwd-weight", bwd_weight), ("--checkpoint-minutes", checkpoint_minutes),
-                          ("--weight-decay", weight_decay)):
+    check_real("--aux-increment", aux_increment, example="5e-5", above=True)
+    for option, value in (("--aux-weight", aux_weight), ("--aux-start", aux_start), ("--bwd-weight", bwd_weight), ("--checkpoint-minutes", checkpoint_minutes), ("--weight-decay", weight_decay)):
         check_real(option, value)
     check_real("--dropout", dropout)
     if dropout is not None and dropout >= 1:
         raise usage_error(f"--dropout must be below 1, not {dropout:g}.", "Use a probability such as --dropout 0.2.")
     if precision is not None:
         check_precision(precision)
-    settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, bwd_weight=bwd_weight,
+    settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, aux_start=aux_start,
+                    aux_increment=aux_increment, bwd_weight=bwd_weight,
                     kl_anneal=kl_anneal, seed=seed, weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout,
                     precision=precision)
     with joined(device) as group:
@@ -205,7 +208,8 @@ def recorded_settings(run_config: RunConfig) -> dict:
     train_config = run_config.train
     return {
         "preset": run_config.preset or None, "batch_size": train_config.batch_size, "lr": train_config.lr,
-        "aux_weight": train_config.aux_weight, "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
+        "aux_weight": train_config.aux_weight, "aux_start": train_config.aux_start, "aux_increment": train_config.aux_increment,
+        "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
         "seed": train_config.seed, "weight_decay": train_config.weight_decay,
         "aux_condition": "hz" if run_config.model.aux_on_hidden else "z", "dropout": run_config.model.embed_dropout,
         "precision": train_config.precision,
@@ -239,6 +243,8 @@ def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, R
     preset = settings.pop("preset") or "small"
     model_config, train_config = preset_configs(preset, dataset.meta)
     model_config = apply_model_options(model_config, settings.pop("aux_condition"), settings.pop("dropout"))
+    if settings["aux_weight"] is not None and settings["aux_start"] is None:
+        train_config = replace(train_config, aux_start=None)  # --aux-weight alone: a constant α (the paper's form)
     train_config = replace(train_config, **given(**settings))
     return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset), preset), dataset
 
