@@ -38,7 +38,7 @@ from zforcing_cli.model import ZForcing, gaussian_kl  # noqa: E402
 from zforcing_cli.schedule import annealed_aux_weight  # noqa: E402
 from zforcing_cli.train import RunConfig  # noqa: E402
 
-RIDGE = 1e-3  # relative to the predictors' mean variance
+RIDGE = 1e-3  # relative to the (standardised) predictors' variance
 
 
 def load(run: Path) -> tuple[ZForcing, RunConfig, object]:
@@ -69,7 +69,10 @@ def centred_rows(values: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
 
 
 def ridge_r2(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
-    """Share of y_test's variance a ridge regression fitted on (x_fit, y_fit) predicts."""
+    """Share of y_test's variance a ridge regression fitted on (x_fit, y_fit) predicts (each
+    predictor scaled to unit variance first, so that one penalty suits them all)."""
+    scale = x_fit.std(0) + 1e-12
+    x_fit, x_test = x_fit / scale, x_test / scale
     gram = x_fit.T @ x_fit
     penalty = RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
     weights = np.linalg.solve(gram + penalty, x_fit.T @ y_fit)
