@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -25,6 +26,9 @@ def test_evaluate_table_and_json(text_trained):
     report = json.loads(result.stdout)
     assert report["unit"] == "nats per sentence" and report["status"] == "ok"
     assert report["perplexity_elbo"] > 1 and report["perplexity_iwae"] > 1 and report["unigram_perplexity"] > 1
+    # the unigram baseline as a bound per sentence too, the same figure as its perplexity
+    assert report["baseline"].startswith("unigram")
+    assert report["unigram_perplexity"] == pytest.approx(math.exp(report["baseline_nll"] * report["sequences"] / report["steps"]))
     tokens = report["steps"]
     assert abs(report["perplexity_elbo"] - 2.718281828 ** (-report["elbo"] * report["sequences"] / tokens)) < 1e-6 * report["perplexity_elbo"]
 
