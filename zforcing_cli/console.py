@@ -31,6 +31,7 @@ from typer.core import TyperGroup
 
 from .distributed import PeerFailed, launched_rank
 from .errors import UsageError, ZForcingError, file_system_error, is_out_of_memory, out_of_memory_error
+from .humanize import duration, plural  # noqa: F401 - the command modules take them from here too
 
 stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
@@ -44,23 +45,6 @@ F = TypeVar("F", bound=Callable)
 
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 update', '2 updates', '1,563 updates'."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
-def duration(seconds: float) -> str:
-    """'3.2 days', '2.5 h', '12.3 min' or '7.0 s': hours for a corpus or a long job, seconds for
-    a small one, days for a job that should not be run as it stands."""
-    if seconds >= 2 * 86400:
-        return f"{seconds / 86400:,.1f} days"
-    if seconds >= 3600:
-        return f"{seconds / 3600:,.2f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.1f} s"
 
 
 def print_error(message: str, hint: str = "") -> None:

@@ -9,7 +9,7 @@ sentence has the shortest length the data kept (min_tokens), as the authors' dec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -169,12 +169,13 @@ class InterpolationPoint:
 @torch.no_grad()
 def interpolate(model: ZForcing, vocabulary: TextVocabulary, sentence_a: str, sentence_b: str, points: int = 11,
                 length: int = DEFAULT_LENGTH, top_k: int = INTERPOLATION_TOP_K, temperature: float = 1.0,
-                seed: int = 0) -> list[InterpolationPoint]:
+                seed: int = 0, progress: Callable[[int, int], None] | None = None) -> list[InterpolationPoint]:
     """The paper's Table 3. The posterior means of z_1..z_T for each sentence (its words and
     </s>) are mixed as (1 - α) z^A_t + α z^B_t for α = 0, 1/(points - 1), ..., 1. Where one
     sentence has ended, its share is drawn from the prior instead, and past both ends z_t comes
     from the prior alone; so α = 0 decodes A's own latents and α = 1 B's. Each mix is decoded
-    greedily and by top-k sampling, with the same prior draws."""
+    greedily and by top-k sampling, with the same prior draws, a chunk of mixes at a time;
+    progress(done, total) follows the decoded mixes."""
     check_length(length)
     model.train(False)
     device = next(model.parameters()).device
@@ -186,12 +187,17 @@ def interpolate(model: ZForcing, vocabulary: TextVocabulary, sentence_a: str, se
     given, weights = mixed_latents(latents, alphas)
     greedy = Decoding(greedy=True, min_tokens=vocabulary.min_tokens)
     sampled = Decoding(temperature=temperature, top_k=top_k, min_tokens=vocabulary.min_tokens)
-    rows = []
-    for decoding in (greedy, sampled):
+    size = rows_per_chunk(step_bytes(model.config) + 8 * length)
+    rows: list[list[str]] = [[], []]
+    for texts, decoding in zip(rows, (greedy, sampled)):
         generator = generator_for(model, seed)  # the same prior draws for both decodings
-        tokens = model.generate(points, length, generator=generator, stop=lambda y: y == END,
-                                choose=decoding.chooser(generator), latents=(given, weights))
-        rows.append([vocabulary.text(row) for row in tokens.tolist()])
+        for start, count in chunks(points, size):
+            part = slice(start, start + count)
+            tokens = model.generate(count, length, generator=generator, stop=lambda y: y == END,
+                                    choose=decoding.chooser(generator), latents=(given[part], weights[part]))
+            texts += [vocabulary.text(row) for row in tokens.tolist()]
+            if progress is not None:
+                progress(len(rows[0]) + len(rows[1]), 2 * points)
     return [InterpolationPoint(alpha, g, s) for alpha, g, s in zip(alphas.tolist(), *rows)]
 
 
