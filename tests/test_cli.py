@@ -176,6 +176,13 @@ def test_train_writes_a_run_and_points_latest(trained, tiny_data):
     assert (run / "metrics.jsonl").is_file() and (run / "training_curves.svg").is_file() and (run / "training_curves.png").is_file()
 
 
+def test_a_batch_larger_than_the_data_is_recorded_as_the_batch_that_ran(cwd, tiny_data):
+    result = invoke("train", "--data", tiny_data, "--batch-size", 100_000_000, "--max-steps", 1, "--out", "run", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "a batch of 100,000,000 is more than the 24 training sequences" in plain(result.stderr)
+    assert json.loads((cwd / "run" / "config.json").read_text())["train"]["batch_size"] == 24
+
+
 def test_train_resume_continues_runs_latest(trained, cwd):
     runs = copy_runs(trained[0], cwd)
     result = invoke("train", "--resume", "--max-steps", 3, "--device", "cpu")

@@ -4,6 +4,7 @@ model on its stream sequences, evaluate whole test utterances in the paper's sig
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -90,6 +91,17 @@ def test_the_gaussian_baseline_on_the_train_split_is_half_log_two_pi_e(timit_run
     train = dataset.split("train")
     per_sample = baseline_nll(dataset, "train") / (train.meta.audio["sequence_frames"] * 200)
     assert per_sample == pytest.approx(0.5 * np.log(2 * np.pi * np.e), abs=0.02)
+
+
+def test_whole_counts_print_as_integers(timit_run, monkeypatch):
+    """0.5 s stream sequences hold 8,000 samples each, not "8,000.0"; an average over whole
+    utterances keeps its decimal."""
+    work, _ = timit_run
+    monkeypatch.chdir(work)
+    valid = plain(invoke("evaluate", "run", "--device", "cpu", "--split", "valid").stdout)
+    assert re.search(r"waveform samples per sequence\s*│\s*8,000 │", valid), valid
+    test = plain(invoke("evaluate", "run", "--device", "cpu").stdout)
+    assert re.search(r"waveform samples per sequence\s*│\s*[\d,]+\.\d │", test), test
 
 
 def test_the_table_uses_the_papers_sign(timit_run, monkeypatch):
