@@ -108,7 +108,7 @@ def sample_images(
     generator = generator_for(model, seed)
     model.train(False)
     images = np.empty((num, height, width), dtype=np.float32)
-    size = rows_per_chunk(height * width * step_bytes(model.config))
+    size = rows_per_chunk(step_bytes(model.config) + 8 * height * width)  # a step's work, every step's pixel
     for start, count in chunks(num, size):
         pixels = model.generate(count, height * width, temperature=temperature, generator=generator)
         images[start : start + count] = pixels.view(count, height, width).float().cpu().numpy()
@@ -350,8 +350,10 @@ def sample_audio(
 
     generator = generator_for(model, seed)
     model.train(False)
-    # a piece's frames as float32 in the model, float64 and int16 on their way to the file
-    size = rows_per_chunk(step_bytes(model.config) + audio.frames_for(PIECE_SECONDS) * audio.frame_size * 48)
+    # a piece's frames as float32 in the model, float64 and int16 on their way to the file; the
+    # prompt's frames, all read at once (the backward LSTM runs over the whole prompt)
+    prompt_frames = len(prompt_samples) // audio.frame_size
+    size = rows_per_chunk((1 + prompt_frames) * step_bytes(model.config) + audio.frames_for(PIECE_SECONDS) * audio.frame_size * 48)
     generating = Stopwatch()  # reading the prompt's frames included; not the files
     for start, count in chunks(num, size):
         with ExitStack() as stack:
