@@ -155,6 +155,11 @@ def test_a_sample_of_days_is_announced(text_trained, monkeypatch):
     assert "Sampling 3,000 sentences will take about" in warning and "--num" in warning
 
 
+def test_a_prompt_longer_than_a_file_name_is_words(text_trained):
+    result = invoke("sample", text_trained, "--num", 1, "--length", 2, "--prompt", " ".join(["the film was great ."] * 20))
+    assert result.exit_code == 0, plain(result.output)
+
+
 def test_an_audio_file_is_not_a_text_prompt(text_trained, cwd):
     (cwd / "x.wav").write_bytes(b"RIFF")
     for prompt in ("x.wav", "missing.flac"):

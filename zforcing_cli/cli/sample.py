@@ -90,7 +90,7 @@ def sample_cli(
         what = f"{plural(num, 'clip')} of {audio.seconds(steps):g} s" + (" after the prompt" if prompt else "")
         with ThreadPolicy(threads), JobProgress(f"Generating {what}", shorten=SHORTEN_AUDIO) as progress:
             result = sample_audio(model, data, out, num=num, steps=steps, temperature=temperature, seed=seed,
-                                  prompt=audio_prompt(prompt), force=force, progress=audio_progress(progress, audio, steps))
+                                  prompt=audio_prompt(prompt), force=force, progress=audio_progress(progress, audio))
         report_audio(result)
         return
     check_image_options(prompt, seconds, length)
@@ -105,7 +105,7 @@ def sample_cli(
 SHORTEN_AUDIO = "ask for less with --seconds or --num"
 
 
-def audio_progress(progress: JobProgress, audio: AudioFormat, steps: int) -> Callable[[int, int], None]:
+def audio_progress(progress: JobProgress, audio: AudioFormat) -> Callable[[int, int], None]:
     """sample_audio's progress in frames, shown as seconds of audio."""
     return lambda done, total: progress(done, total, f"{audio.seconds(done):,.1f} of {audio.seconds(total):,.1f} s of audio")
 
@@ -113,11 +113,20 @@ def audio_progress(progress: JobProgress, audio: AudioFormat, steps: int) -> Cal
 def check_text_options(seconds: float | None, prompt: str | None) -> None:
     if seconds is not None:
         raise usage_error("--seconds applies to audio models only.", "For text, --length sets the most tokens per sentence.")
-    if prompt is not None and (Path(prompt).suffix.lower() in AUDIO_EXTENSIONS or Path(prompt).is_file()):
+    if prompt is not None and (Path(prompt).suffix.lower() in AUDIO_EXTENSIONS or names_file(prompt)):
         raise usage_error(
             f"--prompt {prompt} names a file, but this is a text model: its prompt is the words each sentence begins with.",
             "For example --prompt \"this movie\"; an audio file is a prompt for an audio model.",
         )
+
+
+def names_file(text: str) -> bool:
+    """Whether text is the path of a file; a long sentence is a name too long for the file
+    system, not an error."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def audio_prompt(prompt: str | None) -> Path | None:
@@ -125,7 +134,7 @@ def audio_prompt(prompt: str | None) -> Path | None:
     if prompt is None:
         return None
     path = Path(prompt)
-    if not path.exists() and path.suffix.lower() not in AUDIO_EXTENSIONS:
+    if not names_file(prompt) and path.suffix.lower() not in AUDIO_EXTENSIONS:
         raise usage_error(
             f"--prompt {prompt!r} is not an audio file, and this is an audio model: its prompt is an audio file to continue.",
             "Give --prompt the path of a WAV, FLAC, MP3, ... file; words are a prompt for a text model.",
