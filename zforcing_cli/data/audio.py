@@ -276,11 +276,12 @@ class StreamReport:
         """How to keep the too-short files: the sequence length that keeps half of them."""
         if not self.too_short:
             return ""
+        if self.kind != "wav":
+            return " `zforcing prepare wav` with a smaller --frame-size or --sequence-length keeps shorter files."
         frame = self.framing.frame_size
         frames = int(np.median([length for _, length in self.too_short])) // frame - 1
-        if self.kind != "wav" or frames < 1:
-            return (" `zforcing prepare wav` with a smaller --frame-size or --sequence-length keeps shorter files."
-                    if self.kind != "wav" else " A smaller --frame-size keeps shorter files.")
+        if frames < 1:
+            return " A smaller --frame-size keeps shorter files."
         kept = sum(length >= (frames + 1) * frame for _, length in self.too_short)
         seconds = (frames + 1) * frame / self.framing.sample_rate
         return (f" Shorter sequences keep them: --sequence-length {frames} ({seconds:g} s) keeps {kept} of these "
@@ -297,10 +298,14 @@ class StreamReport:
         """The error for a folder whose usable audio makes fewer than three sequences, saying
         what was read and what was dropped."""
         sequence = self.framing.sequence_samples / self.framing.sample_rate
-        dropped = [f"{len(self.too_short)} file(s) shorter than one sequence ({self.seconds(sum(n for _, n in self.too_short))})"
-                   if self.too_short else "", f"{len(self.silent)} silent" if self.silent else "",
-                   f"{len(self.unreadable)} unreadable" if self.unreadable else ""]
-        dropped_text = "; dropped: " + ", ".join(part for part in dropped if part) if len(self) else ""
+        dropped = []
+        if self.too_short:
+            dropped.append(f"{len(self.too_short)} file(s) shorter than one sequence ({self.seconds(sum(n for _, n in self.too_short))})")
+        if self.silent:
+            dropped.append(f"{len(self.silent)} silent")
+        if self.unreadable:
+            dropped.append(f"{len(self.unreadable)} unreadable")
+        dropped_text = f"; dropped: {', '.join(dropped)}" if dropped else ""
         longest = max((length for _, length in self.too_short), default=0) // self.framing.frame_size - 1
         fits = f" (the longest file holds {longest} frames)" if longest >= 1 else ""
         return DataError(
