@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -175,6 +176,13 @@ def test_train_writes_a_run_and_points_latest(trained, tiny_data):
     assert (run / "metrics.jsonl").is_file() and (run / "training_curves.svg").is_file() and (run / "training_curves.png").is_file()
 
 
+def test_a_batch_larger_than_the_data_is_recorded_as_the_batch_that_ran(cwd, tiny_data):
+    result = invoke("train", "--data", tiny_data, "--batch-size", 100_000_000, "--max-steps", 1, "--out", "run", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "a batch of 100,000,000 is more than the 24 training sequences" in plain(result.stderr)
+    assert json.loads((cwd / "run" / "config.json").read_text())["train"]["batch_size"] == 24
+
+
 def test_train_resume_continues_runs_latest(trained, cwd):
     runs = copy_runs(trained[0], cwd)
     result = invoke("train", "--resume", "--max-steps", 3, "--device", "cpu")
@@ -278,6 +286,13 @@ def test_evaluate_json(in_trained):
     assert report["elbo"] < 0 and report["kl"] >= 0
     assert report["nll_elbo"] == pytest.approx(-report["elbo"])
     assert Path(report["checkpoint"]).name.startswith("best-")
+    # the bound beside a model that ignores the data: 784 pixels, each 1 with probability 1/2
+    assert report["baseline"].startswith("uniform Bernoulli") and report["baseline_nll"] == pytest.approx(784 * math.log(2))
+
+
+def test_evaluate_table_gives_the_baseline(in_trained):
+    table = plain(invoke("evaluate", "--device", "cpu", "--limit", 2).stdout)
+    assert re.search(r"baseline NLL \(uniform Bernoulli\), nats per image\s*│\s*543\.43", table), table
 
 
 def test_evaluate_iwae_and_valid_split(in_trained):
@@ -296,6 +311,31 @@ def test_evaluate_iwae_table_row(in_trained):
     assert result.exit_code == 0, plain(result.output)
     assert "IWAE, K=2" in plain(result.stdout)
     assert re.search(r"sequences\s*│\s*2\b", plain(result.stdout))
+
+
+def test_evaluate_of_one_sequence_shows_how_far_it_is(in_trained, monkeypatch):
+    """Off a terminal, a line every JobProgress.LOG_SECONDS (here every pass) with an ETA, even
+    for a single sequence: progress counts its IWAE samples."""
+    from zforcing_cli.console import JobProgress
+
+    monkeypatch.setattr(JobProgress, "LOG_SECONDS", 0.0)
+    monkeypatch.setattr(JobProgress, "MEASURE_SECONDS", 0.0)
+    result = invoke("evaluate", "--iwae", 40, "--limit", 1, "--batch-size", 10, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    lines = [line for line in plain(result.stderr).splitlines() if line.startswith("Evaluating test:")]
+    assert "about" in lines[0] and "to go" in lines[0]
+    assert any("25%, 10 of 40 (1 sequence × 40 IWAE samples)" in line and "to go" in line for line in lines), lines
+
+
+def test_evaluate_warns_of_a_job_of_days(in_trained, monkeypatch):
+    from zforcing_cli.console import JobProgress
+
+    monkeypatch.setattr(JobProgress, "MEASURE_SECONDS", 0.0)
+    monkeypatch.setattr(JobProgress, "LONG_JOB_SECONDS", 0.0)
+    result = invoke("evaluate", "--iwae", 40, "--limit", 1, "--batch-size", 10, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    warning = next(line for line in plain(result.stderr).splitlines() if line.startswith("Warning:"))
+    assert "will take about" in warning and "--limit" in warning and "--iwae" in warning
 
 
 def test_evaluate_bogus_split_is_a_usage_error(in_trained):
@@ -428,6 +468,24 @@ def test_unexpected_errors_are_one_line_unless_debugging(in_trained, monkeypatch
     debug = invoke("evaluate", "--device", "cpu", env={"ZFORCING_DEBUG": "1"})
     assert debug.exit_code == 1
     assert isinstance(debug.exception, RuntimeError) and str(debug.exception) == "kaboom"
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 51200000000 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_running_out_of_memory_names_the_option_to_lower(in_trained, monkeypatch, error):
+    import zforcing_cli.cli.evaluate as evaluate_command
+
+    def exhaust(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(evaluate_command, "evaluate_split", exhaust)
+    result = invoke("evaluate", "--device", "cpu")
+    line = assert_clean_error(result, 1, "Out of memory")
+    assert "bug" not in plain(result.output) and "--batch-size" in plain(result.stderr)
+    if isinstance(error, RuntimeError):
+        assert "47.7 GiB" in line
 
 
 def test_evaluate_when_the_training_data_has_moved(cwd, best_checkpoint):

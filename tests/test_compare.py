@@ -81,6 +81,40 @@ def test_cli_refuses_runs_on_different_data(cwd, tiny_dataset):
     assert_clean_error(invoke("compare", "a", "b"), 1, "different kinds of data")
 
 
+def test_cli_checks_the_runs_before_the_figure(cwd, tiny_dataset):
+    write_run(cwd / "a", tiny_dataset)
+    (cwd / "compare.png").write_bytes(b"an older figure")
+    assert_clean_error(invoke("compare", "a", "MISSING"), 1, "MISSING is not a run folder")
+
+
+def test_the_table_gives_each_part_of_a_label_its_own_line(cwd, tiny_dataset):
+    """At 80 columns a label of several parts wraps: never after a comma, as if one were missing."""
+    write_run(cwd / "a", tiny_dataset, aux_weight=0.0, bwd_weight=0.0, lr=0.001, batch_size=4, kl_anneal=True)
+    write_run(cwd / "b", tiny_dataset, aux_weight=0.0025, bwd_weight=0.0025, lr=0.0003, batch_size=8)
+    table = plain(invoke("compare", "a", "b").stdout)
+    assert "α=β=0 " in table and "no KL anneal" in table and "lr=0.0003" in table
+    assert "," not in table.split("\n", 1)[1]  # below the title
+
+
+def audio_data(frame_size: int, sequence_frames: int) -> dict:
+    return {"modality": "frames", "sequence_length": sequence_frames,
+            "audio": {"sample_rate": 16000, "frame_size": frame_size, "sequence_frames": sequence_frames}}
+
+
+def test_runs_with_sequences_of_other_lengths_are_compared_with_a_warning(cwd, tiny_dataset):
+    for name, framing in (("a", (200, 40)), ("b", (160, 20)), ("c", (200, 40))):
+        write_run(cwd / name, tiny_dataset)
+        config = json.loads((cwd / name / "config.json").read_text())
+        config["data"].update(audio_data(*framing))
+        (cwd / name / "config.json").write_text(json.dumps(config))
+    result = invoke("compare", "a", "b")
+    assert result.exit_code == 0, plain(result.output)
+    warning = " ".join(plain(result.stderr).split())
+    assert "Warning: The runs' sequences differ (a: 8,000 samples (40 frames of 200); b: 3,200 samples (20 frames of 160))" in warning
+    assert "per sample" in warning
+    assert "Warning" not in plain(invoke("compare", "a", "c", "--out", "same.png").stderr)
+
+
 def test_cli_names_what_it_wrote(cwd, tiny_dataset):
     write_run(cwd / "a", tiny_dataset)
     assert "Wrote the kl curves of 1 run to compare.png" in plain(invoke("compare", "a").stderr)

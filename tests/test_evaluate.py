@@ -89,7 +89,8 @@ def test_more_samples_than_batch_size_go_one_sequence_at_a_time(model, tiny_data
     result = evaluate_split(model, split, batch_size=2, seed=7, limit=2, iwae_samples=5,
                             progress=lambda done, total: reports.append((done, total)))
     assert rows == [2, 2, 1, 2, 2, 1]
-    assert reports == [(1, 2), (2, 2)]
+    # progress in (sequence, sample) pairs, after each forward pass: one sequence shows its way
+    assert reports == [(2, 10), (4, 10), (5, 10), (7, 10), (9, 10), (10, 10)]
     assert (result.elbo, result.kl, result.iwae) == pytest.approx(expected, rel=1e-9)
     assert result.steps == 2 * 32 and result.sequences == 2
 

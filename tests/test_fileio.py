@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from zforcing_cli.fileio import OutputExistsError, atomic_directory, write_bytes, write_json
+from zforcing_cli.fileio import OutputExistsError, atomic_directory, atomic_file, write_bytes, write_json
 
 
 def entries(folder):
@@ -115,3 +115,23 @@ def test_write_bytes_on_a_read_only_file_system_names_the_file_asked_for(tmp_pat
     with pytest.raises(OSError) as caught:
         write_bytes(tmp_path / "kl.png", b"\x89PNG")
     assert caught.value.filename == str(tmp_path / "kl.png") and caught.value.errno == errno.EROFS
+
+
+def test_atomic_file_streamed_then_interrupted_leaves_nothing(tmp_path):
+    """An output written piece by piece appears whole or not at all, even on Ctrl-C."""
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(tmp_path / "lines.txt") as tmp:
+            with open(tmp, "w") as handle:
+                handle.write("first line\n")
+                raise KeyboardInterrupt
+    assert entries(tmp_path) == []
+    with atomic_file(tmp_path / "lines.txt") as tmp:
+        tmp.write_text("whole\n")
+    assert entries(tmp_path) == ["lines.txt"] and (tmp_path / "lines.txt").read_text() == "whole\n"
+
+
+def test_atomic_file_leaves_errors_of_its_block_alone(tmp_path):
+    with pytest.raises(FileNotFoundError) as caught:
+        with atomic_file(tmp_path / "out.wav"):
+            open(tmp_path / "prompt.wav")
+    assert caught.value.filename == str(tmp_path / "prompt.wav")

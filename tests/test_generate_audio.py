@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from conftest import PNG_SIGNATURE, assert_clean_error, invoke, plain
 
 from zforcing_cli.checkpoint import save_checkpoint
 from zforcing_cli.data.audio import decode_file
-from zforcing_cli.generate import AudioFormat, audio_steps, numbered_paths
+import zforcing_cli.generate as generate_module
+from zforcing_cli.checkpoint import load_model
+from zforcing_cli.generate import AudioFormat, audio_pieces, audio_steps, numbered_paths
 from zforcing_cli.model import ZForcing, ZForcingConfig
 from zforcing_cli.train import TrainConfig
 
@@ -151,6 +154,103 @@ def test_a_prompt_is_kept_and_continued(audio_checkpoint, cwd):
         assert np.abs(samples[: len(expected)].astype(int) - expected).max() <= 1
         assert_png(cwd / f"a-{n}.png")
     assert "0.8 s each, the first 0.3 s the prompt" in plain(result.stdout)
+
+
+# -- bounded: pieces, chunks, limits --------------------------------------------------------------
+
+
+def test_pieces_give_the_numbers_of_one_call(audio_checkpoint, monkeypatch):
+    """A long clip is generated PIECE_SECONDS at a time, carrying the state from piece to piece:
+    the same frames as one call to generate, with and without a prompt."""
+    model, _ = load_model(audio_checkpoint)
+    audio = AudioFormat.of({"audio": AUDIO})
+    monkeypatch.setattr(generate_module, "PIECE_SECONDS", 3 * FRAME / RATE)  # 3 frames a piece
+    pieces = list(audio_pieces(model, audio, 2, 10, 1.0, torch.Generator().manual_seed(4), np.zeros(0, np.int16)))
+    assert [piece.shape[1] for piece in pieces] == [3, 3, 3, 1]
+    whole = model.generate(2, 10, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=0)
+
+    prompt = (np.random.default_rng(0).standard_normal(4 * FRAME) * 3000).astype(np.int16)
+    pieces = list(audio_pieces(model, audio, 2, 7, 1.0, torch.Generator().manual_seed(5), prompt))
+    generator = torch.Generator().manual_seed(5)
+    frames = torch.from_numpy(audio.normalise(prompt))
+    state = model.encode(frames[1:].expand(2, -1, -1), first_input=frames[0].expand(2, -1), generator=generator)
+    whole = model.generate(2, 7, generator=generator, first_input=frames[-1].expand(2, -1), state=state)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=0)
+
+
+def test_clips_are_generated_a_chunk_at_a_time_and_streamed(audio_checkpoint, cwd, monkeypatch):
+    from zforcing_cli.console import JobProgress
+
+    monkeypatch.setattr(generate_module, "rows_per_chunk", lambda bytes_per_row: 2)
+    monkeypatch.setattr(generate_module, "PIECE_SECONDS", 4 * FRAME / RATE)
+    monkeypatch.setattr(JobProgress, "LOG_SECONDS", 0.0)
+    rows, real = [], ZForcing.generate
+    monkeypatch.setattr(ZForcing, "generate", lambda self, num, steps, **kwargs: rows.append((num, steps)) or real(self, num, steps, **kwargs))
+    result = sample(audio_checkpoint, "--out", "a.wav", "--num", 3, "--length", 10)
+    assert result.exit_code == 0, plain(result.output)
+    assert rows == [(2, 4), (2, 4), (2, 2), (1, 4), (1, 4), (1, 2)]
+    assert all(len(read_wav(cwd / f"a-{n}.wav")) == 10 * FRAME for n in (1, 2, 3))
+    assert sorted(path.name for path in cwd.iterdir()) == ["a-1.png", "a-1.wav", "a-2.png", "a-2.wav", "a-3.png", "a-3.wav"]
+    assert "Generating 3 clips of 0.125 s: 100%, 0.4 of 0.4 s of audio" in plain(result.stderr)
+
+
+def test_an_interrupted_clip_leaves_no_file(audio_checkpoint, cwd, monkeypatch):
+    monkeypatch.setattr(generate_module, "PIECE_SECONDS", 4 * FRAME / RATE)
+    calls, real = [], ZForcing.generate
+
+    def interrupt_the_second_piece(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZForcing, "generate", interrupt_the_second_piece)
+    result = sample(audio_checkpoint, "--out", "a.wav", "--length", 10)
+    assert result.exit_code == 130 and "Interrupted" in plain(result.stderr)
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", [("--seconds", "1e9"), ("--length", "100000000")])
+def test_a_clip_longer_than_a_wav_file_holds_is_refused_up_front(audio_checkpoint, cwd, option):
+    line = assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", *option), 2, "4 GiB")
+    assert "h at 16000 Hz" in line
+    assert list(cwd.iterdir()) == []
+
+
+def test_clips_that_do_not_fit_the_disk_are_refused_up_front(audio_checkpoint, cwd, monkeypatch):
+    monkeypatch.setattr(generate_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--seconds", 60), 1, "GiB free")
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_long_clip_is_plotted_for_its_first_seconds(audio_checkpoint, cwd, monkeypatch):
+    plotted = []
+    monkeypatch.setattr(generate_module, "PLOT_SECONDS", 0.05)
+    monkeypatch.setattr(generate_module, "write_audio_plot", lambda path, waveform, rate, title, boundary=None: plotted.append((len(waveform), title)))
+    assert sample(audio_checkpoint, "--out", "a.wav", "--seconds", 0.5).exit_code == 0
+    assert plotted == [(800, "a.wav: the first 0.05 s of 0.5 s")]
+
+
+def test_images_are_generated_a_chunk_at_a_time(image_checkpoint, cwd, monkeypatch):
+    monkeypatch.setattr(generate_module, "rows_per_chunk", lambda bytes_per_row: 4)
+    rows, real = [], ZForcing.generate
+    monkeypatch.setattr(ZForcing, "generate", lambda self, num, steps, **kwargs: rows.append(num) or real(self, num, steps, **kwargs))
+    result = sample(image_checkpoint, "--out", "s.png", "--num", 10)
+    assert result.exit_code == 0, plain(result.output)
+    assert rows == [4, 4, 2]
+    assert_png(cwd / "s.png")
+
+
+def test_more_images_than_a_grid_shows_are_refused(image_checkpoint, cwd):
+    assert_clean_error(sample(image_checkpoint, "--out", "s.png", "--num", 20_000), 2, "--num 20,000", "10,000")
+    assert list(cwd.iterdir()) == []
+
+
+def test_words_are_not_an_audio_prompt(audio_checkpoint, cwd):
+    line = assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--prompt", "this movie"), 2, "'this movie'")
+    assert "not an audio file" in line and "audio model" in line
+    assert list(cwd.iterdir()) == []
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -163,6 +163,19 @@ def test_interpolation_endpoints_decode_each_sentences_posterior(dataset, vocabu
         assert row.greedy == vocabulary.text(tokens[0].tolist())
 
 
+def test_interpolation_decodes_a_chunk_of_mixes_at_a_time(dataset, vocabulary, monkeypatch):
+    import zforcing_cli.sentences as sentences_module
+
+    model = text_model(dataset)
+    monkeypatch.setattr(sentences_module, "rows_per_chunk", lambda bytes_per_row: 4)
+    rows, reports, real = [], [], model.generate
+    monkeypatch.setattr(model, "generate", lambda num, *args, **kwargs: rows.append(num) or real(num, *args, **kwargs))
+    points = interpolate(model, vocabulary, "the film was great .", "the plot is boring !", points=11,
+                         progress=lambda done, total: reports.append((done, total)))
+    assert rows == [4, 4, 3, 4, 4, 3] and len(points) == 11 and all(point.greedy for point in points)
+    assert reports == [(4, 22), (8, 22), (11, 22), (15, 22), (19, 22), (22, 22)]
+
+
 def test_interpolation_input_errors(dataset, vocabulary):
     model = text_model(dataset)
     with pytest.raises(TextInputError, match="first sentence"):

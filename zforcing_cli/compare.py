@@ -4,7 +4,7 @@ differs in its configuration, and a table of their validation bounds."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import is_run_folder, read_config
@@ -28,7 +28,12 @@ class RunSummary:
     folder: Path
     settings: dict  # flattened config: "model.aux_weight" -> value, ...
     records: list[dict]
-    label: str = ""
+    sequence: str  # what one sequence of its data holds: "8,000 samples (40 frames of 200)", "784 pixels"
+    parts: list[str] = field(default_factory=list)  # what sets it apart ("α=β=0", "KL anneal"), or its folder's name
+
+    @property
+    def label(self) -> str:
+        return ", ".join(self.parts)
 
     def validations(self) -> list[dict]:
         return [r for r in self.records if r.get("type") == "valid" and is_finite(r.get("nll_bound"))]
@@ -64,7 +69,29 @@ def load_run(folder: Path) -> RunSummary:
             if name not in BOOKKEEPING:
                 settings[f"{section}.{name}"] = value
     settings["train.preset"] = config.get("preset") or None
-    return RunSummary(folder, settings, read_metrics(folder / METRICS_FILE))
+    return RunSummary(folder, settings, read_metrics(folder / METRICS_FILE), sequence_extent(config.get("data") or {}))
+
+
+def sequence_extent(data: dict) -> str:
+    """What one sequence of a run's data holds, which its bounds per sequence are per: samples
+    for audio, the most tokens for text (sentences vary), pixels for images."""
+    audio = data.get("audio") or {}
+    if data.get("modality") == "frames" and audio:
+        frames, size = audio.get("sequence_frames"), audio.get("frame_size")
+        return f"{frames * size:,} samples ({frames} frames of {size})" if frames and size else "frames of unknown size"
+    if data.get("modality") == "tokens":
+        return f"sentences of at most {data.get('sequence_length')} tokens"
+    return f"{data.get('sequence_length')} pixels"
+
+
+def mixed_sequences(runs: list[RunSummary]) -> str | None:
+    """A warning when the runs' sequences differ, so that their bounds per sequence do not compare."""
+    extents = {run.sequence for run in runs}
+    if len(extents) < 2:
+        return None
+    listed = "; ".join(f"{run.folder.name}: {run.sequence}" for run in runs)
+    return (f"The runs' sequences differ ({listed}): their bounds per sequence do not compare. Compare their "
+            "`zforcing evaluate` figures per sample (nll_elbo_per_sample) instead.")
 
 
 def differing_settings(runs: list[RunSummary]) -> list[str]:
@@ -96,13 +123,14 @@ def run_description(run: RunSummary, differing: list[str]) -> list[str]:
 
 def label_runs(runs: list[RunSummary]) -> list[str]:
     """Each run's label: what differs in its configuration, or its folder's name when nothing
-    does (or when two runs would get the same label)."""
+    does (or first, when two runs would get the same label)."""
     differing = differing_settings(runs)
     for run in runs:
-        run.label = ", ".join(run_description(run, differing)) or run.folder.name
+        run.parts = run_description(run, differing) or [run.folder.name]
     if len({run.label for run in runs}) < len(runs):
         for run in runs:
-            run.label = f"{run.folder.name}: {run.label}" if run.label != run.folder.name else run.label
+            if run.parts != [run.folder.name]:
+                run.parts = [f"{run.folder.name}: {run.parts[0]}", *run.parts[1:]]
     return differing
 
 

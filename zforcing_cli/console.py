@@ -9,22 +9,35 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 import traceback
 from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from typer.core import TyperGroup
 
 from .distributed import PeerFailed, launched_rank
-from .errors import UsageError, ZForcingError, file_system_error
+from .errors import UsageError, ZForcingError, file_system_error, is_out_of_memory, out_of_memory_error
+from .humanize import duration, plural  # noqa: F401 - the command modules take them from here too
 
 stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
+# A progress line written to a log file is as wide as it needs to be: at rich's default 80
+# columns it would be cut short ("300/3…").
+LOG_WIDTH = 400
 DEBUG_VARIABLE = "ZFORCING_DEBUG"
 
 F = TypeVar("F", bound=Callable)
@@ -32,20 +45,6 @@ F = TypeVar("F", bound=Callable)
 
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 update', '2 updates', '1,563 updates'."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
-def duration(seconds: float) -> str:
-    """'2.5 h', '12.3 min' or '7.0 s': hours for a corpus or a long job, seconds for a small one."""
-    if seconds >= 3600:
-        return f"{seconds / 3600:,.2f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.1f} s"
 
 
 def print_error(message: str, hint: str = "") -> None:
@@ -57,9 +56,10 @@ def print_error(message: str, hint: str = "") -> None:
         stderr.print(f"[dim]Hint:[/] {escape(hint)}", soft_wrap=True)
 
 
-def handle_errors(command: F) -> F:
+def handle_errors(command: F, memory_options: str = "") -> F:
     """Expected failures become one `Error:` line plus a hint and exit 1; ZFORCING_DEBUG=1
-    shows the traceback instead."""
+    shows the traceback instead. Running out of memory is expected too: its hint names
+    memory_options, the options that size the command's work."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -77,6 +77,8 @@ def handle_errors(command: F) -> F:
             print_error("Interrupted.", "Outputs are written whole or not at all: nothing half-written was left behind.")
             raise typer.Exit(130) from None
         except Exception as error:  # noqa: BLE001 - the last line of defence for the user
+            if is_out_of_memory(error):
+                fail(out_of_memory_error(error, memory_options))
             if debug_enabled():
                 raise
             print_error(
@@ -117,6 +119,11 @@ class CommandGroup(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def progress_console() -> Console:
+    """stderr, as wide as a progress line needs when it is not a terminal."""
+    return stderr if stderr.is_terminal else Console(stderr=True, highlight=False, width=LOG_WIDTH)
+
+
 def training_progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -127,16 +134,75 @@ def training_progress() -> Progress:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[metrics]}"),
-        console=stderr,
+        console=progress_console(),
         transient=False,
     )
 
 
-def simple_progress(description: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=stderr, transient=True,
-    )
+class JobProgress:
+    """How far a long job is, on stderr: on a terminal a bar with the share done, what is
+    done, the time elapsed and an ETA; elsewhere (a log file, CI), where rich would draw
+    nothing until the end, a plain line every LOG_SECONDS.
+
+    Once the job has run MEASURE_SECONDS, its estimate is said off a terminal, and announced
+    everywhere as a warning, with `shorten` (what would make it shorter), when it exceeds
+    LONG_JOB_SECONDS. Use it as a context manager; call it with (done, total, detail), done
+    and total in any one unit (None for a total not known yet), detail saying what is done.
+    """
+
+    LOG_SECONDS = 30.0
+    MEASURE_SECONDS = 2.0
+    LONG_JOB_SECONDS = 24 * 3600.0
+
+    def __init__(self, description: str, shorten: str = ""):
+        self.description = description
+        self.shorten = shorten
+        self.bar = Progress(
+            TextColumn(f"[bold]{escape(description)}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=stderr, transient=True,
+            disable=not stderr.is_terminal,
+        )
+        self.task = self.bar.add_task(description, total=None, detail="")
+        self.started = self.last_line = time.perf_counter()
+        self.estimated = False
+
+    def __enter__(self) -> "JobProgress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.__exit__(*exc_info)
+
+    def __call__(self, done: float, total: float | None, detail: str = "") -> None:
+        self.bar.update(self.task, completed=done, total=total, detail=escape(detail))
+        now = time.perf_counter()
+        elapsed = now - self.started
+        remaining = elapsed / done * (total - done) if total and 0 < done < total else None
+        if not self.estimated and remaining is not None and elapsed >= self.MEASURE_SECONDS:
+            self.estimated = True
+            self.announce(remaining)
+        if not stderr.is_terminal and now - self.last_line >= self.LOG_SECONDS:
+            self.last_line = now
+            self.say(self.line(done, total, detail, elapsed, remaining))
+
+    def announce(self, remaining: float) -> None:
+        if remaining > self.LONG_JOB_SECONDS:
+            advice = f"; {self.shorten}" if self.shorten else ""
+            self.bar.console.print(
+                f"[yellow]Warning:[/] {escape(f'{self.description} will take about {duration(remaining)} more at its speed so far{advice}.')}",
+                soft_wrap=True,
+            )
+        elif not stderr.is_terminal:
+            self.say(f"{self.description}: about {duration(remaining)} to go.")
+
+    def line(self, done: float, total: float | None, detail: str, elapsed: float, remaining: float | None) -> str:
+        parts = [f"{100 * done / total:.0f}%"] if total else []
+        parts += [detail] if detail else []
+        parts.append(f"{duration(elapsed)} so far" + ("" if remaining is None else f", about {duration(remaining)} to go"))
+        return f"{self.description}: {', '.join(parts)}"
+
+    def say(self, text: str) -> None:
+        self.bar.console.print(escape(text), soft_wrap=True)
 
 
 def results_table(title: str, rows: list[tuple[str, str]]) -> Table:

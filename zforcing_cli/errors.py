@@ -4,6 +4,8 @@ with the error's code: 2 for a wrong command line, 1 for everything else."""
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class ZForcingError(Exception):
@@ -59,7 +61,32 @@ OS_ERROR_ADVICE = {
 
 def file_system_error(error: OSError) -> FileSystemError:
     """The one-line description of an OSError, naming its path and what to do."""
+    if error.errno == errno.ENOENT and error.filename is not None and os.path.isdir(error.filename):
+        # A writer's "no such file" about a folder that exists: the folder takes no new entries
+        return FileSystemError(f"{error.filename}: cannot write there; it takes no new files or folders.",
+                               "Choose a folder on an ordinary, writable file system.")
     reason, hint = OS_ERROR_ADVICE.get(error.errno, (error.strerror or str(error), "Check the path and run again."))
     path = error.filename2 if error.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) and error.filename2 else error.filename
     where = f"{path}: " if path is not None else ""
     return FileSystemError(f"{where}{reason}.", hint)
+
+
+# How torch's CPU allocator, CUDA and numpy say that memory ran out (torch's CPU allocator raises
+# a plain RuntimeError).
+MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+REQUESTED_BYTES = re.compile(r"allocate (\d+) bytes")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError (numpy's too), torch's OutOfMemoryError, or the RuntimeError of torch's CPU allocator."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in MEMORY_MESSAGES)
+
+
+def out_of_memory_error(error: BaseException, options: str) -> ZForcingError:
+    """The one-line description of running out of memory, naming the options that size the work."""
+    requested = REQUESTED_BYTES.search(str(error))
+    detail = f": it asked for {int(requested.group(1)) / 2**30:,.1f} GiB at once" if requested else ""
+    lower = f"Lower {options}, or" if options else "Use"
+    return ZForcingError(f"Out of memory{detail}.", f"{lower} a machine (or device) with more free memory.")

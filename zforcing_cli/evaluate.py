@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Batch, PreparedSplit
+from .data import Batch, PreparedDataset, PreparedSplit
 from .data.prepared import END
 from .distributed import Group
 from .model import ZForcing
@@ -30,6 +30,14 @@ def unigram_perplexity(train: PreparedSplit, split: PreparedSplit, limit: int | 
     """The perplexity of a unigram model of the train split's target tokens (each sentence's
     words and its </s>), add-one smoothed over the tokens a sentence can hold, on the first
     `limit` sentences of split (all when None): the baseline a sequence model must beat."""
+    count = sequence_count(split, limit)
+    tokens = int(split.arrays["offsets"][count]) + count  # the words and one </s> per sentence
+    return math.exp(unigram_nll(train, split, limit) / tokens)
+
+
+def unigram_nll(train: PreparedSplit, split: PreparedSplit, limit: int | None = None) -> float:
+    """The negative log-likelihood in nats, summed over the first `limit` sentences of split, of
+    the unigram model of unigram_perplexity."""
     vocabulary = train.meta.input_size
     counts = np.bincount(np.asarray(train.arrays["tokens"]), minlength=vocabulary).astype(np.float64)
     counts[END] += len(train)
@@ -37,8 +45,39 @@ def unigram_perplexity(train: PreparedSplit, split: PreparedSplit, limit: int | 
     log_probs = np.log((counts + 1.0) / (counts.sum() + outcomes))
     count = sequence_count(split, limit)
     words = np.asarray(split.arrays["tokens"][: int(split.arrays["offsets"][count])])
-    total = log_probs[words].sum() + count * log_probs[END]
-    return math.exp(-total / (len(words) + count))
+    return -float(log_probs[words].sum() + count * log_probs[END])
+
+
+BASELINES = {"binary": "uniform Bernoulli (every pixel 1 with probability 1/2)",
+             "frames": "global Gaussian (the train split's mean and std for every sample)",
+             "tokens": "unigram (add-one smoothed train counts)"}
+BASELINE_BATCH = 64  # sequences read at a time for the Gaussian baseline
+
+
+def baseline_nll(dataset: PreparedDataset, split: str, limit: int | None = None) -> float:
+    """The negative log-likelihood, in nats per sequence, of a model that ignores the past (the
+    BASELINES) on the first `limit` sequences of split (all when None): what a bound means only
+    beside. Exact for the data: the same sequences and targets as evaluate_split's bound."""
+    modality, evaluated = dataset.meta.modality, dataset.split(split)
+    count = sequence_count(evaluated, limit)
+    if modality == "binary":
+        return dataset.meta.sequence_length * math.log(2.0)
+    if modality == "tokens":
+        return unigram_nll(dataset.split("train"), evaluated, limit) / count
+    return global_gaussian_nll(evaluated, count) / count
+
+
+def global_gaussian_nll(split: PreparedSplit, count: int) -> float:
+    """Σ -log N(x; 0, 1) over the target samples of the split's first `count` sequences. The
+    samples are normalised by the train split's mean and std, so this is the bound of a model
+    that predicts every sample from those two figures: 0.5·ln(2πe) per sample on the train split."""
+    squares = samples = 0.0
+    for start in range(0, count, BASELINE_BATCH):
+        batch = split.batch(np.arange(start, min(start + BASELINE_BATCH, count)))
+        mask = batch.mask.double()  # (B, T)
+        squares += float((batch.targets.double().pow(2).sum(-1) * mask).sum())
+        samples += float(mask.sum()) * batch.targets.shape[-1]
+    return 0.5 * (samples * math.log(2.0 * math.pi) + squares)
 
 
 @dataclass
@@ -72,7 +111,9 @@ def evaluate_split(
 
     A forward pass holds at most batch_size (sequence, sample) pairs, whatever K is: with
     K <= batch_size it takes batch_size // K sequences with all their K samples; with more
-    samples it takes one sequence and batch_size of its samples at a time.
+    samples it takes one sequence and batch_size of its samples at a time. progress(done,
+    total) follows each pass in (sequence, sample) pairs, so that even one sequence with a
+    large K shows how far it is.
 
     The sums stay on the device until the end (one wait for it, not one per batch). With a
     group (distributed training), each rank takes its share of every pass, with the noise one
@@ -84,8 +125,16 @@ def evaluate_split(
     samples = max(iwae_samples, 1)
     chunks = sample_chunks(samples, batch_size)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # ELBO, KL and IWAE sums, steps
-    for batch, noise in evaluation_passes(model, split, count, max(1, batch_size // samples), device, seed, progress, group):
-        totals += _bound_sums(model, batch, chunks, noise)
+    done = 0
+
+    def advance(pairs: int) -> None:
+        nonlocal done
+        done += pairs
+        if progress is not None:
+            progress(done, count * samples)
+
+    for batch, noise in evaluation_passes(model, split, count, max(1, batch_size // samples), device, seed, None, group):
+        totals += _bound_sums(model, batch, chunks, noise, advance)
     if group is not None:
         group.all_reduce(totals)
     elbo, kl, iwae, steps = totals.tolist()
@@ -164,14 +213,17 @@ def sample_chunks(samples: int, batch_size: int) -> list[int]:
     return [batch_size] * full + ([rest] if rest else [])
 
 
-def _bound_sums(model: ZForcing, batch: Batch | None, chunks: list[int], noise: PassNoise) -> Tensor:
+def _bound_sums(model: ZForcing, batch: Batch | None, chunks: list[int], noise: PassNoise,
+                advance: Callable[[int], None]) -> Tensor:
     """ELBO, KL and IWAE summed over these sequences, each with sum(chunks) samples, and their
-    steps, as a float64 tensor on the device (zeros, with the noise drawn, for no sequences)."""
+    steps, as a float64 tensor on the device (zeros, with the noise drawn, for no sequences).
+    advance(pairs) follows each chunk with the pass's (sequence, sample) pairs it covered."""
     samples = sum(chunks)
     sums = torch.zeros(4, dtype=torch.float64, device=noise.generator.device)
     if batch is None:
         for chunk in chunks:
             noise.draw(chunk)
+            advance(noise.sequences * chunk)
         return sums
     sums[3] = batch.mask.double().sum()
     log_weight_sum = None  # per sequence: log Σ_k w_k over the samples drawn so far
@@ -182,6 +234,7 @@ def _bound_sums(model: ZForcing, batch: Batch | None, chunks: list[int], noise: 
         sums[1] += out.kl.double().sum() / samples
         log_weights = out.log_importance_weight.double().view(-1, chunk)  # (sequences, chunk)
         log_weight_sum = combine_logsumexp(log_weight_sum, log_weights)
+        advance(noise.sequences * chunk)
     sums[2] = (log_weight_sum - math.log(samples)).sum()
     return sums
 

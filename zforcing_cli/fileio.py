@@ -7,6 +7,7 @@ holds the current working folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -130,7 +131,11 @@ def replace_folder(staging: Path, target: Path) -> None:
 def make_parents(folder: Path) -> list[Path]:
     """mkdir -p that returns the folders it made, outermost first."""
     missing = [parent for parent in [folder, *folder.parents] if not parent.exists()][::-1]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as error:  # a folder on the way exists but takes no new entries (/proc)
+        refusing = next(parent for parent in folder.parents if parent.is_dir())
+        raise OSError(error.errno, error.strerror, str(refusing)) from None
     return missing
 
 
@@ -153,20 +158,38 @@ def files_under(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write a file through a temporary file and a rename."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside path to write; it becomes path when the block ends without
+    an error, and is removed otherwise (an interrupt included): path is never half-written, so
+    an output can be streamed to disk as it is made."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, path)
-    except OSError as error:  # name the file asked for, not the temporary one
-        raise OSError(error.errno, error.strerror, str(path)) from None
+    except OSError as error:
+        if error.filename not in (str(tmp), tmp):
+            raise
+        raise about_output(error, path) from None
     finally:
         # On a read-only file system even removing a file that is not there fails (EROFS),
         # which would replace the error above with one about the temporary file.
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def about_output(error: OSError, path: Path) -> OSError:
+    """An error writing the temporary file, told about the file asked for; or about its folder
+    when the folder exists but refuses new files (/proc), where "no such file" would be false."""
+    refused_folder = error.errno == errno.ENOENT and path.parent.is_dir()
+    return OSError(error.errno, error.strerror, str(path.parent if refused_folder else path))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file through a temporary file and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def json_record(record: dict) -> dict:

@@ -1,12 +1,19 @@
 """Free-running generation from the prior, written as what the model models: a PNG grid for
 images, WAV files (each with a waveform and spectrogram PNG beside it) for audio. Audio can also
-continue a prompt: the model reads it with posterior latents, then runs free from where it ends."""
+continue a prompt: the model reads it with posterior latents, then runs free from where it ends.
+
+Memory is bounded whatever is asked for: samples are generated a chunk of rows at a time (about
+GENERATION_BYTES each), audio a piece of PIECE_SECONDS at a time, streamed to its file (written
+whole or not at all), and progress(done, total) follows every chunk and piece.
+"""
 
 from __future__ import annotations
 
-import io
 import math
+import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,15 +23,25 @@ import torch
 
 from .data.audio import decode_file, to_int16
 from .data.prepared import SAMPLE_SCALE, normalise_samples
-from .errors import DataError, ZForcingError
-from .fileio import check_can_write, write_bytes
-from .model import ZForcing
+from .errors import DataError, UsageError, ZForcingError
+from .fileio import atomic_file, check_can_write
+from .model import ForwardCell, ZForcing, ZForcingConfig
 from .plots import image_grid, write_audio_plot, write_png
+
+# progress(done, total): samples (images, sentences) or frames generated so far, of all asked for
+Progress = Callable[[int, int], None]
 
 OUTPUT_SUFFIXES = {"binary": ".png", "frames": ".wav", "tokens": ".txt"}
 WHAT = {"binary": "binary images (PNG grid)", "frames": "audio (WAV)", "tokens": "text (lines of text)"}
 DEFAULT_SECONDS = 2.0
 MIN_PROMPT_FRAMES = 2  # the first is the model's first input, the rest are read as targets
+GENERATION_BYTES = 256 << 20  # about what one chunk of rows takes while it is generated
+MAX_CHUNK_ROWS = 1024  # so that progress moves even for a tiny model
+PIECE_SECONDS = 5.0  # audio generated per piece, then written out
+PLOT_SECONDS = 20.0  # the waveform and spectrogram picture shows a clip's first 20 s
+MAX_GRID_IMAGES = 10_000  # a 100 × 100 grid: more is not a picture one can look at
+WAV_HEADER_BYTES = 44
+MAX_WAV_BYTES = 2**32 - 1  # RIFF sizes are 32-bit
 
 
 class SampleError(ZForcingError):
@@ -46,7 +63,33 @@ def generator_for(model: ZForcing, seed: int) -> torch.Generator:
     return generator
 
 
+def step_bytes(config: ZForcingConfig) -> int:
+    """A generous count of the bytes one row's step of generation holds at a time: the LSTM's
+    gates and state, the MLPs, and a few copies of the output's parameters (for text, the
+    logits over the vocabulary, which dominate)."""
+    return 4 * (16 * config.hidden_size + 8 * config.mlp_size + 8 * config.input_size)
+
+
+def rows_per_chunk(bytes_per_row: int) -> int:
+    """How many samples one chunk generates together: about GENERATION_BYTES whatever --num is."""
+    return max(1, min(MAX_CHUNK_ROWS, GENERATION_BYTES // max(1, bytes_per_row)))
+
+
+def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, count) of each chunk of at most size that total takes, in order."""
+    for start in range(0, total, size):
+        yield start, min(size, total - start)
+
+
 # -- images ----------------------------------------------------------------------------------------
+
+
+def check_image_count(num: int) -> None:
+    if num > MAX_GRID_IMAGES:
+        raise UsageError(
+            f"--num {num:,} images would not make a picture one can look at: one PNG grid holds at most {MAX_GRID_IMAGES:,}.",
+            f"Ask for at most {MAX_GRID_IMAGES:,}; for more, run again with other --seed values and other --out names.",
+        )
 
 
 def sample_images(
@@ -56,14 +99,21 @@ def sample_images(
     num: int = 64,
     temperature: float = 1.0,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> Path:
-    """Sample `num` images pixel by pixel and write them as one PNG grid."""
+    """Sample `num` images pixel by pixel, a chunk of them at a time, and write them as one PNG grid."""
     check_output_suffix(out, data["modality"])
+    check_image_count(num)
     height, width = data["image_shape"]
     generator = generator_for(model, seed)
     model.train(False)
-    pixels = model.generate(num, height * width, temperature=temperature, generator=generator)
-    images = pixels.view(num, height, width).float().cpu().numpy()
+    images = np.empty((num, height, width), dtype=np.float32)
+    size = rows_per_chunk(step_bytes(model.config) + 8 * height * width)  # a step's work, every step's pixel
+    for start, count in chunks(num, size):
+        pixels = model.generate(count, height * width, temperature=temperature, generator=generator)
+        images[start : start + count] = pixels.view(count, height, width).float().cpu().numpy()
+        if progress is not None:
+            progress(start + count, num)
     columns = math.ceil(math.sqrt(num))
     write_png(out, image_grid(images, columns), scale=2)
     return out
@@ -173,24 +223,93 @@ def read_prompt(path: Path, audio: AudioFormat) -> np.ndarray:
     return samples[: frames * audio.frame_size]
 
 
-def continue_prompt(
-    model: ZForcing, prompt: np.ndarray, audio: AudioFormat, num: int, steps: int, temperature: float, generator: torch.Generator,
-) -> torch.Tensor:
-    """(num, steps, F) frames continuing the prompt (int16 samples, whole frames): its first frame
-    is the model's first input, the rest are read with posterior latents, and generation goes on
-    from the state after its last frame."""
-    device = next(model.parameters()).device
-    frames = torch.from_numpy(audio.normalise(prompt)).to(device)  # (P, F)
-    first, targets, last = frames[0], frames[1:], frames[-1]
-    state = model.encode(targets.expand(num, -1, -1), first_input=first.expand(num, -1), generator=generator)
-    return model.generate(num, steps, temperature=temperature, generator=generator, first_input=last.expand(num, -1), state=state)
+@contextmanager
+def final_state(model: ZForcing) -> Iterator[list]:
+    """Yields a list that holds, after model.generate, the forward LSTM's state (h, c) where its
+    samples end, taken from the cell's last update: ZForcing.generate returns the samples
+    alone, and a long clip generated in pieces must carry the state from one to the next to
+    give the numbers of one piece."""
+    cell, record = model.forward_cell, []
+
+    def update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        record[:] = ForwardCell.update(gates, c)
+        return record[0], record[1]
+
+    cell.update = update
+    try:
+        yield record
+    finally:
+        del cell.update
 
 
-def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
-    """16-bit PCM WAV, written atomically."""
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.asarray(samples, dtype=np.int16), sample_rate, format="WAV", subtype="PCM_16")
-    write_bytes(path, buffer.getvalue())
+def audio_pieces(
+    model: ZForcing, audio: AudioFormat, num: int, steps: int, temperature: float, generator: torch.Generator,
+    prompt: np.ndarray,
+) -> Iterator[torch.Tensor]:
+    """(num, T, F) frames, PIECE_SECONDS of them at a time, `steps` in all: the numbers of one
+    call to model.generate, in memory bounded by a piece. With a prompt (int16 samples, whole
+    frames, or none), its first frame is the model's first input, the rest are read with
+    posterior latents, and generation goes on from the state after its last frame."""
+    first_input = state = None
+    if len(prompt):
+        frames = torch.from_numpy(audio.normalise(prompt)).to(next(model.parameters()).device)  # (P, F)
+        state = model.encode(frames[1:].expand(num, -1, -1), first_input=frames[0].expand(num, -1), generator=generator)
+        first_input = frames[-1].expand(num, -1)
+    piece = audio.frames_for(PIECE_SECONDS)
+    for start in range(0, steps, piece):
+        with final_state(model) as record:
+            frames = model.generate(num, min(piece, steps - start), temperature=temperature, generator=generator,
+                                    first_input=first_input, state=state)
+        state, first_input = (record[0], record[1]), frames[:, -1]
+        yield frames
+
+
+class ClipWriter:
+    """One clip streamed into a 16-bit WAV file (written whole or not at all); its first
+    PLOT_SECONDS are kept for the waveform and spectrogram PNG written beside it once the
+    WAV is complete."""
+
+    def __init__(self, path: Path, plot: Path, audio: AudioFormat, prompt: np.ndarray, stack: ExitStack):
+        self.path, self.plot, self.audio = path, plot, audio
+        self.prompt_seconds = len(prompt) / audio.sample_rate
+        self.samples = len(prompt)
+        self.kept = [prompt]
+        self.room = int(PLOT_SECONDS * audio.sample_rate) - len(prompt)
+        temporary = stack.enter_context(atomic_file(path))
+        self.file = stack.enter_context(
+            soundfile.SoundFile(temporary, "w", samplerate=audio.sample_rate, channels=1, format="WAV", subtype="PCM_16"))
+        self.file.write(prompt)
+
+    def write(self, samples: np.ndarray) -> None:
+        self.file.write(samples)
+        self.samples += len(samples)
+        if self.room > 0:
+            self.kept.append(samples[: self.room])
+            self.room -= len(self.kept[-1])
+
+    def write_plot(self) -> None:
+        shown = np.concatenate(self.kept)
+        seconds = self.samples / self.audio.sample_rate
+        title = self.path.name if seconds <= PLOT_SECONDS else f"{self.path.name}: the first {PLOT_SECONDS:g} s of {seconds:g} s"
+        write_audio_plot(self.plot, shown / SAMPLE_SCALE, self.audio.sample_rate, title, boundary=self.prompt_seconds or None)
+
+
+def check_wav_size(audio: AudioFormat, samples: int, files: int, folder: Path) -> None:
+    """A clip must fit a WAV file (4 GiB), and all of them the free space where they go."""
+    size = WAV_HEADER_BYTES + 2 * samples
+    if size > MAX_WAV_BYTES:
+        longest = (MAX_WAV_BYTES - WAV_HEADER_BYTES) // 2 / audio.sample_rate
+        raise UsageError(
+            f"Each clip would be {samples / audio.sample_rate:,.0f} s of audio, a WAV file of {size / 2**30:,.1f} GiB; "
+            f"a WAV file holds at most 4 GiB, {longest / 3600:.1f} h at {audio.sample_rate} Hz.",
+            "Ask for less with --seconds (or --length), and for more clips with --num.",
+        )
+    free = shutil.disk_usage(folder).free
+    if files * size > free:
+        raise ZForcingError(
+            f"The {files:,} WAV file(s) would take {files * size / 2**30:,.1f} GiB; {folder} has {free / 2**30:,.1f} GiB free.",
+            "Ask for less with --seconds or --num, or write elsewhere with --out.",
+        )
 
 
 def sample_audio(
@@ -203,12 +322,15 @@ def sample_audio(
     seed: int = 0,
     prompt: Path | None = None,
     force: bool = False,
+    progress: Progress | None = None,
 ) -> AudioSamples:
     """Generate `num` clips of `steps` frames (default 2 s) and write each as a 16-bit WAV at the
     model's sample rate, with a waveform and spectrogram PNG beside it. With a prompt file, each
     clip is the prompt (resampled, mono, whole frames) followed by its continuation.
 
-    Every output is checked before anything is generated: existing files need force.
+    Every output is checked before anything is generated: existing files need force, each
+    clip must fit a WAV file and all of them the disk. Clips are generated a chunk at a time
+    and streamed to their files a piece at a time; progress counts frames.
     """
     out = Path(out)
     check_output_suffix(out, data["modality"])
@@ -223,22 +345,44 @@ def sample_audio(
     plots = [plot_path(path) for path in paths]
     for path in paths + plots:
         check_can_write(path, force)
-
     prompt_samples = read_prompt(prompt, audio) if prompt is not None else np.zeros(0, np.int16)
-    started = time.perf_counter()
+    check_wav_size(audio, len(prompt_samples) + steps * audio.frame_size, num, out.absolute().parent)
+
     generator = generator_for(model, seed)
     model.train(False)
-    if prompt is None:
-        frames = model.generate(num, steps, temperature=temperature, generator=generator)
-    else:
-        frames = continue_prompt(model, prompt_samples, audio, num, steps, temperature, generator)
-    generated = audio.to_samples(frames.float().cpu().numpy())  # (num, steps·F)
-    wall = time.perf_counter() - started
-
+    # a piece's frames as float32 in the model, float64 and int16 on their way to the file; the
+    # prompt's frames, all read at once (the backward LSTM runs over the whole prompt)
+    prompt_frames = len(prompt_samples) // audio.frame_size
+    size = rows_per_chunk((1 + prompt_frames) * step_bytes(model.config) + audio.frames_for(PIECE_SECONDS) * audio.frame_size * 48)
+    generating = Stopwatch()  # reading the prompt's frames included; not the files
+    for start, count in chunks(num, size):
+        with ExitStack() as stack:
+            writers = [ClipWriter(paths[index], plots[index], audio, prompt_samples, stack) for index in range(start, start + count)]
+            done = 0
+            for frames in generating.timed(audio_pieces(model, audio, count, steps, temperature, generator, prompt_samples)):
+                for writer, samples in zip(writers, audio.to_samples(frames.float().cpu().numpy())):
+                    writer.write(samples)
+                done += frames.shape[1]
+                if progress is not None:
+                    progress(start * steps + count * done, num * steps)
+        for writer in writers:
+            writer.write_plot()
     prompt_seconds = len(prompt_samples) / audio.sample_rate
-    for path, plot, continuation in zip(paths, plots, generated):
-        samples = np.concatenate([prompt_samples, continuation])
-        write_wav(path, samples, audio.sample_rate)
-        write_audio_plot(plot, samples / SAMPLE_SCALE, audio.sample_rate, path.name, boundary=prompt_seconds or None)
-    seconds = prompt_seconds + audio.seconds(steps)
-    return AudioSamples(paths, plots, seconds, prompt_seconds, wall)
+    return AudioSamples(paths, plots, prompt_seconds + audio.seconds(steps), prompt_seconds, generating.seconds)
+
+
+class Stopwatch:
+    """The time spent making the items of iterators, added up."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, items: Iterator) -> Iterator:
+        iterator = iter(items)
+        while True:
+            started = time.perf_counter()
+            item = next(iterator, None)
+            self.seconds += time.perf_counter() - started
+            if item is None:
+                return
+            yield item

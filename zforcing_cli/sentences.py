@@ -9,6 +9,7 @@ sentence has the shortest length the data kept (min_tokens), as the authors' dec
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +17,13 @@ from torch import Tensor
 
 from .data.text import END, PAD, START, decode, encode, tokenize_sentence
 from .errors import UsageError, ZForcingError
-from .generate import generator_for
+from .generate import chunks, generator_for, rows_per_chunk, step_bytes
 from .model import ZForcing
 
 DEFAULT_LENGTH = 20  # tokens generated at most per sentence (the authors' decoder: 20)
+MAX_LENGTH = 1000  # tokens per sentence: far beyond what a model of 5..15-token sentences can say
 INTERPOLATION_TOP_K = 10
+SHOWN_TOKENS = 20  # of an over-long sentence, in the hint that says where to cut it
 
 
 class TextInputError(ZForcingError):
@@ -99,7 +102,7 @@ class TextVocabulary:
         if limit is not None and len(tokens) > limit:
             raise TextInputError(
                 f"The {what} has {len(tokens)} tokens; this model was trained on sentences of at most {limit}.",
-                f"Shorten it to {limit} tokens or fewer (tokens: {' '.join(tokens)}).",
+                f"Shorten it to {limit} tokens or fewer: it would end after {shown_tokens(tokens[:limit])!r}.",
             )
         ids, unknown = encode(tokens, self.words)
         self.unknown += [word for word in unknown if word not in self.unknown]
@@ -109,25 +112,51 @@ class TextVocabulary:
         return decode(ids, self.words)
 
 
+def shown_tokens(tokens: list[str]) -> str:
+    """The first and last few of many tokens, with what lies between left out."""
+    if len(tokens) <= SHOWN_TOKENS:
+        return " ".join(tokens)
+    half = SHOWN_TOKENS // 2
+    return f"{' '.join(tokens[:half])} … {' '.join(tokens[-half:])}"
+
+
+def check_length(length: int) -> None:
+    if length > MAX_LENGTH:
+        raise UsageError(
+            f"--length {length:,} is more tokens than a sentence may have here ({MAX_LENGTH:,}); "
+            "a model of short sentences only repeats itself beyond a few dozen.",
+            f"Give --length {DEFAULT_LENGTH} (the default) or any number up to {MAX_LENGTH:,}.",
+        )
+
+
 @torch.no_grad()
 def sample_sentences(model: ZForcing, vocabulary: TextVocabulary, num: int, decoding: Decoding,
                      length: int = DEFAULT_LENGTH, prompt: str | None = None, seed: int = 0) -> list[str]:
     """num sentences from the prior, each up to `length` tokens after the prompt (if any), which
     the model first reads with posterior latents and which begins each returned sentence."""
+    return [sentence for part in sentence_chunks(model, vocabulary, num, decoding, length, prompt, seed) for sentence in part]
+
+
+@torch.no_grad()
+def sentence_chunks(model: ZForcing, vocabulary: TextVocabulary, num: int, decoding: Decoding,
+                    length: int = DEFAULT_LENGTH, prompt: str | None = None, seed: int = 0) -> Iterator[list[str]]:
+    """sample_sentences' sentences, a chunk at a time, so that memory (the logits over the
+    vocabulary, for every sentence of a chunk) is bounded whatever num is."""
+    check_length(length)
     model.train(False)
     device = next(model.parameters()).device
     generator = generator_for(model, seed)
-    first_input = state = None
-    prompt_ids: list[int] = []
-    if prompt is not None:
-        prompt_ids = vocabulary.ids(prompt, "prompt")
-        read = torch.tensor([prompt_ids] * num, device=device)
-        state = model.encode(read, generator=generator)
-        first_input = read[:, -1]
+    prompt_ids = vocabulary.ids(prompt, "prompt") if prompt is not None else []
     choose = decoding.chooser(generator, offset=len(prompt_ids))
-    tokens = model.generate(num, length, generator=generator, stop=lambda y: y == END, first_input=first_input,
-                            state=state, choose=choose)
-    return [vocabulary.text(prompt_ids + row) for row in tokens.tolist()]
+    for _, count in chunks(num, rows_per_chunk(step_bytes(model.config) + 8 * length)):
+        first_input = state = None
+        if prompt_ids:
+            read = torch.tensor([prompt_ids] * count, device=device)
+            state = model.encode(read, generator=generator)
+            first_input = read[:, -1]
+        tokens = model.generate(count, length, generator=generator, stop=lambda y: y == END, first_input=first_input,
+                                state=state, choose=choose)
+        yield [vocabulary.text(prompt_ids + row) for row in tokens.tolist()]
 
 
 @dataclass
@@ -140,12 +169,14 @@ class InterpolationPoint:
 @torch.no_grad()
 def interpolate(model: ZForcing, vocabulary: TextVocabulary, sentence_a: str, sentence_b: str, points: int = 11,
                 length: int = DEFAULT_LENGTH, top_k: int = INTERPOLATION_TOP_K, temperature: float = 1.0,
-                seed: int = 0) -> list[InterpolationPoint]:
+                seed: int = 0, progress: Callable[[int, int], None] | None = None) -> list[InterpolationPoint]:
     """The paper's Table 3. The posterior means of z_1..z_T for each sentence (its words and
     </s>) are mixed as (1 - α) z^A_t + α z^B_t for α = 0, 1/(points - 1), ..., 1. Where one
     sentence has ended, its share is drawn from the prior instead, and past both ends z_t comes
     from the prior alone; so α = 0 decodes A's own latents and α = 1 B's. Each mix is decoded
-    greedily and by top-k sampling, with the same prior draws."""
+    greedily and by top-k sampling, with the same prior draws, a chunk of mixes at a time;
+    progress(done, total) follows the decoded mixes."""
+    check_length(length)
     model.train(False)
     device = next(model.parameters()).device
     latents = []
@@ -156,12 +187,17 @@ def interpolate(model: ZForcing, vocabulary: TextVocabulary, sentence_a: str, se
     given, weights = mixed_latents(latents, alphas)
     greedy = Decoding(greedy=True, min_tokens=vocabulary.min_tokens)
     sampled = Decoding(temperature=temperature, top_k=top_k, min_tokens=vocabulary.min_tokens)
-    rows = []
-    for decoding in (greedy, sampled):
+    size = rows_per_chunk(step_bytes(model.config) + 8 * length)
+    rows: list[list[str]] = [[], []]
+    for texts, decoding in zip(rows, (greedy, sampled)):
         generator = generator_for(model, seed)  # the same prior draws for both decodings
-        tokens = model.generate(points, length, generator=generator, stop=lambda y: y == END,
-                                choose=decoding.chooser(generator), latents=(given, weights))
-        rows.append([vocabulary.text(row) for row in tokens.tolist()])
+        for start, count in chunks(points, size):
+            part = slice(start, start + count)
+            tokens = model.generate(count, length, generator=generator, stop=lambda y: y == END,
+                                    choose=decoding.chooser(generator), latents=(given[part], weights[part]))
+            texts += [vocabulary.text(row) for row in tokens.tolist()]
+            if progress is not None:
+                progress(len(rows[0]) + len(rows[1]), 2 * points)
     return [InterpolationPoint(alpha, g, s) for alpha, g, s in zip(alphas.tolist(), *rows)]
 
 
@@ -179,4 +215,4 @@ def mixed_latents(latents: list[Tensor], alphas: Tensor) -> tuple[Tensor, Tensor
 
 
 __all__ = ["DEFAULT_LENGTH", "Decoding", "InterpolationPoint", "TextInputError", "TextVocabulary", "interpolate",
-           "mixed_latents", "sample_sentences"]
+           "mixed_latents", "sample_sentences", "sentence_chunks"]

@@ -50,7 +50,7 @@ from .diagnostics import collapse_warning
 from .distributed import Group, from_main, rank_seed
 from .errors import TrainingError
 from .evaluate import bound_unit, evaluate_split
-from .fileio import check_can_write, json_record, write_bytes, write_json
+from .fileio import check_can_write, json_record, make_parents, write_bytes, write_json
 from .model import StepTerms, ZForcing, ZForcingConfig, count_parameters
 from .plots import write_training_curves
 from .runlock import RunLock, RunLockedError
@@ -410,7 +410,7 @@ class Trainer:
             if owner is not None:
                 raise RunLockedError(self.run_dir, owner)
             shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_parents(self.run_dir)
 
     def write_config(self) -> None:
         write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())

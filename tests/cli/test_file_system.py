@@ -35,6 +35,25 @@ def test_os_errors_are_described_with_their_path(number, words):
     assert error.hint and error.exit_code == 1
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", [("prepare", "mnist", "embedded", "--out", "/proc/x"), (*TINY_TRAIN, "--out", "/proc/x")])
+def test_a_folder_that_takes_no_new_files_is_named_as_such(cwd, tiny_data, command):
+    """/proc exists but refuses new entries with ENOENT: "no such file or folder" would be false."""
+    arguments = (*command, "--data", tiny_data) if command[0] == "train" else command
+    line = assert_clean_error(invoke(*arguments), 1, "/proc: cannot write there")
+    assert "no such" not in line
+
+
+def test_a_file_written_where_new_files_are_refused_names_the_folder(tmp_path, monkeypatch):
+    def refuse(self, data):
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(OSError) as caught:
+        fileio_module.write_bytes(tmp_path / "x.png", b"x")
+    assert file_system_error(caught.value).message == f"{tmp_path}: cannot write there; it takes no new files or folders."
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**64)])
 def test_out_of_range_seed_is_a_usage_error_that_writes_nothing(cwd, tiny_data, seed):
     result = invoke("train", "--data", tiny_data, "--seed", seed)

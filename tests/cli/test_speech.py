@@ -4,6 +4,7 @@ model on its stream sequences, evaluate whole test utterances in the paper's sig
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -59,6 +60,48 @@ def test_test_utterances_are_evaluated_whole(timit_run, monkeypatch):
     assert report["steps"] == int((lengths - 1).sum())
     assert report["samples_per_sequence"] == pytest.approx(report["steps"] * 200 / 6)
     assert report["nll_elbo_per_sample"] == pytest.approx(-report["elbo"] / report["samples_per_sequence"])
+
+
+def test_the_global_gaussian_baseline_and_the_iwae_bound_per_sample(timit_run, monkeypatch):
+    """The baseline beside the bound: -log N(x; 0, 1) of every normalised target sample (the train
+    split's mean and std predict every sample), computed from the samples themselves."""
+    work, _ = timit_run
+    monkeypatch.chdir(work)
+    result = invoke("evaluate", "run", "--json", "--device", "cpu", "--iwae", 2)
+    assert result.exit_code == 0, plain(result.output)
+    report = json.loads(result.stdout)
+    test = open_dataset(work / "timit").split("test")
+    targets = np.concatenate([test.sequence(index)[1].ravel() for index in range(len(test))]).astype(np.float64)
+    expected = 0.5 * np.log(2 * np.pi) + 0.5 * np.mean(targets ** 2)
+    assert report["baseline"].startswith("global Gaussian")
+    assert report["baseline_nll_per_sample"] == pytest.approx(expected, rel=1e-9)
+    assert report["baseline_nll"] == pytest.approx(expected * report["samples_per_sequence"], rel=1e-9)
+    assert report["nll_iwae_per_sample"] == pytest.approx(-report["iwae"] / report["samples_per_sequence"])
+    table = plain(invoke("evaluate", "run", "--device", "cpu", "--iwae", 2).stdout)
+    assert "NLL ≤ (IWAE, K=2), nats per sample" in table and f"{expected:.4f}" in table
+
+
+def test_the_gaussian_baseline_on_the_train_split_is_half_log_two_pi_e(timit_run):
+    """On the data its mean and std come from, the global Gaussian scores 0.5·ln(2πe) = 1.419
+    nats per sample (up to the context frames, which the statistics count but no bound does)."""
+    from zforcing_cli.evaluate import baseline_nll
+
+    work, _ = timit_run
+    dataset = open_dataset(work / "timit")
+    train = dataset.split("train")
+    per_sample = baseline_nll(dataset, "train") / (train.meta.audio["sequence_frames"] * 200)
+    assert per_sample == pytest.approx(0.5 * np.log(2 * np.pi * np.e), abs=0.02)
+
+
+def test_whole_counts_print_as_integers(timit_run, monkeypatch):
+    """0.5 s stream sequences hold 8,000 samples each, not "8,000.0"; an average over whole
+    utterances keeps its decimal."""
+    work, _ = timit_run
+    monkeypatch.chdir(work)
+    valid = plain(invoke("evaluate", "run", "--device", "cpu", "--split", "valid").stdout)
+    assert re.search(r"waveform samples per sequence\s*│\s*8,000 │", valid), valid
+    test = plain(invoke("evaluate", "run", "--device", "cpu").stdout)
+    assert re.search(r"waveform samples per sequence\s*│\s*[\d,]+\.\d │", test), test
 
 
 def test_the_table_uses_the_papers_sign(timit_run, monkeypatch):

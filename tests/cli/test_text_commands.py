@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -25,6 +26,9 @@ def test_evaluate_table_and_json(text_trained):
     report = json.loads(result.stdout)
     assert report["unit"] == "nats per sentence" and report["status"] == "ok"
     assert report["perplexity_elbo"] > 1 and report["perplexity_iwae"] > 1 and report["unigram_perplexity"] > 1
+    # the unigram baseline as a bound per sentence too, the same figure as its perplexity
+    assert report["baseline"].startswith("unigram")
+    assert report["unigram_perplexity"] == pytest.approx(math.exp(report["baseline_nll"] * report["sequences"] / report["steps"]))
     tokens = report["steps"]
     assert abs(report["perplexity_elbo"] - 2.718281828 ** (-report["elbo"] * report["sequences"] / tokens)) < 1e-6 * report["perplexity_elbo"]
 
@@ -69,9 +73,98 @@ def test_interpolate_errors(text_trained, best_checkpoint):
     assert_clean_error(invoke("interpolate", text_trained, "", "the film was great ."), 1, "first sentence")
     long = " ".join(["great"] * 16)
     assert_clean_error(invoke("interpolate", text_trained, "the film was great .", long), 1, "at most 15")
+    assert_clean_error(invoke("interpolate", text_trained, "the film .", "the plot .", "--length", 100_000), 2, "--length")
     assert_clean_error(invoke("interpolate", best_checkpoint, "a b c d e", "f g h i j"), 1, "not a text model")
     result = invoke("interpolate", text_trained, "the qqqz was great .", "the film was great .", "--points", 2)
     assert result.exit_code == 0 and "'qqqz'" in plain(result.stderr)
+
+
+def test_the_hint_for_an_over_long_sentence_stays_short(text_trained):
+    words = [f"w{index}" for index in range(500)]
+    result = invoke("interpolate", text_trained, "the film was great .", " ".join(words))
+    assert_clean_error(result, 1, "500 tokens", "at most 15")
+    hint = next(line for line in plain(result.stderr).splitlines() if line.startswith("Hint:"))
+    assert "w0 w1" in hint and "w14" in hint and "w15" not in hint and len(hint) < 200
+
+
+# -- bounded sampling: chunks, streaming, progress -------------------------------------------------------
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Generation in chunks of 3 rows; returns the rows of every call to the model's generate."""
+    import zforcing_cli.generate as generate_module
+    import zforcing_cli.sentences as sentences_module
+    from zforcing_cli.model import ZForcing
+
+    for module in (generate_module, sentences_module):
+        monkeypatch.setattr(module, "rows_per_chunk", lambda bytes_per_row: 3)
+    rows, real = [], ZForcing.generate
+
+    def recording(self, num, *args, **kwargs):
+        rows.append(num)
+        return real(self, num, *args, **kwargs)
+
+    monkeypatch.setattr(ZForcing, "generate", recording)
+    return rows
+
+
+def test_sentences_are_generated_in_chunks_and_streamed_to_the_file(text_trained, cwd, small_chunks, monkeypatch):
+    from zforcing_cli.console import JobProgress
+
+    monkeypatch.setattr(JobProgress, "LOG_SECONDS", 0.0)
+    result = invoke("sample", text_trained, "--num", 8, "--out", "s.txt", "--length", 6)
+    assert result.exit_code == 0, plain(result.output)
+    assert small_chunks == [3, 3, 2]
+    assert len((cwd / "s.txt").read_text().splitlines()) == 8 and sorted(p.name for p in cwd.iterdir()) == ["s.txt"]
+    assert "Sampling 8 sentences: 100%, 8 of 8 sentences" in plain(result.stderr)
+
+
+def test_an_interrupted_text_sample_leaves_no_file(text_trained, cwd, small_chunks, monkeypatch):
+    import zforcing_cli.sentences as sentences_module
+
+    real = sentences_module.TextVocabulary.text
+    written = []
+
+    def interrupt_in_the_second_chunk(self, ids):
+        written.append(ids)
+        if len(written) > 4:
+            raise KeyboardInterrupt
+        return real(self, ids)
+
+    monkeypatch.setattr(sentences_module.TextVocabulary, "text", interrupt_in_the_second_chunk)
+    result = invoke("sample", text_trained, "--num", 8, "--out", "s.txt", "--length", 6)
+    assert result.exit_code == 130 and "Interrupted" in plain(result.stderr)
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_text_sample_to_stdout_comes_chunk_by_chunk(text_trained, small_chunks):
+    result = invoke("sample", text_trained, "--num", 7, "--length", 6)
+    assert result.exit_code == 0, plain(result.output)
+    assert small_chunks == [3, 3, 1] and len(plain(result.stdout).splitlines()) == 7
+
+
+def test_a_sample_of_days_is_announced(text_trained, monkeypatch):
+    from zforcing_cli.console import JobProgress
+
+    monkeypatch.setattr(JobProgress, "MEASURE_SECONDS", 0.0)
+    monkeypatch.setattr(JobProgress, "LONG_JOB_SECONDS", 0.0)
+    result = invoke("sample", text_trained, "--num", 3000, "--length", 3)
+    assert result.exit_code == 0, plain(result.output)
+    warning = next(line for line in plain(result.stderr).splitlines() if line.startswith("Warning:"))
+    assert "Sampling 3,000 sentences will take about" in warning and "--num" in warning
+
+
+def test_a_prompt_longer_than_a_file_name_is_words(text_trained):
+    result = invoke("sample", text_trained, "--num", 1, "--length", 2, "--prompt", " ".join(["the film was great ."] * 20))
+    assert result.exit_code == 0, plain(result.output)
+
+
+def test_an_audio_file_is_not_a_text_prompt(text_trained, cwd):
+    (cwd / "x.wav").write_bytes(b"RIFF")
+    for prompt in ("x.wav", "missing.flac"):
+        line = assert_clean_error(invoke("sample", text_trained, "--prompt", prompt), 2, f"--prompt {prompt}", "text model")
+        assert "names a file" in line
 
 
 def test_evaluate_refuses_another_vocabulary(text_trained, cwd):

@@ -186,14 +186,37 @@ def test_no_audio_lists_the_extensions(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_file_is_named_and_nothing_is_left(tmp_path):
+def test_strict_stops_at_an_unreadable_file_and_leaves_nothing(tmp_path):
     raw = tmp_path / "raw"
     write_corpus(raw, with_mp3=False)
     (raw / "b" / "broken.flac").write_bytes(b"fLaC but not really" * 30)
     with pytest.raises(DataError, match="Cannot read") as caught:
-        prepare("blizzard", str(raw), tmp_path / "outputs" / "blizzard")
-    assert str(raw / "b" / "broken.flac") in caught.value.message
+        prepare("blizzard", str(raw), tmp_path / "outputs" / "blizzard", strict=True)
+    assert str(raw / "b" / "broken.flac") in caught.value.message and "--strict" in caught.value.hint
     assert not (tmp_path / "outputs").exists()
+
+
+def test_unreadable_files_are_skipped_and_all_listed(tmp_path):
+    raw = tmp_path / "raw"
+    write_corpus(raw, with_mp3=False)
+    (raw / "b" / "broken.flac").write_bytes(b"fLaC but not really" * 30)
+    (raw / "c_empty.wav").write_bytes(b"")
+    dataset = prepare("blizzard", str(raw), tmp_path / "out")
+    assert dataset.meta.audio["skipped_files"] == 2
+    (warning,) = dataset.warnings
+    lines = warning.splitlines()
+    assert lines[0].startswith("Skipped 2 unreadable audio file(s) of 4") and "--strict" in lines[0]
+    assert [line.split(": ")[0].strip() for line in lines[1:]] == [str(raw / "b" / "broken.flac"), str(raw / "c_empty.wav")]
+
+
+def test_a_folder_where_nothing_can_be_read_is_an_error(tmp_path):
+    (tmp_path / "raw").mkdir()
+    for name in ("a.wav", "b.flac"):
+        (tmp_path / "raw" / name).write_bytes(b"not audio" * 10)
+    with pytest.raises(DataError, match="None of the 2 audio files") as caught:
+        prepare("wav", str(tmp_path / "raw"), tmp_path / "out")
+    assert "a.wav" in caught.value.message and "b.flac" in caught.value.message
+    assert not (tmp_path / "out").exists()
 
 
 def test_too_little_audio(tmp_path):
@@ -202,6 +225,43 @@ def test_too_little_audio(tmp_path):
     with pytest.raises(DataError, match="too little usable audio"):
         prepare("wav", str(tmp_path / "raw"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_too_little_audio_counts_what_was_read_and_names_what_was_dropped(tmp_path):
+    """Sequences longer than every file: the audio was read, all of it dropped as too short."""
+    (tmp_path / "raw").mkdir()
+    for index in range(3):
+        soundfile.write(tmp_path / "raw" / f"{index}.wav", random_speech(2.0, np.random.default_rng(index)), 16000)
+    with pytest.raises(DataError) as caught:
+        prepare("wav", str(tmp_path / "raw"), tmp_path / "out", sequence_length=100_000)
+    assert "0.0 s usable of 6.0 s read; dropped: 3 file(s) shorter than one sequence (6.0 s)" in caught.value.message
+    assert "--sequence-length" in caught.value.hint
+
+
+def write_8khz_prompts(folder, seconds=(0.6, 0.7, 0.8, 2.0, 2.5, 3.0)) -> None:
+    """Telephone prompts: 8 kHz, some shorter than a 41-frame sequence at that rate (1.025 s)."""
+    folder.mkdir()
+    for index, length in enumerate(seconds):
+        soundfile.write(folder / f"{index}.wav", random_speech(length, np.random.default_rng(index), 8000), 8000)
+
+
+def test_upsampling_is_a_warning_that_names_the_files_own_rate(tmp_path):
+    write_8khz_prompts(tmp_path / "raw")
+    dataset = prepare("wav", str(tmp_path / "raw"), tmp_path / "out")
+    (upsampled,) = [warning for warning in dataset.warnings if "upsampled" in warning]
+    assert "8000 Hz" in upsampled and "--sample-rate 8000" in upsampled and "2×" in upsampled
+    native = prepare("wav", str(tmp_path / "raw"), tmp_path / "native", sample_rate=8000, sequence_length=20)
+    assert not [warning for warning in native.warnings if "upsampled" in warning]
+
+
+def test_files_shorter_than_a_sequence_come_with_the_length_that_keeps_them(tmp_path):
+    write_8khz_prompts(tmp_path / "raw")
+    dataset = prepare("wav", str(tmp_path / "raw"), tmp_path / "out", sample_rate=8000)
+    (skipped,) = [warning for warning in dataset.warnings if warning.startswith("Skipped")]
+    assert "Skipped 3 of 6 audio files: 3 shorter than one sequence of 1.025 s" in skipped
+    assert "--sequence-length 27 (0.7 s) keeps 2 of these 3" in skipped and "--frame-size" in skipped
+    kept = prepare("wav", str(tmp_path / "raw"), tmp_path / "kept", sample_rate=8000, sequence_length=27)
+    assert kept.meta.audio["skipped_files"] == 1
 
 
 @pytest.mark.parametrize(
@@ -234,3 +294,25 @@ def test_cli_prepare_wav(cwd):
 def test_cli_bad_split_is_a_usage_error(cwd):
     write_corpus(cwd / "raw", with_mp3=False)
     assert_clean_error(invoke("prepare", "wav", "raw", "--split", "50,50"), 2, "--split")
+
+
+def test_cli_skips_an_unreadable_file_unless_strict(cwd):
+    write_corpus(cwd / "raw", with_mp3=False)
+    (cwd / "raw" / "broken.wav").write_bytes(b"RIFF but not really" * 30)
+    result = invoke("prepare", "wav", "raw", "--out", "d")
+    assert result.exit_code == 0, plain(result.output)
+    stderr = plain(result.stderr)
+    assert "Warning: Skipped 1 unreadable audio file(s) of 3" in stderr and "  raw/broken.wav: " in stderr.replace(str(cwd) + "/", "")
+    line = assert_clean_error(invoke("prepare", "wav", "raw", "--out", "e", "--strict"), 1, "Cannot read", "broken.wav")
+    assert line and not (cwd / "e").exists()
+    assert_clean_error(invoke("prepare", "mnist", "embedded", "--strict"), 2, "--strict applies only to")
+
+
+def test_cli_prints_a_line_every_log_seconds_off_a_terminal(cwd, monkeypatch):
+    from zforcing_cli.console import JobProgress
+
+    monkeypatch.setattr(JobProgress, "LOG_SECONDS", 0.0)
+    write_corpus(cwd / "raw", with_mp3=False)
+    result = invoke("prepare", "wav", "raw", "--out", "d")
+    assert result.exit_code == 0, plain(result.output)
+    assert "Preparing wav: 100%, 2 of 2 files, 0.00 h of audio" in plain(result.stderr)

@@ -226,9 +226,28 @@ def test_too_few_sentences(tmp_path):
 
 def test_malformed_json_lines(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
-    with pytest.raises(DataError, match="bad.jsonl"):
+    with pytest.raises(DataError, match="bad.jsonl") as caught:
         prepare("imdb", str(tmp_path / "bad.jsonl"), tmp_path / "out")
+    assert caught.value.message == f"Cannot read {tmp_path / 'bad.jsonl'}, line 2: not valid JSON (Expecting value at column 10)."
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("empty.jsonl", "", "empty.jsonl holds no records."),
+    ("blank.jsonl", "\n\n", "blank.jsonl holds no records."),
+    ("late.jsonl", '{"text": "a fine film indeed ."}\n' * 3000 + '{"text": "cut', "late.jsonl, line 3,001: not valid JSON"),
+    ("list.jsonl", '{"text": "a"}\n["text"]\n', "list.jsonl, line 2: a JSON list where an object"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "latin1.jsonl, line 1: it is not UTF-8 text"),
+    ("lines.json", '{"text": "fine"}\n{"text": \n', "lines.json, line 2: not valid JSON"),
+    ("array.json", '[{"text": "fine"},\n {"text": ', "array.json, line 2: "),
+])
+def test_json_errors_name_the_file_and_the_line(cwd, name, content, expected):
+    """One Error line, naming the file and the line, and nothing from the `datasets` logger."""
+    (cwd / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    result = invoke("prepare", "imdb", name, "--out", "out")
+    assert_clean_error(result, 1, expected)
+    assert len(plain(result.stderr).splitlines()) == 2, plain(result.stderr)
+    assert not (cwd / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -271,6 +290,25 @@ def test_cli_prepare_imdb_prints_counts_and_vocabulary(cwd):
     meta = json.loads((cwd / "d" / "meta.json").read_text())
     assert f"train {meta['counts']['train']:,}" in out and "30 documents" in out
     assert "covering" in out and "<unk> is" in out
+
+
+def test_cli_prepare_imdb_says_how_far_it_is_off_a_terminal(cwd, monkeypatch):
+    """A line every JobProgress.LOG_SECONDS (here: every report, one per 200 reviews and one at
+    the end) where no bar is drawn."""
+    from zforcing_cli.console import JobProgress
+
+    monkeypatch.setattr(JobProgress, "LOG_SECONDS", 0.0)
+    write_reviews_jsonl(cwd / "r.jsonl", count=450)
+    result = invoke("prepare", "imdb", "r.jsonl", "--out", "d")
+    assert result.exit_code == 0, plain(result.output)
+    lines = [line for line in plain(result.stderr).splitlines() if line.startswith("Preparing imdb: ")]
+    assert [line.split(", ")[1] for line in lines] == ["200 documents", "400 documents", "450 documents"], lines
+    assert lines[-1].startswith("Preparing imdb: 100%, 450 documents")
+
+
+def test_prepare_help_shows_unk(cwd):
+    help_text = " ".join(plain(invoke("prepare", "--help").output).replace("│", " ").split())
+    assert "the rest become <unk>" in help_text, help_text
 
 
 def test_cli_prepare_text_options(cwd):

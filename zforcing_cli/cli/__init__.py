@@ -44,8 +44,15 @@ COMMANDS = {
     "prepare": prepare, "train": train, "evaluate": evaluate, "sample": sample, "interpolate": interpolate,
     "compare": compare, "bench": bench,
 }
+# What to lower when a command runs out of memory: the options its memory grows with (prepare
+# and compare hold one file, or one run's metrics, at a time: no option sizes them).
+MEMORY_OPTIONS = {
+    "prepare": "", "train": "--batch-size (or take --preset small)", "evaluate": "--batch-size",
+    "sample": "--num (or give a shorter --prompt)", "interpolate": "--points or --length",
+    "compare": "", "bench": "--batch-size (or take --size small)",
+}
 for name, module in COMMANDS.items():
-    app.command(name, epilog=module.EPILOG)(handle_errors(getattr(module, f"{name}_cli")))
+    app.command(name, epilog=module.EPILOG)(handle_errors(getattr(module, f"{name}_cli"), MEMORY_OPTIONS[name]))
 
 
 def main() -> None:

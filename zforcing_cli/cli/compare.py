@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..compare import METRICS, label_runs, load_run, write_comparison
+from ..compare import METRICS, RunSummary, label_runs, load_run, mixed_sequences, write_comparison
 from ..console import plural, stderr, stdout
 from ..errors import ZForcingError
 from ..evaluate import bound_unit
@@ -35,12 +35,14 @@ def compare_cli(
         raise usage_error(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}.", "For example --metric kl.")
     if out.suffix.lower() not in FORMATS:
         raise usage_error(f"--out {out.name!r} is not a .png or .svg file.", "For example --out compare.png.")
-    check_can_write(out, force)
-    summaries = [load_run(run) for run in runs]
+    summaries = [load_run(run) for run in runs]  # the runs first: a missing one matters more than the figure
     modalities = {run.settings.get("data.modality") for run in summaries}
     if len(modalities) > 1:
         raise ZForcingError(f"The runs model different kinds of data ({', '.join(sorted(map(str, modalities)))}).",
                             "Compare runs on the same data.")
+    check_can_write(out, force)
+    if warning := mixed_sequences(summaries):
+        stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
     differing = label_runs(summaries)
     unit = bound_unit(modalities.pop())
     write_comparison(summaries, metric, unit, out)
@@ -48,16 +50,18 @@ def compare_cli(
     if as_json:
         stdout.print_json(json.dumps(rows, allow_nan=False))
     else:
-        stdout.print(bounds_table(rows, unit))
+        stdout.print(bounds_table(rows, summaries, unit))
     stderr.print(escape(f"Wrote the {metric} curves of {plural(len(summaries), 'run')} to {out}"), soft_wrap=True)
 
 
-def bounds_table(rows: list[dict], unit: str) -> Table:
-    table = Table(title=f"validation bounds, NLL ≤ ({unit})", title_justify="left")
+def bounds_table(rows: list[dict], runs: list[RunSummary], unit: str) -> Table:
+    """One row per run; its label one part per line, so that a narrow table never breaks a
+    label after a comma."""
+    table = Table(title=f"validation bounds, NLL ≤ ({unit})", title_justify="left", show_lines=True)
     for name, justify in (("run", "left"), ("label", "left"), ("updates", "right"), ("final", "right"),
                           ("best", "right"), ("final KL", "right")):
         table.add_column(name, justify=justify)
-    for row in rows:
+    for row, run in zip(rows, runs):
         figures = [f"{row[key]:.2f}" if row[key] is not None else "—" for key in ("final_valid_nll", "best_valid_nll", "final_valid_kl")]
-        table.add_row(escape(Path(row["run"]).name), escape(row["label"]), f"{row['steps']:,}", *figures)
+        table.add_row(escape(Path(row["run"]).name), escape("\n".join(run.parts)), f"{row['steps']:,}", *figures)
     return table

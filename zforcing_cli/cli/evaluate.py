@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,12 +12,12 @@ import typer
 from rich.markup import escape
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..console import duration, plural, results_table, simple_progress, stderr, stdout
+from ..console import JobProgress, plural, results_table, stderr, stdout
 from ..data import PreparedDataset, open_dataset
 from ..device import resolve_device
 from ..errors import DataError, ZForcingError
 from ..diagnostics import Diagnostics, diagnose_split, write_diagnostics_plot
-from ..evaluate import EvalResult, bound_unit, evaluate_split, perplexity, unigram_perplexity
+from ..evaluate import BASELINES, EvalResult, baseline_nll, bound_unit, evaluate_split, perplexity, unigram_perplexity
 from ..fileio import check_can_write, json_record
 from ..threads import ThreadPolicy
 from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, usage_error
@@ -65,25 +64,27 @@ def evaluate_cli(
             f"The dataset at {dataset.location} has another vocabulary than the model's: its word ids mean other words.",
             "Evaluate on the dataset the model was trained on, or one prepared from the same corpus with the same options.",
         )
-    with ThreadPolicy(threads), simple_progress(f"Evaluating {split}") as progress:
+    sequences = min(len(dataset.split(split)), limit) if limit else len(dataset.split(split))
+    with ThreadPolicy(threads), JobProgress(f"Evaluating {split}", shorten=SHORTEN) as progress:
         result = evaluate_split(
             model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,
-            limit=limit or None, iwae_samples=iwae, progress=EvaluationProgress(progress),
+            limit=limit or None, iwae_samples=iwae, progress=evaluation_progress(progress, sequences, iwae),
         )
     found = None
     if diagnostics:
-        with ThreadPolicy(threads), simple_progress(f"Diagnosing {split}") as progress:
+        with ThreadPolicy(threads), JobProgress(f"Diagnosing {split}", shorten="evaluate fewer sequences with --limit") as progress:
             found = diagnose_split(model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,
-                                   limit=limit or None, progress=EvaluationProgress(progress))
+                                   limit=limit or None, progress=evaluation_progress(progress, sequences, 0))
         if plot is not None:
             write_diagnostics_plot(found, plot, f"KL(q ‖ p) per step and latent dimension: {dataset.meta.kind}, {split} split")
     unit = bound_unit(dataset.meta.modality)
     per_sample = samples_per_sequence(result, dataset.meta)
     text = text_figures(result, dataset, split, limit) if dataset.meta.modality == "tokens" else {}
+    baseline = {"baseline": BASELINES[dataset.meta.modality], "baseline_nll": baseline_nll(dataset, split, limit or None)}
     report = json_record({
         "checkpoint": str(folder), "split": split, "data": dataset.location, "unit": unit, **result.to_dict(),
-        "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae,
-        **({} if per_sample is None else {"samples_per_sequence": per_sample, "nll_elbo_per_sample": -result.elbo / per_sample}),
+        "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae, **baseline,
+        **({} if per_sample is None else per_sample_figures(result, per_sample, baseline["baseline_nll"])),
         **text,
         **({} if found is None else {"diagnostics": found.to_dict()}),
     })
@@ -92,9 +93,9 @@ def evaluate_cli(
     else:
         stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
         if text:
-            rows = text_rows(result, text)
+            rows = text_rows(result, text, report)
         else:
-            rows = result_rows(result, unit) if per_sample is None else audio_rows(result, per_sample)
+            rows = result_rows(result, unit, report) if per_sample is None else audio_rows(result, report)
         stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows + ([] if found is None else diagnostic_rows(found))))
     if plot is not None:
         stderr.print(escape(f"Wrote the KL heat map to {plot}"), soft_wrap=True)
@@ -112,14 +113,32 @@ def samples_per_sequence(result: EvalResult, meta) -> float | None:
     return result.steps * meta.input_size / result.sequences
 
 
-def audio_rows(result: EvalResult, per_sample: float) -> list[tuple[str, str]]:
+def per_sample_figures(result: EvalResult, per_sample: float, baseline: float) -> dict:
+    """Audio's bounds and baseline per waveform sample, which compare across sequence lengths."""
+    return {
+        "samples_per_sequence": per_sample, "nll_elbo_per_sample": -result.elbo / per_sample,
+        "nll_iwae_per_sample": None if result.iwae is None else -result.iwae / per_sample,
+        "baseline_nll_per_sample": baseline / per_sample,
+    }
+
+
+def count(value: float) -> str:
+    """'8,000' for a whole number, '8,123.4' for an average that is not one."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def audio_rows(result: EvalResult, report: dict) -> list[tuple[str, str]]:
     """The paper's Table 1 sign and unit (average log-likelihood ≥ bound, per sequence), and the
-    bound per waveform sample, which compares across sequence lengths."""
-    rows = [("sequences", f"{result.sequences:,}"), ("waveform samples per sequence", f"{per_sample:,.1f}"),
+    bounds per waveform sample, which compare across sequence lengths, beside the baseline's."""
+    rows = [("sequences", count(result.sequences)), ("waveform samples per sequence", count(report["samples_per_sequence"])),
             ("log-likelihood ≥ (ELBO), nats per sequence", f"{result.elbo:,.2f}")]
     if result.iwae is not None:
         rows.append((f"log-likelihood ≥ (IWAE, K={result.iwae_samples}), nats per sequence", f"{result.iwae:,.2f}"))
-    return rows + [("NLL ≤ (ELBO), nats per sample", f"{-result.elbo / per_sample:.4f}"), ("KL, nats per sequence", f"{result.kl:.2f}")]
+    rows.append(("NLL ≤ (ELBO), nats per sample", f"{report['nll_elbo_per_sample']:.4f}"))
+    if result.iwae is not None:
+        rows.append((f"NLL ≤ (IWAE, K={result.iwae_samples}), nats per sample", f"{report['nll_iwae_per_sample']:.4f}"))
+    return rows + [("KL, nats per sequence", f"{result.kl:.2f}"),
+                   ("baseline NLL (global Gaussian), nats per sample", f"{report['baseline_nll_per_sample']:.4f}")]
 
 
 def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:
@@ -147,39 +166,38 @@ def text_figures(result: EvalResult, dataset: PreparedDataset, split: str, limit
     }
 
 
-def text_rows(result: EvalResult, text: dict) -> list[tuple[str, str]]:
-    """Table 2's columns: perplexity by the ELBO, by IWAE, and the KL per sentence."""
-    rows = [("sentences", f"{result.sequences:,}"), ("target tokens (words and </s>)", f"{result.steps:,}"),
+def text_rows(result: EvalResult, text: dict, report: dict) -> list[tuple[str, str]]:
+    """Table 2's columns: perplexity by the ELBO, by IWAE, and the KL per sentence; and the
+    unigram model's figures beside them."""
+    rows = [("sentences", count(result.sequences)), ("target tokens (words and </s>)", count(result.steps)),
             ("perplexity ≤ (ELBO)", f"{text['perplexity_elbo']:.2f}")]
     if result.iwae is not None:
         rows.append((f"perplexity ≤ (IWAE, K={result.iwae_samples})", f"{text['perplexity_iwae']:.2f}"))
     return rows + [("NLL ≤ (ELBO), nats per sentence", f"{-result.elbo:.2f}"), ("KL, nats per sentence", f"{result.kl:.2f}"),
-                   ("unigram model's perplexity (train counts)", f"{text['unigram_perplexity']:.2f}")]
+                   ("unigram model's perplexity (train counts)", f"{text['unigram_perplexity']:.2f}"),
+                   ("baseline NLL (unigram model), nats per sentence", f"{report['baseline_nll']:.2f}")]
 
 
-def result_rows(result: EvalResult, unit: str) -> list[tuple[str, str]]:
-    rows = [("sequences", f"{result.sequences:,}"), (f"NLL ≤ (ELBO), {unit}", f"{-result.elbo:.2f}")]
+def result_rows(result: EvalResult, unit: str, report: dict) -> list[tuple[str, str]]:
+    rows = [("sequences", count(result.sequences)), (f"NLL ≤ (ELBO), {unit}", f"{-result.elbo:.2f}")]
     if result.iwae is not None:
         rows.append((f"NLL ≤ (IWAE, K={result.iwae_samples}), {unit}", f"{-result.iwae:.2f}"))
-    return rows + [(f"KL, {unit}", f"{result.kl:.2f}")]
+    return rows + [(f"KL, {unit}", f"{result.kl:.2f}"),
+                   (f"baseline NLL (uniform Bernoulli), {unit}", f"{report['baseline_nll']:.2f}")]
 
 
-class EvaluationProgress:
-    """Feeds the progress bar (with its ETA); when stderr is not a terminal, where the bar is
-    not drawn, one line after the first batch says how long the whole will take."""
+SHORTEN = "evaluate fewer sequences with --limit N, or take fewer IWAE samples with a smaller --iwae"
 
-    def __init__(self, progress):
-        self.progress = progress
-        self.task = progress.add_task("eval", total=None)
-        self.started = time.perf_counter()
-        self.estimated = stderr.is_terminal
 
-    def __call__(self, done: int, total: int) -> None:
-        self.progress.update(self.task, completed=done, total=total)
-        if not self.estimated and done < total:
-            self.estimated = True
-            remaining = (time.perf_counter() - self.started) / done * (total - done)
-            stderr.print(f"Evaluating {plural(total, 'sequence')}: about {duration(remaining)} to go.")
+def evaluation_progress(progress: JobProgress, sequences: int, iwae: int):
+    """progress(done, total) in evaluate_split's (sequence, sample) pairs, or in sequences
+    (diagnose_split, iwae 0), shown as what they mean."""
+    what = plural(sequences, "sequence") + (f" × {plural(iwae, 'IWAE sample')}" if iwae > 1 else "")
+
+    def update(done: int, total: int) -> None:
+        progress(done, total, f"{done:,} of {total:,} ({what})" if iwae > 1 else f"{done:,} of {what}")
+
+    return update
 
 
 def open_training_data(config: dict) -> PreparedDataset:

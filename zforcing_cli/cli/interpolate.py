@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..console import stdout
+from ..console import JobProgress, stdout
 from ..device import resolve_device
 from ..sentences import DEFAULT_LENGTH, INTERPOLATION_TOP_K, TextVocabulary, interpolate
 from ..threads import ThreadPolicy
@@ -42,9 +42,10 @@ def interpolate_cli(
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT)
     model, config = load_model(folder, torch_device)
     vocabulary = TextVocabulary.of(config["data"])
-    with ThreadPolicy(threads):
+    with ThreadPolicy(threads), JobProgress("Decoding the mixes", shorten="ask for fewer --points") as progress:
         rows = interpolate(model, vocabulary, sentence_a, sentence_b, points=points, length=length, top_k=top_k,
-                           temperature=temperature, seed=seed)
+                           temperature=temperature, seed=seed,
+                           progress=lambda done, total: progress(done, total, f"{done:,} of {total:,} decodings"))
     warn_unknown(vocabulary)
     if as_json:
         stdout.print_json(json.dumps([asdict(row) for row in rows]))

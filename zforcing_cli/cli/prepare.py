@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
-from ..console import duration, stderr, stdout
+from ..console import JobProgress, duration, plural, stderr, stdout
 from .common import MAX_SEED
 from ..data import (
     AUDIO_KINDS,
@@ -59,22 +50,23 @@ def prepare_cli(
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="imdb and text: the column that holds the text in a CSV, JSON or parquet file. Default: text, review, content, ... or the only text column.")] = None,
     min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="text only: keep sentences of at least this many word tokens. Default: 5.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="text only: keep sentences of at most this many word tokens. Default: 15.")] = None,
-    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="text only: the most frequent train words kept; the rest become <unk>. Default: 16000.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="text only: the most frequent train words kept; the rest become `<unk>`. Default: 16000.")] = None,
     case: Annotated[Optional[str], typer.Option("--case", help="text only: `lower` (lower-case every token) or `keep`. Default: lower.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="text only: seeds the shuffle before the split. Default: 0.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="wav and blizzard: stop at the first file that cannot be read. Default: skip such files and list them at the end.")] = False,
 ) -> None:
     """Read a raw corpus once into a prepared dataset folder (meta.json + memory-mapped arrays)."""
     out = out or Path("data") / kind
     options = {"sample_rate": sample_rate, "frame_size": frame_size, "sequence_length": sequence_length, "split": split,
                "text_column": text_column, "min_tokens": min_tokens, "max_tokens": max_tokens, "vocab_size": vocab_size,
-               "case": case, "seed": seed}
+               "case": case, "seed": seed, "strict": strict or None}
     started = time.perf_counter()
     if kind in AUDIO_KINDS:
-        with audio_progress(f"Preparing {kind}") as progress:
-            dataset = prepare(kind, source, out, force=force, progress=progress, **options)
+        with JobProgress(f"Preparing {kind}") as progress:
+            dataset = prepare(kind, source, out, force=force, progress=audio_progress(progress), **options)
     elif kind in TEXT_KINDS:
-        with text_progress(f"Preparing {kind}") as progress:
-            dataset = prepare(kind, source, out, force=force, progress=progress, **options)
+        with JobProgress(f"Preparing {kind}") as progress:
+            dataset = prepare(kind, source, out, force=force, progress=text_progress(progress), **options)
     else:
         with stderr.status(escape(f"Preparing {kind} from {source} ...")):
             dataset = prepare(kind, source, out, force=force, **options)
@@ -85,35 +77,19 @@ def prepare_cli(
         stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
 
 
-@contextmanager
-def audio_progress(description: str) -> Iterator[ProgressCallback]:
-    """A progress bar on stderr over files, with the hours of audio read so far (on a terminal
-    only: elsewhere rich would leave an empty line behind)."""
-    columns = (TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-               TextColumn("{task.fields[audio]}"), TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task(description, total=None, audio="")
-
-        def update(files_done: int, files_total: int, seconds: float) -> None:
-            bar.update(task, completed=files_done, total=files_total, audio=f"{seconds / 3600:.2f} h of audio")
-
-        yield update
+def audio_progress(progress: JobProgress) -> ProgressCallback:
+    """prepare's progress over audio files, with the hours of audio read so far."""
+    return lambda done, total, seconds: progress(done, total, f"{done:,} of {plural(total, 'file')}, {seconds / 3600:.2f} h of audio")
 
 
-@contextmanager
-def text_progress(description: str) -> Iterator:
-    """A progress bar on stderr over the corpus (a spinner when its size is unknown), with the
-    documents read and the sentences kept so far (on a terminal only)."""
-    columns = (TextColumn(f"[bold]{escape(description)}"), BarColumn(), TextColumn("{task.fields[counts]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task(description, total=None, counts="")
+def text_progress(progress: JobProgress):
+    """prepare's progress over a corpus (its share done, when its size is known), with the
+    documents read and the sentences kept so far."""
 
-        def update(documents: int, sentences: int, fraction: float | None) -> None:
-            counts = f"{documents:,} documents, {sentences:,} sentences kept"
-            bar.update(task, completed=fraction, total=None if fraction is None else 1.0, counts=counts)
+    def update(documents: int, sentences: int, fraction: float | None) -> None:
+        progress(fraction or 0.0, None if fraction is None else 1.0, f"{documents:,} documents, {sentences:,} sentences kept")
 
-        yield update
+    return update
 
 
 def split_summary(dataset: PreparedDataset) -> str:

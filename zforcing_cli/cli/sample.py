@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -9,19 +11,21 @@ import typer
 from rich.markup import escape
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..console import plural, stderr, stdout
+from ..console import JobProgress, plural, stderr, stdout
+from ..data.audio import AUDIO_EXTENSIONS
 from ..device import resolve_device
-from ..fileio import check_can_write, write_bytes
+from ..fileio import atomic_file, check_can_write
 from ..generate import (
     OUTPUT_SUFFIXES,
     AudioFormat,
     AudioSamples,
     audio_steps,
+    check_image_count,
     check_output_suffix,
     sample_audio,
     sample_images,
 )
-from ..sentences import DEFAULT_LENGTH, Decoding, TextVocabulary, sample_sentences
+from ..sentences import DEFAULT_LENGTH, Decoding, TextVocabulary, check_length, sentence_chunks
 from ..threads import ThreadPolicy
 from .common import (
     RUNS_ROOT,
@@ -71,7 +75,7 @@ def sample_cli(
     modality = data["modality"]
     num = num or DEFAULT_NUM[modality]
     if modality == "tokens":
-        check_text_options(seconds)
+        check_text_options(seconds, prompt)
         decoding = Decoding(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                             min_tokens=data["text"]["min_tokens"])
         decoding.check()
@@ -80,43 +84,98 @@ def sample_cli(
     if greedy or top_k or top_p != 1.0:
         raise usage_error("--greedy, --top-k and --top-p apply to text models only.", "Leave them out, or use --temperature.")
     out = out or Path(f"samples{OUTPUT_SUFFIXES[modality]}")
-    prompt = None if prompt is None else Path(prompt)
     if modality == "frames":
         audio = AudioFormat.of(data)
         steps = audio_steps(audio, seconds, length)
         what = f"{plural(num, 'clip')} of {audio.seconds(steps):g} s" + (" after the prompt" if prompt else "")
-        with ThreadPolicy(threads), stderr.status(f"Generating {what} ..."):
-            result = sample_audio(model, data, out, num=num, steps=steps, temperature=temperature, seed=seed, prompt=prompt, force=force)
+        with ThreadPolicy(threads), JobProgress(f"Generating {what}", shorten=SHORTEN_AUDIO) as progress:
+            result = sample_audio(model, data, out, num=num, steps=steps, temperature=temperature, seed=seed,
+                                  prompt=audio_prompt(prompt), force=force, progress=audio_progress(progress, audio))
         report_audio(result)
         return
     check_image_options(prompt, seconds, length)
+    check_image_count(num)
     check_can_write(out, force)
-    with ThreadPolicy(threads), stderr.status(f"Sampling {plural(num, 'sequence')} ..."):
-        sample_images(model, data, out, num=num, temperature=temperature, seed=seed)
+    with ThreadPolicy(threads), JobProgress(f"Sampling {plural(num, 'image')}", shorten="ask for fewer with --num") as progress:
+        sample_images(model, data, out, num=num, temperature=temperature, seed=seed,
+                      progress=lambda done, total: progress(done, total, f"{done:,} of {total:,} images"))
     stdout.print(escape(f"Wrote {plural(num, 'sample')} to {out}"), soft_wrap=True)
 
 
-def check_text_options(seconds: float | None) -> None:
+SHORTEN_AUDIO = "ask for less with --seconds or --num"
+
+
+def audio_progress(progress: JobProgress, audio: AudioFormat) -> Callable[[int, int], None]:
+    """sample_audio's progress in frames, shown as seconds of audio."""
+    return lambda done, total: progress(done, total, f"{audio.seconds(done):,.1f} of {audio.seconds(total):,.1f} s of audio")
+
+
+def check_text_options(seconds: float | None, prompt: str | None) -> None:
     if seconds is not None:
         raise usage_error("--seconds applies to audio models only.", "For text, --length sets the most tokens per sentence.")
+    if prompt is not None and (Path(prompt).suffix.lower() in AUDIO_EXTENSIONS or names_file(prompt)):
+        raise usage_error(
+            f"--prompt {prompt} names a file, but this is a text model: its prompt is the words each sentence begins with.",
+            "For example --prompt \"this movie\"; an audio file is a prompt for an audio model.",
+        )
+
+
+def names_file(text: str) -> bool:
+    """Whether text is the path of a file; a long sentence is a name too long for the file
+    system, not an error."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def audio_prompt(prompt: str | None) -> Path | None:
+    """An audio model's prompt: the audio file to continue; words are another model's prompt."""
+    if prompt is None:
+        return None
+    path = Path(prompt)
+    if not names_file(prompt) and path.suffix.lower() not in AUDIO_EXTENSIONS:
+        raise usage_error(
+            f"--prompt {prompt!r} is not an audio file, and this is an audio model: its prompt is an audio file to continue.",
+            "Give --prompt the path of a WAV, FLAC, MP3, ... file; words are a prompt for a text model.",
+        )
+    return path
 
 
 def write_sentences(model, data: dict, out: Path | None, num: int, decoding: Decoding, length: int, prompt: str | None,
                     seed: int, threads: int | None, force: bool) -> None:
-    """Sentences to stdout, or one per line to a .txt file (written whole or not at all)."""
+    """Sentences to stdout as they come, or one per line to a .txt file, streamed and written
+    whole or not at all."""
+    check_length(length)
     if out is not None:
         check_output_suffix(out, "tokens")
         check_can_write(out, force)
     vocabulary = TextVocabulary.of(data)
-    with ThreadPolicy(threads), stderr.status(f"Sampling {plural(num, 'sentence')} ..."):
-        sentences = sample_sentences(model, vocabulary, num, decoding, length=length, prompt=prompt, seed=seed)
+    with ThreadPolicy(threads), JobProgress(f"Sampling {plural(num, 'sentence')}", shorten="ask for fewer with --num") as progress, \
+            sentence_writer(out) as write:
+        done = 0
+        for sentences in sentence_chunks(model, vocabulary, num, decoding, length=length, prompt=prompt, seed=seed):
+            write(sentences)
+            done += len(sentences)
+            progress(done, num, f"{done:,} of {num:,} sentences")
     warn_unknown(vocabulary)
+    if out is not None:
+        stdout.print(escape(f"Wrote {plural(num, 'sentence')} to {out}"), soft_wrap=True)
+
+
+@contextmanager
+def sentence_writer(out: Path | None) -> Iterator[Callable[[list[str]], None]]:
+    """write(sentences): to stdout, or appended to out (through a temporary file, renamed once
+    every sentence is in)."""
     if out is None:
-        for sentence in sentences:
-            stdout.print(escape(sentence), soft_wrap=True, highlight=False)
+        def show(sentences: list[str]) -> None:
+            for sentence in sentences:
+                stdout.print(escape(sentence), soft_wrap=True, highlight=False)
+
+        yield show
         return
-    write_bytes(out, "".join(sentence + "\n" for sentence in sentences).encode("utf-8"))
-    stdout.print(escape(f"Wrote {plural(num, 'sentence')} to {out}"), soft_wrap=True)
+    with atomic_file(out) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        yield lambda sentences: handle.writelines(sentence + "\n" for sentence in sentences)
 
 
 def warn_unknown(vocabulary: TextVocabulary) -> None:

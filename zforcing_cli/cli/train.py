@@ -95,6 +95,7 @@ def train_cli(
 
         def settle() -> tuple[Path, dict]:  # rank 0's: the run folder and its configuration
             run_dir, run_config, dataset = resumed_run(out, data, settings) if resume else new_run(out, data, settings)
+            run_config.train = fitted_batch(run_config.train, len(dataset.split("train")))
             run_config.train = with_lengths(run_config, len(dataset.split("train")), epochs, max_steps)
             run_config.train = replace(run_config.train, **given(checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes))
             opened.append(dataset)
@@ -186,6 +187,16 @@ def with_lengths(run_config: RunConfig, train_size: int, epochs: int | None, max
     if epochs is not None and max_steps is not None and epochs * batches < max_steps:
         stderr.print(f"Note: --epochs {epochs} ends the run after {plural(epochs * batches, 'update')}, before --max-steps {max_steps:,}.")
     return replace(config, **given(epochs=epochs, max_steps=max_steps))
+
+
+def fitted_batch(config, train_size: int):
+    """A batch larger than the training split takes the whole split: the run records the batch
+    it takes, not the one asked for."""
+    if config.batch_size <= train_size:
+        return config
+    stderr.print(f"Note: a batch of {config.batch_size:,} is more than the {plural(train_size, 'training sequence')}: "
+                 f"each update takes all of them, and the run records a batch of {train_size:,}.")
+    return replace(config, batch_size=train_size)
 
 
 def resumed_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:

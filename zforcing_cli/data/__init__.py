@@ -30,7 +30,8 @@ AUDIO_KINDS = ("timit", "blizzard", "wav")
 TEXT_KINDS = ("imdb", "text")
 # The options each kind takes; the others have a fixed protocol.
 KIND_OPTIONS = {
-    "wav": ("sample_rate", "frame_size", "sequence_length", "split"),
+    "wav": ("sample_rate", "frame_size", "sequence_length", "split", "strict"),
+    "blizzard": ("strict",),
     "text": ("min_tokens", "max_tokens", "vocab_size", "case", "split", "seed", "text_column"),
     "imdb": ("text_column",),
 }
@@ -45,9 +46,10 @@ def prepare(
 
     progress follows the audio kinds (files_done, files_total, seconds_of_audio_done) and the
     text kinds (documents_read, sentences_kept, fraction_done or None). Options: sample_rate,
-    frame_size, sequence_length and split for `wav`; min_tokens, max_tokens, vocab_size, case
+    frame_size, sequence_length, split and strict (stop at the first unreadable file instead of
+    skipping it) for `wav`, strict for `blizzard`; min_tokens, max_tokens, vocab_size, case
     (lower|keep), split, seed and text_column for `text`; text_column for `imdb`. The returned
-    dataset's `warnings` say what preparing noticed (a partial TIMIT, skipped files).
+    dataset's `warnings` say what preparing noticed (a partial TIMIT, skipped or upsampled files).
     """
     if kind not in AVAILABLE_KINDS:
         raise UsageError(f"Unknown data kind {kind!r}.", f"Choose one of: {', '.join(AVAILABLE_KINDS)}.")

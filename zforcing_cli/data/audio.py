@@ -26,6 +26,7 @@ import soxr
 
 from ..errors import DataError, UsageError
 from ..fileio import files_under
+from ..humanize import duration
 from .prepared import (
     SAMPLE_SCALE,
     SPLITS,
@@ -51,6 +52,7 @@ BLIZZARD_PROTOCOL = "blizzard-16k-0.5s-90-5-5"
 BLIZZARD_ATTRIBUTION = "Blizzard Challenge 2013 audiobook speech (Lessac Technologies); used under its own licence"
 DEFAULT_SPLIT = (90.0, 5.0, 5.0)
 UNREADABLE_HINT = "Check that the file is complete and in a format libsndfile reads (WAV, FLAC, MP3, OGG, SPHERE, ...), or remove it."
+LISTED_UNREADABLE = 5  # in the error when no file at all can be read; a warning lists every one
 
 
 @dataclass(frozen=True)
@@ -188,11 +190,16 @@ def to_mono(data: np.ndarray) -> np.ndarray:
 
 def decode_file(path: Path, sample_rate: int) -> np.ndarray:
     """One file as mono int16 at sample_rate (resampled with soxr when it differs)."""
+    return decode_with_rate(path, sample_rate)[0]
+
+
+def decode_with_rate(path: Path, sample_rate: int) -> tuple[np.ndarray, int]:
+    """decode_file's samples, and the rate the file was recorded at."""
     data, rate = read_audio(path)
     waveform = to_mono(data)
     if rate != sample_rate:
         waveform = soxr.resample(waveform, rate, sample_rate)
-    return to_int16(waveform)
+    return to_int16(waveform), rate
 
 
 def audio_meta(kind: str, protocol: str, framing: Framing, counts: dict[str, int], layout: dict[str, str],
@@ -218,25 +225,100 @@ def audio_meta(kind: str, protocol: str, framing: Framing, counts: dict[str, int
 
 
 @dataclass
-class Skipped:
-    """Files left out of the stream, by reason."""
+class StreamReport:
+    """What reading a folder's files into the stream found: the audio read, the rates the files
+    were recorded at, and the files left out, by reason (too short: with its length in samples;
+    unreadable: with why)."""
 
+    files: int
+    framing: Framing
+    kind: str
+    read_samples: int = 0  # every decoded file's, at the framing's rate
+    kept_samples: int = 0
+    highest_rate: int = 0  # the highest rate a file was recorded at
     silent: list[Path] = field(default_factory=list)
-    too_short: list[Path] = field(default_factory=list)
+    too_short: list[tuple[Path, int]] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.silent) + len(self.too_short)
+        """The files left out."""
+        return len(self.silent) + len(self.too_short) + len(self.unreadable)
 
-    def warning(self, total: int, framing: Framing) -> str | None:
-        if not len(self):
+    def seconds(self, samples: int) -> str:
+        return duration(samples / self.framing.sample_rate)
+
+    def warnings(self) -> list[str]:
+        return [warning for warning in (self.upsampled(), self.skipped(), self.unread()) if warning]
+
+    def upsampled(self) -> str | None:
+        """Every file was recorded below the rate asked for: upsampling it adds nothing."""
+        rate = self.framing.sample_rate
+        if not 0 < self.highest_rate < rate:
+            return None
+        advice = (f"prepare with --sample-rate {self.highest_rate} to keep the audio as it is" if self.kind == "wav" else
+                  f"the {self.kind} protocol is {rate} Hz; `zforcing prepare wav --sample-rate {self.highest_rate}` keeps the audio as it is")
+        return (f"The audio was recorded at {self.highest_rate} Hz at most and was upsampled to {rate} Hz, which adds no "
+                f"information, only {rate / self.highest_rate:g}× the data and the work: {advice}.")
+
+    def skipped(self) -> str | None:
+        if not (self.silent or self.too_short):
             return None
         reasons = []
         if self.silent:
             reasons.append(f"{len(self.silent)} silent (e.g. {self.silent[0]})")
         if self.too_short:
-            shortest = framing.sequence_samples / framing.sample_rate
-            reasons.append(f"{len(self.too_short)} shorter than one sequence of {shortest:g} s (e.g. {self.too_short[0]})")
-        return f"Skipped {len(self)} of {total} audio files: {'; '.join(reasons)}."
+            shortest = self.framing.sequence_samples / self.framing.sample_rate
+            reasons.append(f"{len(self.too_short)} shorter than one sequence of {shortest:g} s "
+                           f"({self.framing.sequence_frames + 1} frames of {self.framing.frame_size} samples; e.g. {self.too_short[0][0]})")
+        return f"Skipped {len(self.silent) + len(self.too_short)} of {self.files} audio files: {'; '.join(reasons)}.{self.shorter_sequences()}"
+
+    def shorter_sequences(self) -> str:
+        """How to keep the too-short files: the sequence length that keeps half of them."""
+        if not self.too_short:
+            return ""
+        if self.kind != "wav":
+            return " `zforcing prepare wav` with a smaller --frame-size or --sequence-length keeps shorter files."
+        frame = self.framing.frame_size
+        frames = int(np.median([length for _, length in self.too_short])) // frame - 1
+        if frames < 1:
+            return " A smaller --frame-size keeps shorter files."
+        kept = sum(length >= (frames + 1) * frame for _, length in self.too_short)
+        seconds = (frames + 1) * frame / self.framing.sample_rate
+        return (f" Shorter sequences keep them: --sequence-length {frames} ({seconds:g} s) keeps {kept} of these "
+                f"{len(self.too_short)}; a smaller --frame-size works too.")
+
+    def unread(self) -> str | None:
+        """Every unreadable file, named with why."""
+        if not self.unreadable:
+            return None
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in self.unreadable)
+        return f"Skipped {len(self.unreadable)} unreadable audio file(s) of {self.files} (--strict stops at the first):\n{listed}"
+
+    def too_little(self, folder: Path) -> DataError:
+        """The error for a folder whose usable audio makes fewer than three sequences, saying
+        what was read and what was dropped."""
+        sequence = self.framing.sequence_samples / self.framing.sample_rate
+        dropped = []
+        if self.too_short:
+            dropped.append(f"{len(self.too_short)} file(s) shorter than one sequence ({self.seconds(sum(n for _, n in self.too_short))})")
+        if self.silent:
+            dropped.append(f"{len(self.silent)} silent")
+        if self.unreadable:
+            dropped.append(f"{len(self.unreadable)} unreadable")
+        dropped_text = f"; dropped: {', '.join(dropped)}" if dropped else ""
+        longest = max((length for _, length in self.too_short), default=0) // self.framing.frame_size - 1
+        fits = f" (the longest file holds {longest} frames)" if longest >= 1 else ""
+        return DataError(
+            f"{folder} holds too little usable audio for a train, a valid and a test sequence of {sequence:g} s each: "
+            f"{self.seconds(self.kept_samples)} usable of {self.seconds(self.read_samples)} read{dropped_text}.",
+            f"Use a shorter --sequence-length{fits} or --frame-size, or add audio." if self.kind == "wav" else
+            "Add audio, or use `zforcing prepare wav` with a shorter --sequence-length or --frame-size.",
+        )
+
+    def nothing_readable(self, folder: Path) -> DataError:
+        listed = "; ".join(f"{path}: {reason}" for path, reason in self.unreadable[:LISTED_UNREADABLE])
+        more = f"; and {len(self.unreadable) - LISTED_UNREADABLE} more" if len(self.unreadable) > LISTED_UNREADABLE else ""
+        return DataError(f"None of the {self.files} audio files in {folder} could be read: {listed}{more}.", UNREADABLE_HINT)
 
 
 def split_counts(sequences: int, split: tuple[float, float, float]) -> dict[str, int]:
@@ -263,30 +345,48 @@ def find_audio_files(folder: Path) -> list[Path]:
     return found
 
 
-def stream_files(files: list[Path], stream: RawStream, framing: Framing, progress: ProgressCallback | None) -> Skipped:
-    """Decode each file in turn and append it to stream; silent and too-short files are skipped."""
-    skipped, counter = Skipped(), ProgressCounter(len(files), framing.sample_rate, progress)
+def stream_files(files: list[Path], stream: RawStream, framing: Framing, progress: ProgressCallback | None,
+                 kind: str = "wav", strict: bool = False) -> StreamReport:
+    """Decode each file in turn and append it to stream; silent and too-short files are left
+    out, and so are unreadable ones unless strict (then the first stops everything)."""
+    report, counter = StreamReport(len(files), framing, kind), ProgressCounter(len(files), framing.sample_rate, progress)
     for path in files:
-        samples = decode_file(path, framing.sample_rate)
+        try:
+            samples, rate = decode_with_rate(path, framing.sample_rate)
+        except DataError as error:
+            if strict:
+                raise DataError(error.message, f"{UNREADABLE_HINT} Without --strict, unreadable files are skipped and listed.") from None
+            report.unreadable.append((path, unreadable_reason(error.message, path)))
+            counter.file_done()
+            continue
+        report.read_samples += len(samples)
+        report.highest_rate = max(report.highest_rate, rate)
         if not samples.any():
-            skipped.silent.append(path)
+            report.silent.append(path)
         elif len(samples) < framing.sequence_samples:
-            skipped.too_short.append(path)
+            report.too_short.append((path, len(samples)))
         else:
             stream.append(samples)
+            report.kept_samples += len(samples)
             counter.add_audio(len(samples))
         counter.file_done()
-    return skipped
+    return report
+
+
+def unreadable_reason(message: str, path: Path) -> str:
+    """read_audio's message without the 'Cannot read PATH: ' that a listing by path repeats."""
+    return message.removeprefix(f"Cannot read {path}: ").rstrip(".")
 
 
 def prepare_audio_folder(
     folder: Path, out: Path, kind: str = "wav", force: bool = False, progress: ProgressCallback | None = None,
     sample_rate: int = 16000, frame_size: int = 200, sequence_length: int = 40,
-    split: str | Sequence[float] = DEFAULT_SPLIT,
+    split: str | Sequence[float] = DEFAULT_SPLIT, strict: bool = False,
 ) -> PreparedDataset:
     """Every audio file under folder, in order, as one mono stream at sample_rate, cut into
     sequences of sequence_length frames of frame_size samples and split in order (the first
-    90% of the sequences are train, then valid, then test, by default)."""
+    90% of the sequences are train, then valid, then test, by default). Files that cannot be
+    read are skipped and listed in a warning (strict: the first one is an error)."""
     framing, shares = Framing(sample_rate, frame_size, sequence_length), parse_split(split)
     framing.check()
     folder = Path(folder)
@@ -294,19 +394,16 @@ def prepare_audio_folder(
     source = str(folder.resolve())
     with prepared_staging(out, force) as staging:
         with closing(RawStream(staging / STREAM_FILE)) as stream:
-            skipped = stream_files(files, stream, framing, progress)
+            report = stream_files(files, stream, framing, progress, kind, strict)
+        if len(report.unreadable) == len(files):
+            raise report.nothing_readable(folder)
         counts = split_counts(framing.stream_sequences(stream.length), shares)
         if counts["train"] < 1:
-            raise DataError(
-                f"{folder} holds too little usable audio ({stream.length / sample_rate:.1f} s) for a train, "
-                f"a valid and a test sequence of {framing.sequence_samples / sample_rate:g} s each.",
-                "Add audio, or use a shorter --sequence-length or --frame-size.",
-            )
-        meta = write_stream_splits(staging, stream, framing, counts, kind, source, len(skipped))
+            raise report.too_little(folder)
+        meta = write_stream_splits(staging, stream, framing, counts, kind, source, len(report))
         stream.path.unlink()
         seal_prepared(staging, meta)
-    warnings = [warning] if (warning := skipped.warning(len(files), framing)) else []
-    return open_prepared_with(out, warnings)
+    return open_prepared_with(out, report.warnings())
 
 
 def write_stream_splits(staging: Path, stream: RawStream, framing: Framing, counts: dict[str, int], kind: str,

@@ -9,7 +9,10 @@ reading is, for the progress bar; nothing holds more than one document (or one t
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +27,8 @@ TEXT_COLUMNS = ("text", "review", "review_text", "reviewText", "content", "body"
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 TEXT_SUFFIXES = (".txt", ".text")
 TABLE_HINT = "Check that the file is complete and of the format its name says (one JSON object per line for .jsonl)."
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+POSITION = re.compile(r"at position (\d+)")  # how the loaders of whole JSON files say where they stopped
 
 
 class Documents:
@@ -52,6 +57,8 @@ def open_documents(source: str, text_column: str | None = None) -> Documents:
     if path.is_dir():
         return folder_documents(path)
     suffix = path.suffix.lower()
+    if suffix in JSON_LINES_SUFFIXES or (suffix == ".json" and holds_json_lines(path)):
+        return json_lines_documents(path, text_column)
     if suffix in TABLE_SUFFIXES:
         return table_documents(path, TABLE_SUFFIXES[suffix], text_column)
     if text_column is not None:
@@ -114,18 +121,79 @@ def folder_documents(folder: Path) -> Documents:
     return Documents(documents(), f"{describe} ({len(files):,} files)", lambda: done["files"] / len(files))
 
 
-def table_documents(path: Path, builder: str, text_column: str | None) -> Documents:
-    """Rows of a CSV/TSV, JSON(-lines) or parquet file, streamed by `datasets`' local loader."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file never needs the hub
+def holds_json_lines(path: Path) -> bool:
+    """Whether a .json file is JSON lines: its first line is a whole JSON object (a file of one
+    object spread over lines, or an array, is read whole by `datasets` instead)."""
+    with open(path, "rb") as handle:
+        first = next((line for line in handle if line.strip()), b"")
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
+def json_lines_documents(path: Path, text_column: str | None) -> Documents:
+    """Rows of a JSON-lines file, parsed one line at a time by the json module, so that a
+    broken line is named by its number; blank lines are passed over."""
+    size, position = max(1, path.stat().st_size), {"done": 0}
+
+    def rows() -> Iterator[dict]:
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                position["done"] += len(line)
+                if line.strip():
+                    yield json_record(line, number, path)
+
+    return row_documents(rows(), str(path), text_column, fraction=lambda: min(1.0, position["done"] / size))
+
+
+def json_record(line: bytes, number: int, path: Path) -> dict:
+    try:
+        record = json.loads(line.rstrip(b"\r\n"))  # a column past the line end would point at the next line
+    except UnicodeDecodeError:
+        raise DataError(f"Cannot read {path}, line {number:,}: it is not UTF-8 text.", TABLE_HINT) from None
+    except json.JSONDecodeError as error:
+        at = "" if error.msg.endswith(" at") else " at"  # "Invalid control character at", "Expecting value"
+        raise DataError(f"Cannot read {path}, line {number:,}: not valid JSON ({error.msg}{at} column {error.colno}).",
+                        TABLE_HINT) from None
+    if not isinstance(record, dict):
+        raise DataError(f"Cannot read {path}, line {number:,}: a JSON {type(record).__name__} where an object "
+                        "(one record with a text field) belongs.", TABLE_HINT)
+    return record
+
+
+def quiet_datasets():
+    """`datasets`, imported with its own logging and progress bars off: what goes wrong is said
+    once, in the error that names the file."""
     import datasets
 
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def table_documents(path: Path, builder: str, text_column: str | None) -> Documents:
+    """Rows of a CSV/TSV, whole-JSON or parquet file, streamed by `datasets`' local loader."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file never needs the hub
+    datasets = quiet_datasets()
     options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **options)
     except Exception as error:  # datasets raises many types for a malformed file
-        raise DataError(f"Cannot read {path} as {builder.upper()}: {first_line(error)}.", TABLE_HINT) from None
-    total = count_lines(path) if builder == "json" and path.suffix.lower() != ".json" else None
-    return row_documents(rows, str(path), text_column, total)
+        raise DataError(f"Cannot read {path} as {builder.upper()}{located(path, error)}.", TABLE_HINT) from None
+    return row_documents(rows, str(path), text_column, locate=lambda error: located(path, error))
+
+
+def located(path: Path, error: BaseException) -> str:
+    """': ' and a loader's first line of error, or ', line N: ' and it when it names a
+    character position: the line of the file it stopped at."""
+    text = first_line(error)
+    found = POSITION.search(text)
+    if not found:
+        return f": {text}"
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        line = handle.read(int(found.group(1))).count("\n") + 1
+    return f", line {line:,}: {text}"
 
 
 def hub_documents(name: str, text_column: str | None) -> Documents:
@@ -138,14 +206,14 @@ def hub_documents(name: str, text_column: str | None) -> Documents:
             f"Cannot reach the Hugging Face hub to stream {name}: this machine looks offline.",
             "Download the dataset's files elsewhere and pass the local file or folder as SOURCE.",
         )
-    import datasets
+    datasets = quiet_datasets()
 
     try:
         rows = datasets.load_dataset(name, split=split or "train", streaming=True)
     except Exception as error:
         raise DataError(f"Cannot open hf:{name}{':' + split if split else ''}: {first_line(error)}.",
                         "Check the dataset's name and split on huggingface.co.") from None
-    return row_documents(rows, f"hf:{name}", text_column, None)
+    return row_documents(rows, f"hf:{name}", text_column)
 
 
 def hub_reachable(host: str = "huggingface.co") -> bool:
@@ -166,14 +234,19 @@ def hub_reachable(host: str = "huggingface.co") -> bool:
     return result["ok"]
 
 
-def row_documents(rows, where: str, text_column: str | None, total: int | None) -> Documents:
+def row_documents(rows, where: str, text_column: str | None, fraction: Callable[[], float | None] = lambda: None,
+                  locate: Callable[[BaseException], str] = lambda error: f": {first_line(error)}") -> Documents:
+    """The text column of rows (dicts); errors name where, and the record (and line, where
+    `locate` finds it) they stopped at."""
     iterator = iter(rows)
     try:
         first = next(iterator)
     except StopIteration:
-        raise DataError(f"{where} holds no rows.", "Pass a corpus with at least a few documents.") from None
+        raise DataError(f"{where} holds no records.", "Pass a corpus with at least a few documents.") from None
+    except DataError:
+        raise
     except Exception as error:
-        raise DataError(f"Cannot read {where}: {first_line(error)}.", TABLE_HINT) from None
+        raise DataError(f"Cannot read {where}{locate(error)}.", TABLE_HINT) from None
     column = choose_text_column(first, text_column, where)
     done = {"rows": 0}
 
@@ -187,9 +260,8 @@ def row_documents(rows, where: str, text_column: str | None, total: int | None) 
         except DataError:
             raise
         except Exception as error:
-            raise DataError(f"Cannot read row {done['rows'] + 1:,} of {where}: {first_line(error)}.", TABLE_HINT) from None
+            raise DataError(f"Cannot read {where} after record {done['rows']:,}{locate(error)}.", TABLE_HINT) from None
 
-    fraction = (lambda: min(1.0, done["rows"] / total)) if total else (lambda: None)
     return Documents(documents(), where, fraction)
 
 
@@ -208,11 +280,6 @@ def choose_text_column(row: dict, asked: str | None, where: str) -> str:
         return strings[0]
     raise DataError(f"Cannot tell which column of {where} holds the text.",
                     f"Name it with --text-column; the columns are: {columns}.")
-
-
-def count_lines(path: Path) -> int:
-    with open(path, "rb") as handle:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b"")) or 1
 
 
 def first_line(error: BaseException) -> str:
