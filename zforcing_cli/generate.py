@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from .data.audio import decode_file, to_int16
 from .data.prepared import SAMPLE_SCALE, normalise_samples
 from .errors import DataError, UsageError, ZForcingError
 from .fileio import atomic_file, check_can_write
-from .model import ForwardCell, ZForcing, ZForcingConfig
+from .model import ZForcing, ZForcingConfig
 from .plots import image_grid, write_audio_plot, write_png
 
 # progress(done, total): samples (images, sentences) or frames generated so far, of all asked for
@@ -223,25 +223,6 @@ def read_prompt(path: Path, audio: AudioFormat) -> np.ndarray:
     return samples[: frames * audio.frame_size]
 
 
-@contextmanager
-def final_state(model: ZForcing) -> Iterator[list]:
-    """Yields a list that holds, after model.generate, the forward LSTM's state (h, c) where its
-    samples end, taken from the cell's last update: ZForcing.generate returns the samples
-    alone, and a long clip generated in pieces must carry the state from one to the next to
-    give the numbers of one piece."""
-    cell, record = model.forward_cell, []
-
-    def update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        record[:] = ForwardCell.update(gates, c)
-        return record[0], record[1]
-
-    cell.update = update
-    try:
-        yield record
-    finally:
-        del cell.update
-
-
 def audio_pieces(
     model: ZForcing, audio: AudioFormat, num: int, steps: int, temperature: float, generator: torch.Generator,
     prompt: np.ndarray,
@@ -257,10 +238,9 @@ def audio_pieces(
         first_input = frames[-1].expand(num, -1)
     piece = audio.frames_for(PIECE_SECONDS)
     for start in range(0, steps, piece):
-        with final_state(model) as record:
-            frames = model.generate(num, min(piece, steps - start), temperature=temperature, generator=generator,
-                                    first_input=first_input, state=state)
-        state, first_input = (record[0], record[1]), frames[:, -1]
+        frames, state = model.generate(num, min(piece, steps - start), temperature=temperature, generator=generator,
+                                       first_input=first_input, state=state, return_state=True)
+        first_input = frames[:, -1]
         yield frames
 
 

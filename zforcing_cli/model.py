@@ -527,10 +527,12 @@ class ZForcing(nn.Module):
         state: tuple[Tensor, Tensor] | None = None,
         choose: Callable[[Tensor, int], Tensor] | None = None,
         latents: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
         """Free-running samples from the prior: z_t ~ p(z_t|h_{t-1}), y_t ~ p(y_t|h_t), u_{t+1} = y_t.
 
-        Returns (num, steps[, F]). stop, if given, maps the sampled y_t (num,) to a bool mask of
+        Returns (num, steps[, F]); with return_state, also the forward LSTM's state (h, c) where
+        the samples end, to continue them with state= (and first_input= their last element). stop, if given, maps the sampled y_t (num,) to a bool mask of
         finished rows; generation ends early when every row has finished. first_input (num[, F])
         and state (h, c) (from encode) continue a sequence instead of starting one: first_input
         is then its last element. choose(params (num, 1, P), t) -> y_t (num, 1), if given,
@@ -568,7 +570,8 @@ class ZForcing(nn.Module):
                 finished |= stop(y.squeeze(1))
                 if bool(finished.all()):
                     break
-        return torch.cat(outputs, dim=1)
+        samples = torch.cat(outputs, dim=1)
+        return (samples, (h, c)) if return_state else samples
 
 
 def spread_log_variance(values: Tensor, mask: Tensor) -> Tensor:
