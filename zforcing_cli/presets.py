@@ -50,12 +50,16 @@ SPEECH_PAPER = {
 SPEECH_SMALL = (dict(embed_size=64, hidden_size=128, latent_size=32, mlp_size=128), dict(batch_size=32, lr=1e-3))
 
 
-def speech_presets(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
-    sizes, training = SPEECH_SMALL if name == "small" else SPEECH_PAPER.get(meta.kind, SPEECH_PAPER["timit"])
-    model = ZForcingConfig(modality="frames", input_size=meta.input_size, **sizes)
+def speech_training(name: str, kind: str) -> TrainConfig:
+    training = SPEECH_SMALL[1] if name == "small" else SPEECH_PAPER.get(kind, SPEECH_PAPER["timit"])[1]
     if name == "small":
-        return model, TrainConfig(epochs=100, max_steps=3000, valid_limit=1000, eval_batch_size=100, **training)
-    return model, TrainConfig(epochs=100, checkpoint_every=1000, eval_batch_size=100, **training)
+        return TrainConfig(epochs=100, max_steps=3000, valid_limit=1000, eval_batch_size=100, **training)
+    return TrainConfig(epochs=100, checkpoint_every=1000, eval_batch_size=100, **training)
+
+
+def speech_model(name: str, meta: DatasetMeta) -> ZForcingConfig:
+    sizes = SPEECH_SMALL[0] if name == "small" else SPEECH_PAPER.get(meta.kind, SPEECH_PAPER["timit"])[0]
+    return ZForcingConfig(modality="frames", input_size=meta.input_size, **sizes)
 
 
 # Text (IMDB sentences of 5..15 words, a 16K-word vocabulary).
@@ -72,26 +76,89 @@ TEXT_SMALL = (dict(embed_size=64, hidden_size=128, latent_size=16, mlp_size=128,
               dict(epochs=100, max_steps=2000, valid_limit=2000, aux_weight=0.01, bwd_weight=0.01))
 
 
-def text_presets(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
-    sizes, training = TEXT_SMALL if name == "small" else TEXT_PAPER
-    model = ZForcingConfig(modality="tokens", input_size=meta.input_size, start_index=START_ID, **sizes)
-    return model, TrainConfig(batch_size=32, lr=1e-3, adam_beta2=0.99, weight_decay=1e-6, eval_batch_size=100, **training)
+def text_training(name: str) -> TrainConfig:
+    training = TEXT_SMALL[1] if name == "small" else TEXT_PAPER[1]
+    return TrainConfig(batch_size=32, lr=1e-3, adam_beta2=0.99, weight_decay=1e-6, eval_batch_size=100, **training)
 
 
-def preset_defaults(field: str) -> str:
-    """The help's default for a training option the preset decides, e.g. 'small: 1, paper: 100'."""
-    shown = {name: "none" if (value := getattr(train, field)) is None else f"{value:g}" for name, (_, train) in MNIST_PRESETS.items()}
-    if len(set(shown.values())) == 1:
-        return next(iter(shown.values()))
-    return ", ".join(f"{name}: {text}" for name, text in shown.items())
+def text_model(name: str, meta: DatasetMeta) -> ZForcingConfig:
+    sizes = TEXT_SMALL[0] if name == "small" else TEXT_PAPER[0]
+    return ZForcingConfig(modality="tokens", input_size=meta.input_size, start_index=START_ID, **sizes)
+
+
+def training_preset(name: str, kind: str, modality: str) -> TrainConfig:
+    """The training settings of preset `name` for data of this kind and modality."""
+    check_preset(name)
+    if modality == "frames":
+        return speech_training(name, kind)
+    if modality == "tokens":
+        return text_training(name)
+    return replace(MNIST_PRESETS[name][1])
 
 
 def preset_configs(name: str, meta: DatasetMeta) -> tuple[ZForcingConfig, TrainConfig]:
+    check_preset(name)
+    if meta.modality == "frames":
+        model = speech_model(name, meta)
+    elif meta.modality == "tokens":
+        model = text_model(name, meta)
+    else:
+        model = replace(MNIST_PRESETS[name][0])
+    return model, training_preset(name, meta.kind, meta.modality)
+
+
+def check_preset(name: str) -> None:
     if name not in PRESETS:
         raise UsageError(f"Unknown preset {name!r}.", f"Choose one of: {', '.join(PRESETS)}.")
-    if meta.modality == "frames":
-        return speech_presets(name, meta)
-    if meta.modality == "tokens":
-        return text_presets(name, meta)
-    model, train = MNIST_PRESETS[name]
-    return replace(model), replace(train)
+
+
+# -- what the presets are, for people ---------------------------------------------------------
+
+# The data kinds whose presets train differently: (what the help calls them, kind, modality).
+TRAINING_KINDS = (("images (mnist)", "mnist", "binary"), ("speech (timit, wav)", "timit", "frames"),
+                  ("speech (blizzard)", "blizzard", "frames"), ("text (imdb, text)", "imdb", "tokens"))
+
+
+def describe_length(config: TrainConfig) -> str:
+    return f"{config.max_steps:,} updates" if config.max_steps is not None else f"{config.epochs:,} epochs"
+
+
+def describe_aux_weight(config: TrainConfig) -> str:
+    """α as the run takes it: '0.01', or '0 → 0.0008 by 8e-07 an update'."""
+    if config.aux_start is None or config.aux_start == config.aux_weight:
+        return f"{config.aux_weight:g}"
+    return f"{config.aux_start:g} → {config.aux_weight:g} by {config.aux_increment:g} an update"
+
+
+def describe_model(config: ZForcingConfig) -> str:
+    """'LSTMs of 64, z of 16, MLPs of 64, embedding 16' (and the dropout and aux condition when set)."""
+    parts = [f"LSTMs of {config.hidden_size:,}", f"z of {config.latent_size:,}", f"MLPs of {config.mlp_size:,}",
+             f"embedding {config.embed_size:,}"]
+    if config.embed_dropout:
+        parts.append(f"dropout {config.embed_dropout:g}")
+    if config.aux_on_hidden:
+        parts.append("aux on (h, z)")
+    if config.aux_spread_floor is not None:
+        parts.append(f"aux variance floor Var(b)·e^-{config.aux_spread_floor:g}")
+    return ", ".join(parts)
+
+
+def describe_training(config: TrainConfig) -> str:
+    """One line of the settings a run trains with (printed as it starts)."""
+    parts = [describe_length(config), f"batch {config.batch_size:,}", f"lr {config.lr:g}", f"α {describe_aux_weight(config)}",
+             f"β {config.bwd_weight:g}", "KL annealing" if config.kl_anneal else "KL weight 1", f"precision {config.precision}",
+             f"seed {config.seed}"]
+    if config.weight_decay:
+        parts.insert(3, f"weight decay {config.weight_decay:g}")
+    return ", ".join(parts)
+
+
+def presets_table() -> str:
+    """The training presets by data kind, as a Markdown table (train's help)."""
+    rows = ["| data | preset | length | batch | lr | α | β |", "|---|---|---|---|---|---|---|"]
+    for label, kind, modality in TRAINING_KINDS:
+        for name in PRESETS:
+            config = training_preset(name, kind, modality)
+            rows.append(f"| {label} | {name} | {describe_length(config)} | {config.batch_size} | {config.lr:g} "
+                        f"| {describe_aux_weight(config)} | {config.bwd_weight:g} |")
+    return "\n".join(rows)

@@ -18,7 +18,7 @@ from typer.main import get_command
 from zforcing_cli.cli import app
 from zforcing_cli.evaluate import EvalResult
 from zforcing_cli.model import ZForcing
-from zforcing_cli.presets import MNIST_PRESETS
+from zforcing_cli.presets import MNIST_PRESETS, PRESETS, TRAINING_KINDS, describe_aux_weight, describe_length, training_preset
 
 from conftest import assert_clean_error, invoke, plain
 
@@ -162,10 +162,26 @@ def test_checkpoint_files_have_the_run_folder_permissions(trained):
             assert stat.S_IMODE(file.stat().st_mode) == config_mode, file
 
 
-def test_train_help_shows_defaults_per_preset(cwd):
-    text = "".join(plain(invoke("train", "--help", env={"COLUMNS": "300"}).stdout).split())
-    for shown in ("small: 1, paper: 100", "small: 1000, paper: none", "small: 0.002, paper: 0.001"):
-        assert "".join(shown.split()) in text, shown
+def test_train_help_shows_the_defaults_of_every_data_kind_and_preset(cwd):
+    """Not MNIST's defaults as if every data kind had them: a table of each kind's presets."""
+    text = plain(invoke("train", "--help", env={"COLUMNS": "300"}).stdout)
+    lines = {" ".join(line.split()) for line in text.splitlines()}
+    for kind, kind_name, modality in TRAINING_KINDS:
+        for preset in PRESETS:
+            config = training_preset(preset, kind_name, modality)
+            row = (f"{kind} {preset} {describe_length(config)} {config.batch_size} {config.lr:g} "
+                   f"{describe_aux_weight(config)} {config.bwd_weight:g}")
+            assert row in lines, row
+    assert "speech (timit, wav) small 3,000 updates 32 0.001" in " ".join(text.split())
+    assert "[default: (the preset's: table below)]" in " ".join(text.split())
+
+
+def test_a_run_prints_the_settings_it_trains_with(cwd, tiny_data):
+    result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 2, "--aux-weight", "0.003")
+    assert result.exit_code == 0, plain(result.output)
+    line = next(line for line in plain(result.stderr).splitlines() if line.startswith("Settings:"))
+    assert line.startswith("Settings: small preset, LSTMs of ")
+    assert "2 updates" in line and "α 0.003," in line and "precision fp32" in line
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "interpolate"])

@@ -24,7 +24,7 @@ from ..device import check_precision, resolve_device
 from ..distributed import Group, from_main, joined
 from ..errors import DataError, TrainingError
 from ..evaluate import bound_unit
-from ..presets import PRESETS, preset_configs, preset_defaults
+from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
 from ..threads import ThreadPolicy
 from ..train import (
     RunConfig,
@@ -43,8 +43,11 @@ EPILOG = (
     "`zforcing train --preset paper --device cuda --epochs 50`; "
     "`zforcing train --resume` continues runs/latest. Ctrl-C stops after the current update and "
     "writes a checkpoint that `--resume` continues. Several GPUs: `torchrun --nproc-per-node 4 -m zforcing_cli train ...` "
-    "(docs/training.md)."
+    "(docs/training.md).\n\n"
+    "**Defaults by data kind and preset** (an option given on the command line replaces its default; "
+    "a run prints the settings it trains with as it starts):\n\n" + presets_table()
 )
+BY_PRESET = "the preset's: table below"
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -53,21 +56,21 @@ def train_cli(
     preset: Annotated[Optional[str], typer.Option("--preset", help=f"Model and training sizes: {' or '.join(PRESETS)}.", show_default="small")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder. Default: a new folder under runs/; with --resume, runs/latest.", show_default=False)] = None,
     device: DeviceOption = "auto",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training split; lifts the preset's update limit.", show_default=preset_defaults("epochs"))] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many updates; takes more epochs when it needs them.", show_default=preset_defaults("max_steps"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences per update.", show_default=preset_defaults("batch_size"))] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (finite, > 0).", show_default=preset_defaults("lr"))] = None,
-    aux_weight: Annotated[Optional[float], typer.Option("--aux-weight", help="α: weight of the auxiliary cost -log p(b_t|z_t).", show_default=preset_defaults("aux_weight"))] = None,
-    aux_start: Annotated[Optional[float], typer.Option("--aux-start", help="α's first value: α then moves linearly to --aux-weight by --aux-increment per update, as in the authors' code. Without it (and with --aux-weight given), α is constant.", show_default=preset_defaults("aux_start"))] = None,
-    aux_increment: Annotated[Optional[float], typer.Option("--aux-increment", help="With --aux-start: how far α moves per update.", show_default=preset_defaults("aux_increment"))] = None,
-    bwd_weight: Annotated[Optional[float], typer.Option("--bwd-weight", help="β: weight of the backward prediction -log p(u_t|b_t).", show_default=preset_defaults("bwd_weight"))] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training split; lifts the preset's update limit.", show_default=BY_PRESET)] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many updates; takes more epochs when it needs them.", show_default=BY_PRESET)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences per update.", show_default=BY_PRESET)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (finite, > 0).", show_default=BY_PRESET)] = None,
+    aux_weight: Annotated[Optional[float], typer.Option("--aux-weight", help="α: weight of the auxiliary cost -log p(b_t|z_t).", show_default=BY_PRESET)] = None,
+    aux_start: Annotated[Optional[float], typer.Option("--aux-start", help="α's first value: α then moves linearly to --aux-weight by --aux-increment per update, as in the authors' code. Without it (and with --aux-weight given), α is constant.", show_default=BY_PRESET)] = None,
+    aux_increment: Annotated[Optional[float], typer.Option("--aux-increment", help="With --aux-start: how far α moves per update.", show_default=BY_PRESET)] = None,
+    bwd_weight: Annotated[Optional[float], typer.Option("--bwd-weight", help="β: weight of the backward prediction -log p(u_t|b_t).", show_default=BY_PRESET)] = None,
     kl_anneal: Annotated[Optional[bool], typer.Option("--kl-anneal/--no-kl-anneal", help="KL weight from 0.2 to 1 by 5e-5 per update.", show_default="off")] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout on the input embeddings, in [0, 1).", show_default="text: 0.2, others: 0")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="L2 weight decay in Adam.", show_default="text: 1e-6, others: 0")] = None,
     aux_condition: Annotated[Optional[str], typer.Option("--aux-condition", help="Condition the auxiliary head on `z` (the paper's Eq. 8) or `hz` (h_{t-1} and z_t, the original code).", show_default="z")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the weights, the data order and the noise of every update.", show_default=preset_defaults("seed"))] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.", show_default=preset_defaults("checkpoint_every"))] = None,
-    checkpoint_minutes: Annotated[Optional[float], typer.Option("--checkpoint-minutes", help="Also checkpoint when this many minutes have passed since the last checkpoint (0: never).", show_default=preset_defaults("checkpoint_minutes"))] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the weights, the data order and the noise of every update.", show_default="0")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.", show_default="paper presets: 1,000 (2,000 for text); small: none")] = None,
+    checkpoint_minutes: Annotated[Optional[float], typer.Option("--checkpoint-minutes", help="Also checkpoint when this many minutes have passed since the last checkpoint (0: never).", show_default="10")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="Arithmetic of the forward pass: `fp32`; `tf32` (float32, with matrix products on TensorFloat-32 tensor cores: GPUs from NVIDIA Ampere on); `bf16` (autocast to bfloat16: GPUs from Ampere on, or the CPU); `fp16` (autocast to float16 with a gradient scaler; GPUs only). The weights, Adam and the sums of the loss stay fp32. A resumed run keeps its precision.", show_default="fp32")] = None,
     threads: ThreadsOption = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log the metrics, and samples at each validation, for TensorBoard in RUN/tensorboard (needs `pip install 'zforcing[tensorboard]'`).")] = False,
@@ -110,6 +113,8 @@ def train_cli(
             where = f"on {torch_device}" if group is None else f"on {processes} ({group.backend}, {torch_device.type})"
             stderr.print(escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) {where}; run folder {run_dir}"),
                          soft_wrap=True)
+            stderr.print(escape(f"Settings: {run_config.preset or 'custom'} preset, {describe_model(run_config.model)}; "
+                                f"{describe_training(run_config.train)}"), soft_wrap=True)
         stop = StopRequest()
         with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
                 stop_on_signals(stop, progress.console if main else None, group is not None):
