@@ -106,7 +106,7 @@ def gradient_sources(model: ZForcing, config: RunConfig, split, batch_size: int)
     hidden, z, q_mean, q_logvar, _ = model.posterior_rollout(embedded_u, backward, noise)
     h_prev, h = hidden[:, :-1], hidden[:, 1:]
     p_mean, p_logvar = model.prior(h_prev)
-    aux, bwd, _ = model.auxiliary_costs(y, h_prev, z, backward, mask)
+    aux, bwd, _ = model.auxiliary_costs(y, h_prev, z, backward)
     train = config.train
     bwd_mask = mask.clone()
     bwd_mask[:, 0] = 0

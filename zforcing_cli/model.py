@@ -48,11 +48,6 @@ class ZForcingConfig:
     mlp_size: int = 256  # hidden units of every one-hidden-layer MLP
     aux_on_hidden: bool = False  # False: p(b_t | z_t) as Eq. 8; True: p(b_t | h_{t-1}, z_t) (original code)
     latent_clamp: float = 8.0  # prior/posterior MLP outputs clamped to ±this, for stability
-    # None: the aux head's log-variance is bounded by the clamp alone (the paper's form). A number
-    # r: also bounded below by log Var(b_d) - r, Var(b_d) the batch's spread of b_t's dimension d,
-    # so that the aux cost cannot fall by more than r/2 nats per dimension below what knowing
-    # nothing costs: it rewards information about b_t, not precision on b_t's own scale.
-    aux_spread_floor: float | None = None
     output_logvar_min: float = -9.0  # bounds of the Gaussian output head's log-variance
     output_logvar_max: float = 9.0
     embed_dropout: float = 0.0
@@ -413,7 +408,7 @@ class ZForcing(nn.Module):
         kl = gaussian_kl(q_mean, q_logvar, p_mean, p_logvar)  # (B, T, Z)
         log_ratio = (gaussian_log_prob(z, q_mean, q_logvar) - gaussian_log_prob(z, p_mean, p_logvar)).sum(-1)
         if auxiliary:
-            aux, bwd, aux_logvar = self.auxiliary_costs(y, h_prev, z, backward, mask)
+            aux, bwd, aux_logvar = self.auxiliary_costs(y, h_prev, z, backward)
             aux_at_floor = (aux_logvar.detach() <= -c.latent_clamp).sum(-1).to(nll.dtype)
         else:
             aux = bwd = aux_at_floor = torch.zeros_like(nll)
@@ -423,7 +418,7 @@ class ZForcing(nn.Module):
                          aux_at_floor=aux_at_floor, mask=mask, bwd_mask=bwd_mask)
 
     def auxiliary_costs(
-        self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor, mask: Tensor
+        self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """-log p(b_t | z_t) (Eq. 8) and -log p(u_t | b_t) (Eq. 10), each (B, T), and the aux
         head's log-variance (B, T, H)."""
@@ -432,8 +427,6 @@ class ZForcing(nn.Module):
         # and prior) and the aux head, never the backward RNN's states directly (§3.4).
         target = backward.detach()
         aux_mean, aux_logvar = self.aux_head.stats(aux_condition)
-        if self.config.aux_spread_floor is not None:
-            aux_logvar = torch.maximum(aux_logvar, spread_log_variance(target, mask) - self.config.aux_spread_floor)
         aux = -gaussian_log_prob(target, aux_mean, aux_logvar).sum(-1)
         # b_t predicts u_t = y_{t-1} for t ≥ 2; u_1 is the start symbol, which may lie outside the
         # output vocabulary, so step 1 is left out here and padded with a zero cost.
@@ -572,15 +565,6 @@ class ZForcing(nn.Module):
                     break
         samples = torch.cat(outputs, dim=1)
         return (samples, (h, c)) if return_state else samples
-
-
-def spread_log_variance(values: Tensor, mask: Tensor) -> Tensor:
-    """log of each feature's variance over the valid (batch, step) rows: (B, T, H), (B, T) -> (H,)."""
-    weights = mask.unsqueeze(-1)
-    count = weights.sum().clamp(min=2.0)
-    mean = (values * weights).sum((0, 1)) / count
-    variance = ((values - mean).pow(2) * weights).sum((0, 1)) / (count - 1)
-    return variance.clamp(min=torch.finfo(values.dtype).tiny).log()
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:

@@ -138,8 +138,6 @@ def describe_model(config: ZForcingConfig) -> str:
         parts.append(f"dropout {config.embed_dropout:g}")
     if config.aux_on_hidden:
         parts.append("aux on (h, z)")
-    if config.aux_spread_floor is not None:
-        parts.append(f"aux variance floor Var(b)·e^-{config.aux_spread_floor:g}")
     return ", ".join(parts)
 
 
