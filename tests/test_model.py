@@ -776,8 +776,8 @@ def test_annealed_aux_weight_moves_by_its_increment_then_stays():
     down = TrainConfig(aux_start=1e-2, aux_weight=1e-3, aux_increment=5e-5)
     assert annealed_aux_weight(down, 0) == 1e-2
     assert annealed_aux_weight(down, 100) == pytest.approx(1e-2 - 100 * 5e-5, abs=1e-15)
-    assert annealed_aux_weight(down, 179) > 1e-3 and annealed_aux_weight(down, 180) == pytest.approx(1e-3, abs=1e-15)
-    assert annealed_aux_weight(down, 10**6) == pytest.approx(1e-3, abs=1e-15)
+    assert annealed_aux_weight(down, 179) > 1e-3 and annealed_aux_weight(down, 180) == 1e-3  # exactly, once reached
+    assert annealed_aux_weight(down, 10**6) == 1e-3
     up = TrainConfig(aux_start=0.0, aux_weight=2e-4, aux_increment=5e-5)
     assert [annealed_aux_weight(up, n) for n in (0, 1, 3, 4, 9)] == pytest.approx([0.0, 5e-5, 1.5e-4, 2e-4, 2e-4], abs=1e-15)
     assert all(annealed_aux_weight(TrainConfig(aux_weight=3e-3), n) == 3e-3 for n in (0, 7, 10**6))

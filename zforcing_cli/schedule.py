@@ -42,7 +42,10 @@ def annealed_aux_weight(config: Weights, updates: int) -> float:
     if config.aux_start is None:
         return config.aux_weight
     distance = config.aux_weight - config.aux_start
-    return config.aux_start + math.copysign(min(abs(distance), config.aux_increment * updates), distance)
+    moved = config.aux_increment * updates
+    if moved >= abs(distance):
+        return config.aux_weight  # exactly, not aux_start + distance rounded
+    return config.aux_start + math.copysign(moved, distance)
 
 
 def aux_weight_reaches_zero(config: Weights) -> bool:

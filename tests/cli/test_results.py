@@ -184,6 +184,21 @@ def test_a_run_prints_the_settings_it_trains_with(cwd, tiny_data):
     assert "2 updates" in line and "α 0.003," in line and "precision fp32" in line
 
 
+@pytest.mark.parametrize("options, schedule", [
+    ((), "preset"),  # the preset's schedule of α, whatever it is
+    (("--aux-weight", "0.003"), (None, 0.003)),  # --aux-weight alone: a constant α, the paper's form
+    (("--aux-weight", "0.003", "--aux-start", "0.01"), (0.01, 0.003)),
+    (("--aux-start", "0.01"), (0.01, "preset")),  # from 0.01 to the preset's final α
+])
+def test_alpha_options_combine_with_the_presets_schedule(cwd, tiny_data, options, schedule):
+    result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 1, *options)
+    assert result.exit_code == 0, plain(result.output)
+    recorded = json.loads((cwd / "run" / "config.json").read_text())["train"]
+    preset = MNIST_PRESETS["small"][1]
+    start, final = (preset.aux_start, preset.aux_weight) if schedule == "preset" else schedule
+    assert (recorded["aux_start"], recorded["aux_weight"]) == (start, preset.aux_weight if final == "preset" else final)
+
+
 @pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "sample", "interpolate"])
 def test_every_option_has_a_description(command):
     for param in get_command(app).commands[command].params:
