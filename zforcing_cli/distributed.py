@@ -32,6 +32,7 @@ T = TypeVar("T")
 # How long a rank waits in a collective for the others before giving up. torchrun ends the
 # other ranks as soon as one fails, so this only matters when a rank hangs without failing.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+STOP_REASONS = ("request", "SIGINT", "SIGTERM")  # what the ranks of a distributed run agree on
 
 
 def launched_rank() -> int | None:
@@ -88,6 +89,17 @@ class Group:
         box = [value if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
+
+    def agree(self, stop_reason: str | None, checkpoint_due: bool) -> tuple[str | None, bool]:
+        """Whether any rank was asked to stop (torchrun passes a signal to all of them, which may
+        notice it at different updates), and whether rank 0's clock calls for a checkpoint,
+        settled by one all-reduce so that every rank does the same next: (the reason all ranks
+        stop for, or None; whether they checkpoint). A reason outside STOP_REASONS counts as
+        "request"; checkpoint_due counts on rank 0 only."""
+        code = 0 if stop_reason is None else 1 + (STOP_REASONS.index(stop_reason) if stop_reason in STOP_REASONS else 0)
+        flags = torch.tensor([code, int(self.is_main and checkpoint_due)], device=self.device)
+        code, clock = self.all_reduce(flags, dist.ReduceOp.MAX).tolist()
+        return (STOP_REASONS[code - 1] if code else None), bool(clock)
 
     def barrier(self) -> None:
         if self.device.type == "cuda":

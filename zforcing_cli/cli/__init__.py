@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .. import __version__
+from ..version import __version__
 from ..allocator import keep_freed_memory
 from ..console import CommandGroup, handle_errors, stdout
 from . import bench, compare, evaluate, interpolate, prepare, sample, train

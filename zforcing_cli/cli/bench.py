@@ -1,6 +1,6 @@
 """`zforcing bench`: training speed side by side with the autograd reference and a fused LSTM
-pair, sampling, loading and memory (bench.py); host memory on a Blizzard-sized dataset
-(membench.py); CPU trainings sharing the machine."""
+pair, sampling, loading and memory (bench/speed.py); host memory on a Blizzard-sized dataset
+(bench/memory.py); CPU trainings sharing the machine (bench/sharing.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..bench import DEFAULT_UPDATES, IMPLEMENTATIONS, SIZES, SYNTHETIC_SEQUENCES, Resize, bench_shared, run
+from ..bench.memory import DEFAULT_BATCHES, DEFAULT_HOURS, run_memory
+from ..bench.sharing import bench_shared
+from ..bench.speed import DEFAULT_UPDATES, IMPLEMENTATIONS, run_speed
+from ..bench.synthetic import SYNTHETIC_SEQUENCES
+from ..bench.workload import SIZES, Resize
 from ..console import plural, results_table, stderr, stdout
 from ..fileio import json_record
-from ..membench import DEFAULT_BATCHES, DEFAULT_HOURS, run_memory
 from ..threads import ThreadPolicy
 from .common import DeviceOption, ThreadsOption, check_real, usage_error
 
@@ -67,7 +70,7 @@ def bench_cli(
             result = run_memory(preset, size, device, DEFAULT_HOURS if hours is None else hours, batches or DEFAULT_BATCHES,
                                 folder, say)
         else:
-            result = run(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32,
+            result = run_speed(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32,
                          Resize(hidden_size, mlp_size, batch_size))
     print_result(result, as_json, memory_tables if memory else speed_tables)
 

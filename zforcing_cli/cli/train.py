@@ -16,7 +16,7 @@ from typing import Annotated, Iterator, Optional
 import typer
 from rich.markup import escape
 
-from .. import __version__
+from ..version import __version__
 from ..checkpoint import resolve_latest
 from ..console import plural, stderr, stdout, training_progress
 from ..data import EMBEDDED, PreparedDataset, open_dataset
@@ -26,16 +26,8 @@ from ..errors import DataError, TrainingError
 from ..evaluate import bound_unit
 from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
 from ..threads import ThreadPolicy
-from ..train import (
-    RunConfig,
-    StopRequest,
-    TrainEvent,
-    TrainingStopped,
-    data_description,
-    dataset_differences,
-    load_run_config,
-    train,
-)
+from ..runconfig import RunConfig, data_description, dataset_differences, load_run_config
+from ..train import StopRequest, TrainEvent, TrainingStopped, train
 from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, exit_on_signal, usage_error
 
 EPILOG = (
@@ -337,18 +329,16 @@ class TrainReporter:
             handler(event)
 
     def on_stale_lock(self, event: TrainEvent) -> None:
-        owner = event.metrics
-        self.say(f"Took over the run's lock from process {owner.get('pid', '?')} on {owner.get('host', '?')}, which is no longer running.")
+        self.say(event.message)
 
     def on_resume(self, event: TrainEvent) -> None:
-        checkpoint = event.metrics["checkpoint"]
-        if checkpoint is None:
+        if event.path is None:
             self.say("The run has no training checkpoint yet: starting it again from step 0 with its saved configuration.")
         else:
-            self.say(f"Resuming from {checkpoint} (step {event.step:,} of {event.total_steps:,}).")
+            self.say(f"Resuming from {event.path} (step {event.step:,} of {event.total_steps:,}).")
 
     def on_warning(self, event: TrainEvent) -> None:
-        self.progress.console.print(f"[yellow]Warning:[/] {escape(event.metrics['message'])}", soft_wrap=True)
+        self.progress.console.print(f"[yellow]Warning:[/] {escape(event.message)}", soft_wrap=True)
 
     def on_start(self, event: TrainEvent) -> None:
         self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
