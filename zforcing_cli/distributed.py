@@ -167,8 +167,10 @@ def rank_device(device_spec: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def from_main(group: Group | None, work: Callable[[], T]) -> T:
+def from_main(group: Group | None, work: Callable[[], T], shared: Callable[[T], T] | None = None) -> T:
     """work() on rank 0 and its (picklable) result on every rank; without a group, work().
+    shared: what of the result the other ranks get (by default all of it), for a result part
+    of which cannot travel (an open dataset); rank 0 keeps the whole result.
 
     When work fails on rank 0, the other ranks raise PeerFailed with its exit code instead of
     waiting for a result that never comes."""
@@ -180,7 +182,7 @@ def from_main(group: Group | None, work: Callable[[], T]) -> T:
         except BaseException as error:
             group.broadcast((False, getattr(error, "exit_code", 1)))
             raise
-        group.broadcast((True, result))
+        group.broadcast((True, result if shared is None else shared(result)))
         return result
     succeeded, value = group.broadcast(None)
     if not succeeded:

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..cli import main as cli_main  # the workers never need the command line
 
     sys.argv = ["zforcing", "bench", *argv]
-    cli_main()
+    cli_main(prog_name="zforcing")  # the help shows `zforcing bench`, the same command
 
 
 if __name__ == "__main__":
