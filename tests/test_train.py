@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 import json
 import math
 import os
@@ -152,6 +153,54 @@ def test_new_run_refuses_an_existing_folder(small_dataset, tmp_path):
     with pytest.raises(ZForcingError, match="already exists"):
         train(run_dir, tiny_run_config(small_dataset, max_steps=1), small_dataset, CPU)
     assert [p.name for p in run_dir.iterdir()] == ["precious"]
+
+
+def test_a_resume_reports_stale_lock_resume_warning_then_start(small_dataset, tmp_path):
+    config = tiny_run_config(small_dataset, max_steps=1)
+    train(tmp_path / "run", config, small_dataset, CPU)
+    (tmp_path / "run" / "train.lock").write_text(json.dumps({"pid": 4321, "host": "gone"}))  # its holder died
+    (tmp_path / "runs").write_text("")  # not a folder: runs/latest cannot be made
+    events = []
+    train(tmp_path / "run", replace(config, train=replace(config.train, max_steps=2)), small_dataset, CPU, events.append,
+          resume=True, latest_link=tmp_path / "runs")
+    assert [event.kind for event in events[:4]] == ["stale_lock", "resume", "warning", "start"]
+    assert "process 4321 on gone" in events[0].message
+    assert events[1].path == tmp_path / "run" / "checkpoints" / "step-00000001" and events[1].step == 1
+    assert "latest was not updated" in events[2].message
+
+
+# -- the trainer's state ---------------------------------------------------------------------------
+
+
+def test_state_dict_and_load_state_dict_carry_a_run_on_exactly(small_dataset, tmp_path):
+    """A trainer that loads another's state_dict() takes the same next update: weights, Adam,
+    the trainer's counters and torch's RNG (dropout's) all travel."""
+    config = tiny_run_config(small_dataset, lr=3e-3, kl_anneal=True)
+    config = replace(config, model=replace(config.model, embed_dropout=0.3))  # the RNG matters
+    first = Trainer(tmp_path / "a", config, small_dataset, CPU)
+    first.folder.create()
+    for start in (0, 4):
+        first.take_step(np.arange(start, start + 4))
+    first.read_metrics()
+    # A copy, as a checkpoint or the broadcast to the other ranks makes: like torch's own state
+    # dicts, state_dict() hands out the live tensors of the weights and of Adam's state.
+    saved = copy.deepcopy(first.state_dict())
+    rng = torch.get_rng_state()
+    assert saved["state"]["step"] == 2 and saved["state"]["torch_rng_state"]
+    second = Trainer(tmp_path / "b", config, small_dataset, CPU)  # which seeds torch's RNG afresh
+    second.folder.create()
+    second.load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), rng)
+    again = second.state_dict()
+    assert again["state"] == saved["state"]
+    assert same(again["model"], saved["model"]) and same(again["optimizer"][0], saved["optimizer"][0])
+    assert again["optimizer"][1] == saved["optimizer"][1]
+    for trainer in (second, first):
+        torch.set_rng_state(rng)  # torch's RNG is the process's: each trainer continues from the saved one
+        trainer.take_step(np.arange(8, 12))
+        trainer.read_metrics()
+    assert same(snapshot(first), snapshot(second))
+    assert asdict(first.state) == {**asdict(second.state), "elapsed": first.state.elapsed}
 
 
 # -- non-finite losses -----------------------------------------------------------------------------
