@@ -113,7 +113,6 @@ def plateau_update(state: TrainerState, valid_elbo: float, config: TrainConfig) 
     return True
 
 
-
 def record_validation(state: TrainerState, elbo: float, epoch_done: bool, config: TrainConfig) -> tuple[bool, bool]:
     """A validation's bound in the state: the best one seen, and at an epoch's end the plateau
     rule. Returns (improved: a new best, halved: the lr was halved)."""
@@ -163,7 +162,8 @@ class _StopNow(Exception):
 
 
 class Trainer:
-    """One run's training: open() the run, run() it, save() a training checkpoint.
+    """One run's training: open() the run, run() it (which save()s a training checkpoint at
+    each validation, on the clock and when stopped), close() it; train() does all four.
 
     With a group (distributed training), every rank makes one, and only rank 0 (is_main) writes
     the run folder; all ranks take part in every update, validation and decision, so they stay
