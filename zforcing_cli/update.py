@@ -3,8 +3,8 @@ itself (checked on the host, or left on the device), Adam, the random draws of e
 epoch, and the Updater that takes the updates of a run.
 
 An update returns a record: its METRICS, then (at SKIPPED) 1 when it was skipped (a non-finite
-loss or gradient), 0 otherwise. None of this reads the trainer's state: a benchmark times the
-same update with it (bench/workload.py).
+loss or gradient), 0 otherwise. Nothing here reads the trainer: the benchmark builds the update
+it times from the same objective and Adam (bench/workload.py).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def checked_update(
     aux_weight: float | None = None,
 ) -> Tensor:
     """One Adam update, checked on the host: a non-finite loss is never backpropagated and a
-    non-finite gradient never reaches Adam. Returns the METRICS and, last, 1 when it was
-    skipped (0 otherwise). Each check waits for the device: device_update does not."""
+    non-finite gradient never reaches Adam. Returns its record (the module's docstring). Each
+    check waits for the device: device_update does not."""
     loss, metrics = step(batch.targets, batch.mask, batch.first_input, noise, kl_weight, aux_weight)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
