@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from zforcing_cli.checkpoint import write_checkpoint
 from zforcing_cli.runfolder import RunFolder
 
 from conftest import tiny_run_config

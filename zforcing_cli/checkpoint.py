@@ -30,10 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .version import __version__
 from .errors import CheckpointError
 from .fileio import atomic_directory, holds_json_object, write_json
 from .model import ZForcing, ZForcingConfig
+from .version import __version__
 
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.json"

@@ -8,9 +8,9 @@ from typing import Annotated, Callable, NamedTuple
 
 import typer
 
-from ..version import __version__
 from ..allocator import keep_freed_memory
 from ..console import CommandGroup, handle_errors, stdout
+from ..version import __version__
 from . import bench, compare, evaluate, interpolate, prepare, sample, train
 from .common import exit_on_signal
 

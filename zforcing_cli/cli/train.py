@@ -17,7 +17,6 @@ import torch
 import typer
 from rich.markup import escape
 
-from ..version import __version__
 from ..checkpoint import resolve_latest
 from ..console import plural, stderr, stdout, training_progress
 from ..data import EMBEDDED, PreparedDataset, open_dataset
@@ -26,9 +25,10 @@ from ..distributed import Group, from_main, joined
 from ..errors import DataError, TrainingError
 from ..evaluate import bound_unit
 from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
-from ..threads import ThreadPolicy
 from ..runconfig import RunConfig, TrainConfig, data_description, dataset_differences, load_run_config
+from ..threads import ThreadPolicy
 from ..train import StopRequest, TrainEvent, TrainingStopped, TrainResult, train
+from ..version import __version__
 from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, exit_on_signal, usage_error
 
 EPILOG = (
