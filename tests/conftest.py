@@ -27,7 +27,7 @@ from zforcing_cli.cli import app  # noqa: E402
 
 from zforcing_cli.data import open_dataset, prepare  # noqa: E402
 from zforcing_cli.model import ZForcingConfig  # noqa: E402
-from zforcing_cli.train import RunConfig, TrainConfig, data_description  # noqa: E402
+from zforcing_cli.runconfig import RunConfig, TrainConfig, data_description  # noqa: E402
 
 # Tiny 784-step sequences are dominated by per-op overhead; a second intra-op thread only adds
 # contention (measured: up to 50x slower on a busy 2-core machine).

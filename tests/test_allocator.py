@@ -45,6 +45,6 @@ def test_the_command_line_keeps_freed_memory(monkeypatch):
 
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
-    monkeypatch.setattr(cli, "app", lambda: None)
+    monkeypatch.setattr(cli, "app", lambda **options: None)
     cli.main()
     assert calls == [True]

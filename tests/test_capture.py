@@ -14,7 +14,9 @@ from zforcing_cli import recurrence
 from zforcing_cli.data import open_dataset
 from zforcing_cli.device import tensor_float32
 from zforcing_cli.model import ZForcing, ZForcingConfig
-from zforcing_cli.train import RunConfig, TrainConfig, Trainer, TrainingStep, data_description, onednn_off
+from zforcing_cli.runconfig import RunConfig, TrainConfig, data_description
+from zforcing_cli.train import Trainer
+from zforcing_cli.update import SKIPPED, TrainingStep, onednn_off
 
 from capture_guard import CaptureGuard, CaptureRefused
 
@@ -156,11 +158,11 @@ def device_trainer(dataset, run_dir, precision: str) -> Trainer:
                            embed_dropout=0.2 if meta.modality == "tokens" else 0.0, **SIZES)
     train = TrainConfig(batch_size=4, aux_weight=1e-3, bwd_weight=1e-3, kl_anneal=True, log_every=5,
                         precision="bf16" if precision == "bf16" else "fp32")
-    trainer = Trainer(run_dir, RunConfig(model, train, data_description(dataset)), dataset, CPU, resolve_every=5)
+    trainer = Trainer(run_dir, RunConfig(model, train, data_description(dataset)), dataset, CPU, read_every=5)
     if precision == "fp16":
-        trainer.training_step = TrainingStep(trainer.model, train, torch.float16)
-        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
-    assert trainer.on_device
+        trainer.updater.training_step = TrainingStep(trainer.model, train, torch.float16)
+        trainer.updater.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    assert trainer.updater.on_device
     return trainer
 
 
@@ -181,6 +183,6 @@ def test_capture_guard_passes_a_training_update(datasets, modality, precision, t
         with guard:
             trainer.take_step(np.arange(4, 8))
             trainer.take_step(np.arange(8, 12))
-    records = torch.stack([update.record for update in trainer.pending])  # the METRICS, then skipped
+    records = torch.stack([update.record for update in trainer.pending.updates])  # the METRICS, then skipped
     assert trainer.state.step == 3 and records.shape[0] == 3
-    assert torch.isfinite(records).all() and not records[:, -1].any()  # three updates taken
+    assert torch.isfinite(records).all() and not records[:, SKIPPED].any()  # three updates taken

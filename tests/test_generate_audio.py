@@ -19,7 +19,7 @@ import zforcing_cli.generate as generate_module
 from zforcing_cli.checkpoint import load_model
 from zforcing_cli.generate import AudioFormat, audio_pieces, audio_steps, numbered_paths
 from zforcing_cli.model import ZForcing, ZForcingConfig
-from zforcing_cli.train import TrainConfig
+from zforcing_cli.runconfig import TrainConfig
 
 RATE, FRAME = 16000, 200
 AUDIO = {"sample_rate": RATE, "frame_size": FRAME, "sequence_frames": 40, "mean": 0.0, "std": 0.1}

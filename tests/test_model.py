@@ -27,8 +27,10 @@ from zforcing_cli.model import (
     gaussian_kl,
     gaussian_log_prob,
 )
-from zforcing_cli.schedule import annealed_aux_weight
-from zforcing_cli.train import TrainConfig, TrainerState, annealed_kl_weight, objective, plateau_update
+from zforcing_cli.runconfig import TrainConfig, TrainerState
+from zforcing_cli.schedule import annealed_aux_weight, annealed_kl_weight
+from zforcing_cli.train import plateau_update
+from zforcing_cli.update import objective
 
 TERMS = ("nll", "kl", "aux", "bwd", "log_q_minus_log_p")
 

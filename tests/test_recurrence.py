@@ -139,11 +139,11 @@ def test_small_steps_loop_on_one_thread_large_ones_share_the_threads(two_threads
     product = StepProduct.__call__
     monkeypatch.setattr(StepProduct, "__call__", lambda self, x, out: seen.append(torch.get_num_threads()) or product(self, x, out))
     inputs = [x.detach().float() for x in recurrence_inputs()]
-    recurrence.rollout(*inputs, 1.2)
+    recurrence.rollout(recurrence.RolloutInputs(*inputs), 1.2)
     assert set(seen) == {1} and torch.get_num_threads() == 2
     seen.clear()
     monkeypatch.setattr(recurrence, "SERIAL_MAX_WORK", 0)  # every step counts as large
-    recurrence.rollout(*inputs, 1.2)
+    recurrence.rollout(recurrence.RolloutInputs(*inputs), 1.2)
     assert set(seen) == {2}
 
 

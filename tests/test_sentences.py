@@ -22,7 +22,7 @@ from zforcing_cli.sentences import (
     mixed_latents,
     sample_sentences,
 )
-from zforcing_cli.train import text_description
+from zforcing_cli.runconfig import text_description
 
 
 def text_model(dataset, seed: int = 0) -> ZForcing:
@@ -191,7 +191,8 @@ def test_text_resume_with_dropout_and_weight_decay_is_bit_identical(dataset, tmp
     from safetensors.torch import load_file
 
     from zforcing_cli.presets import preset_configs
-    from zforcing_cli.train import RunConfig, data_description, train
+    from zforcing_cli.runconfig import RunConfig, data_description
+    from zforcing_cli.train import train
 
     def config(**extra) -> RunConfig:
         model, training = preset_configs("small", dataset.meta)

@@ -64,7 +64,7 @@ def test_logging_leaves_training_unchanged(logged_run, tiny_dataset, tmp_path):
 def test_text_samples(text_data, tmp_path):
     from zforcing_cli.data import open_dataset
     from zforcing_cli.presets import preset_configs
-    from zforcing_cli.train import RunConfig, data_description
+    from zforcing_cli.runconfig import RunConfig, data_description
 
     dataset = open_dataset(text_data)
     model, training = preset_configs("small", dataset.meta)
@@ -84,7 +84,7 @@ def test_missing_extra_is_a_clear_error(cwd, tiny_data, monkeypatch):
 def test_audio_samples(timit_tree, tmp_path):
     from zforcing_cli.data import prepare
     from zforcing_cli.presets import preset_configs
-    from zforcing_cli.train import RunConfig, data_description
+    from zforcing_cli.runconfig import RunConfig, data_description
 
     dataset = prepare("timit", str(timit_tree[0]), tmp_path / "timit")
     model, training = preset_configs("small", dataset.meta)

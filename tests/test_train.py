@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 import json
 import math
 import os
@@ -27,9 +28,8 @@ from zforcing_cli.train import StopRequest, Trainer, TrainingStopped, train
 from conftest import prepared_mnist, tiny_run_config
 
 CPU = torch.device("cpu")
-# `zforcing_cli.train` the attribute is the train() function (re-exported by the package), so
-# `import zforcing_cli.train as m` would give the function; take the module itself.
-train_module = importlib.import_module("zforcing_cli.train")
+# The objective and the updates, which the tests below patch where the training step looks them up.
+update_module = importlib.import_module("zforcing_cli.update")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_resume_without_a_checkpoint_starts_from_step_0(small_dataset, tmp_path)
     (killed / "metrics.jsonl").write_text('{"type": "train", "step": 1, "lo')
     events = []
     resumed = train(killed, config, small_dataset, CPU, events.append, resume=True)
-    assert [e.metrics for e in events if e.kind == "resume"] == [{"checkpoint": None}]
+    assert [(e.path, e.metrics) for e in events if e.kind == "resume"] == [(None, {})]
     assert resumed.state.step == 2
     assert model_tensors(resumed.last_checkpoint) == model_tensors(fresh.last_checkpoint)
     assert [r["step"] for r in read_records(killed, "train")] == [1, 2]
@@ -155,12 +155,60 @@ def test_new_run_refuses_an_existing_folder(small_dataset, tmp_path):
     assert [p.name for p in run_dir.iterdir()] == ["precious"]
 
 
+def test_a_resume_reports_stale_lock_resume_warning_then_start(small_dataset, tmp_path):
+    config = tiny_run_config(small_dataset, max_steps=1)
+    train(tmp_path / "run", config, small_dataset, CPU)
+    (tmp_path / "run" / "train.lock").write_text(json.dumps({"pid": 4321, "host": "gone"}))  # its holder died
+    (tmp_path / "runs").write_text("")  # not a folder: runs/latest cannot be made
+    events = []
+    train(tmp_path / "run", replace(config, train=replace(config.train, max_steps=2)), small_dataset, CPU, events.append,
+          resume=True, latest_link=tmp_path / "runs")
+    assert [event.kind for event in events[:4]] == ["stale_lock", "resume", "warning", "start"]
+    assert "process 4321 on gone" in events[0].message
+    assert events[1].path == tmp_path / "run" / "checkpoints" / "step-00000001" and events[1].step == 1
+    assert "latest was not updated" in events[2].message
+
+
+# -- the trainer's state ---------------------------------------------------------------------------
+
+
+def test_state_dict_and_load_state_dict_carry_a_run_on_exactly(small_dataset, tmp_path):
+    """A trainer that loads another's state_dict() takes the same next update: weights, Adam,
+    the trainer's counters and torch's RNG (dropout's) all travel."""
+    config = tiny_run_config(small_dataset, lr=3e-3, kl_anneal=True)
+    config = replace(config, model=replace(config.model, embed_dropout=0.3))  # the RNG matters
+    first = Trainer(tmp_path / "a", config, small_dataset, CPU)
+    first.folder.create()
+    for start in (0, 4):
+        first.take_step(np.arange(start, start + 4))
+    first.read_metrics()
+    # A copy, as a checkpoint or the broadcast to the other ranks makes: like torch's own state
+    # dicts, state_dict() hands out the live tensors of the weights and of Adam's state.
+    saved = copy.deepcopy(first.state_dict())
+    rng = torch.get_rng_state()
+    assert saved["state"]["step"] == 2 and saved["state"]["torch_rng_state"]
+    second = Trainer(tmp_path / "b", config, small_dataset, CPU)  # which seeds torch's RNG afresh
+    second.folder.create()
+    second.load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), rng)
+    again = second.state_dict()
+    assert again["state"] == saved["state"]
+    assert same(again["model"], saved["model"]) and same(again["optimizer"][0], saved["optimizer"][0])
+    assert again["optimizer"][1] == saved["optimizer"][1]
+    for trainer in (second, first):
+        torch.set_rng_state(rng)  # torch's RNG is the process's: each trainer continues from the saved one
+        trainer.take_step(np.arange(8, 12))
+        trainer.read_metrics()
+    assert same(snapshot(first), snapshot(second))
+    assert asdict(first.state) == {**asdict(second.state), "elapsed": first.state.elapsed}
+
+
 # -- non-finite losses -----------------------------------------------------------------------------
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    for index, state in trainer.optimizer.state_dict()["state"].items():
+    for index, state in trainer.updater.optimizer.state_dict()["state"].items():
         for key, value in state.items():
             params[f"optimizer.{index}.{key}"] = value.clone()
     return params
@@ -171,17 +219,17 @@ def same(a: dict, b: dict) -> bool:
 
 
 def nan_loss(out, kl_weight, config, aux_weight=None):
-    return train_module_objective(out, kl_weight, config, aux_weight) * float("nan")
+    return real_objective(out, kl_weight, config, aux_weight) * float("nan")
 
 
 def nan_gradient(out, kl_weight, config, aux_weight=None):
     """A finite loss whose gradient is NaN: d sqrt(x)/dx is infinite at 0, times 0."""
-    loss = train_module_objective(out, kl_weight, config, aux_weight)
+    loss = real_objective(out, kl_weight, config, aux_weight)
     x = out.nll.sum()
     return loss + 0.0 * torch.sqrt(x - x.detach())
 
 
-train_module_objective = train_module.objective
+real_objective = update_module.objective
 
 
 def run_with_bad_steps(dataset, run_dir, bad_calls, make_bad, **overrides):
@@ -191,7 +239,7 @@ def run_with_bad_steps(dataset, run_dir, bad_calls, make_bad, **overrides):
         calls["n"] += 1
         if calls["n"] in bad_calls:
             return make_bad(out, kl_weight, config, aux_weight)
-        return train_module_objective(out, kl_weight, config, aux_weight)
+        return real_objective(out, kl_weight, config, aux_weight)
 
     history = []
     trainer_box = {}
@@ -202,15 +250,15 @@ def run_with_bad_steps(dataset, run_dir, bad_calls, make_bad, **overrides):
 
     trainer = Trainer(run_dir, tiny_run_config(dataset, **overrides), dataset, CPU, callback)
     trainer_box["t"] = trainer
-    trainer.create_run_folder()
-    trainer.write_config()
+    trainer.folder.create()
+    trainer.folder.write_config(trainer.run_config)
     return trainer, history, objective
 
 
 @pytest.mark.parametrize("make_bad", [nan_loss, nan_gradient], ids=["nan-loss", "nan-gradient"])
 def test_a_non_finite_step_never_reaches_the_weights(tiny_dataset, tmp_path, monkeypatch, make_bad):
     trainer, history, objective = run_with_bad_steps(tiny_dataset, tmp_path / "run", {2}, make_bad, max_steps=4)
-    monkeypatch.setattr(train_module, "objective", objective)
+    monkeypatch.setattr(update_module, "objective", objective)
     result = trainer.run()
 
     assert [kind for kind, _, _ in history] == ["start", "step", "skip", "step", "step"]
@@ -230,7 +278,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_training(tiny_dataset, tmp_path
     trainer, history, objective = run_with_bad_steps(
         tiny_dataset, tmp_path / "run", {2, 3, 4}, nan_loss, max_steps=6, max_consecutive_skips=3,
     )
-    monkeypatch.setattr(train_module, "objective", objective)
+    monkeypatch.setattr(update_module, "objective", objective)
     with pytest.raises(TrainingError, match="3 updates in a row") as caught:
         trainer.run()
     assert "--lr" in caught.value.hint
@@ -243,7 +291,7 @@ def test_isolated_skips_do_not_add_up_to_divergence(tiny_dataset, tmp_path, monk
     trainer, history, objective = run_with_bad_steps(
         tiny_dataset, tmp_path / "run", {1, 3, 5}, nan_loss, max_steps=6, max_consecutive_skips=2,
     )
-    monkeypatch.setattr(train_module, "objective", objective)
+    monkeypatch.setattr(update_module, "objective", objective)
     result = trainer.run()
     assert result.state.skipped_steps == 3 and result.state.step == 6
 
@@ -351,7 +399,7 @@ def test_collapsed_latents_are_told_once(tiny_dataset, tmp_path, monkeypatch, th
     events = []
     train(tmp_path / "run", tiny_run_config(tiny_dataset, epochs=3), tiny_dataset, CPU, events.append)
     assert [e.kind for e in events].count("validation") == 3
-    told = [e.metrics["message"] for e in events if e.kind == "warning"]
+    told = [e.message for e in events if e.kind == "warning"]
     assert len(told) == warnings
     if warnings:
         assert told[0].startswith("The latents have collapsed: the validation KL is ") and "nats per image" in told[0]
@@ -450,17 +498,17 @@ def test_fp16_and_tf32_on_the_cpu_and_unknown_precisions_are_refused(tiny_datase
 # -- metrics read every few updates (as on a GPU), here on the CPU ---------------------------------
 
 
-def deferred_trainer(dataset, run_dir, callback=None, resolve_every=3, **overrides) -> Trainer:
-    trainer = Trainer(run_dir, tiny_run_config(dataset, **overrides), dataset, CPU, callback, resolve_every=resolve_every)
-    trainer.create_run_folder()
-    trainer.write_config()
+def deferred_trainer(dataset, run_dir, callback=None, read_every=3, **overrides) -> Trainer:
+    trainer = Trainer(run_dir, tiny_run_config(dataset, **overrides), dataset, CPU, callback, read_every=read_every)
+    trainer.folder.create()
+    trainer.folder.write_config(trainer.run_config)
     return trainer
 
 
-def test_deferred_metrics_arrive_at_the_resolve_points(tiny_dataset, tmp_path):
+def test_deferred_metrics_arrive_when_they_are_read(tiny_dataset, tmp_path):
     events = []
     trainer = deferred_trainer(tiny_dataset, tmp_path / "deferred", events.append, max_steps=5, kl_anneal=True)
-    assert trainer.on_device and trainer.optimizer.param_groups[0]["fused"]
+    assert trainer.updater.on_device and trainer.updater.optimizer.param_groups[0]["fused"]
     trainer.run()
     order = [(e.kind, e.step) for e in events if e.kind in ("progress", "step")]
     assert order == [("progress", 1), ("progress", 2), ("step", 1), ("step", 2), ("step", 3), ("progress", 4), ("progress", 5),
@@ -478,7 +526,7 @@ def test_deferred_metrics_arrive_at_the_resolve_points(tiny_dataset, tmp_path):
 def test_a_deferred_skip_is_counted_when_the_metrics_are_read(tiny_dataset, tmp_path, monkeypatch):
     seen = []
     _, _, objective = run_with_bad_steps(tiny_dataset, tmp_path / "unused", {2}, nan_loss)
-    monkeypatch.setattr(train_module, "objective", objective)
+    monkeypatch.setattr(update_module, "objective", objective)
     trainer = deferred_trainer(tiny_dataset, tmp_path / "run", lambda e: seen.append((e.kind, e.step, trainer.state.skipped_steps)),
                                max_steps=4, kl_anneal=True)
     result = trainer.run()
@@ -489,9 +537,9 @@ def test_a_deferred_skip_is_counted_when_the_metrics_are_read(tiny_dataset, tmp_
     assert result.state.kl_weight == pytest.approx(0.2 + 5e-5 * 3)  # three updates taken
     # Adam's fused kernel left the skipped update out: three steps in its state, as when the
     # host checks each update.
-    assert all(state["step"].item() == 3 for state in trainer.optimizer.state_dict()["state"].values())
+    assert all(state["step"].item() == 3 for state in trainer.updater.optimizer.state_dict()["state"].values())
     checked, _, objective = run_with_bad_steps(tiny_dataset, tmp_path / "checked", {2}, nan_loss, max_steps=4, kl_anneal=True)
-    monkeypatch.setattr(train_module, "objective", objective)
+    monkeypatch.setattr(update_module, "objective", objective)
     checked.run()
     for name, value in checked.model.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
@@ -499,8 +547,8 @@ def test_a_deferred_skip_is_counted_when_the_metrics_are_read(tiny_dataset, tmp_
 
 def test_deferred_divergence_names_the_steps_in_a_row(tiny_dataset, tmp_path, monkeypatch):
     _, _, objective = run_with_bad_steps(tiny_dataset, tmp_path / "unused", {2, 3, 4}, nan_loss)
-    monkeypatch.setattr(train_module, "objective", objective)
-    trainer = deferred_trainer(tiny_dataset, tmp_path / "run", resolve_every=5, max_steps=6, max_consecutive_skips=3)
+    monkeypatch.setattr(update_module, "objective", objective)
+    trainer = deferred_trainer(tiny_dataset, tmp_path / "run", read_every=5, max_steps=6, max_consecutive_skips=3)
     with pytest.raises(TrainingError, match=r"3 updates in a row had a non-finite loss \(steps 2 to 4\)"):
         trainer.run()
     assert trainer.state.step == 5 and trainer.state.skipped_steps == 3  # noticed at the next reading
@@ -513,7 +561,7 @@ def test_deferred_run_names_the_update_that_broke_the_weights(tiny_dataset, tmp_
                 for parameter in trainer.model.parameters():
                     parameter.fill_(float("nan"))
 
-    trainer = deferred_trainer(tiny_dataset, tmp_path / "run", break_weights, resolve_every=4, max_steps=6)
+    trainer = deferred_trainer(tiny_dataset, tmp_path / "run", break_weights, read_every=4, max_steps=6)
     with pytest.raises(TrainingError, match="the update at step 2 made the weights non-finite .*, so step 3 could not be taken"):
         trainer.run()
 
@@ -522,18 +570,19 @@ def test_deferred_run_resumes_bit_for_bit_with_its_gradient_scaler(small_dataset
     """fp16's gradient scaler (here a CPU one on an fp32 run: fp16 itself needs a GPU) is saved
     in the training checkpoint and restored with it."""
     def scaled_trainer(run_dir, max_steps):
-        trainer = deferred_trainer(small_dataset, run_dir, resolve_every=2, max_steps=max_steps, lr=3e-3, kl_anneal=True)
-        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+        trainer = deferred_trainer(small_dataset, run_dir, read_every=2, max_steps=max_steps, lr=3e-3, kl_anneal=True)
+        trainer.updater.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
         return trainer
 
     scaled_trainer(tmp_path / "whole", 3).run()
     scaled_trainer(tmp_path / "part", 1).run()
     resumed = Trainer(tmp_path / "part", tiny_run_config(small_dataset, max_steps=3, lr=3e-3, kl_anneal=True), small_dataset, CPU,
-                      resolve_every=2)
-    resumed.scaler = torch.amp.GradScaler("cpu")
-    resumed.restore()
-    assert resumed.scaler.get_scale() == 2.0**8
+                      read_every=2)
+    resumed.updater.scaler = torch.amp.GradScaler("cpu")
+    resumed.open(resume=True)
+    assert resumed.updater.scaler.get_scale() == 2.0**8
     resumed.run()
+    resumed.close()
     a, b = final_checkpoint(tmp_path / "whole"), final_checkpoint(tmp_path / "part")
     assert a.name == b.name == "step-00000003"
     assert model_tensors(a) == model_tensors(b)
@@ -547,27 +596,10 @@ def test_a_gradient_scaler_finding_its_scale_is_not_divergence(small_dataset, tm
     """A scaler that starts far too high skips the first updates while it halves its scale
     (here about 8: the gradients × 2^127 overflow float32 as fp16's overflow float16). More
     skips in a row than max_consecutive_skips do not stop the run then."""
-    trainer = deferred_trainer(small_dataset, tmp_path / "scaled", resolve_every=2, max_steps=14, max_consecutive_skips=2)
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    trainer = deferred_trainer(small_dataset, tmp_path / "scaled", read_every=2, max_steps=14, max_consecutive_skips=2)
+    trainer.updater.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
     trainer.run()
-    assert 2 < trainer.state.skipped_steps < 14 and trainer.scaler.get_scale() < 2.0**127
-
-
-def test_a_gradient_scaler_skips_a_non_finite_update_and_backs_off(tiny_dataset):
-    trainer = Trainer(Path("unused"), tiny_run_config(tiny_dataset), tiny_dataset, CPU, resolve_every=2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    batch, noise, _ = trainer.step_inputs(np.arange(4))
-
-    def update(kl_weight: float) -> float:
-        record = train_module.device_update(trainer.training_step, trainer.optimizer, batch, noise, kl_weight, trainer.config.train,
-                                            scaler)
-        return record[-1].item()
-
-    assert update(1.0) == 0.0 and scaler.get_scale() == 2.0**8
-    before = snapshot(trainer)
-    assert update(float("nan")) == 1.0 and scaler.get_scale() == 2.0**7
-    assert same(before, snapshot(trainer))  # weights and Adam's state untouched
-    assert update(1.0) == 0.0 and not same(before, snapshot(trainer))
+    assert 2 < trainer.state.skipped_steps < 14 and trainer.updater.scaler.get_scale() < 2.0**127
 
 
 # -- CUDA (skipped without a GPU) ------------------------------------------------------------------
@@ -585,7 +617,7 @@ def test_cuda_training_resumes(small_dataset, tmp_path, precision, monkeypatch):
 
     # The scaler starts where fp16's first gradients of these tiny models fit (FP16_INITIAL_SCALE
     # would skip the first ~10 updates, all five here, while it backs off).
-    monkeypatch.setattr(train_module, "FP16_INITIAL_SCALE", 2.0**6)
+    monkeypatch.setattr(update_module, "FP16_INITIAL_SCALE", 2.0**6)
     train(tmp_path / "whole", config(max_steps=5), small_dataset, cuda)
     train(tmp_path / "part", config(max_steps=3), small_dataset, cuda)
     train(tmp_path / "part", config(max_steps=5), small_dataset, cuda, resume=True)
@@ -616,14 +648,14 @@ def sync_warnings(work) -> int:
 @CUDA_ONLY
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_updates_and_validation_do_not_wait_for_the_gpu(small_dataset, tmp_path, precision, monkeypatch):
-    monkeypatch.setattr(train_module, "FP16_INITIAL_SCALE", 2.0**6)  # see test_cuda_training_resumes
+    monkeypatch.setattr(update_module, "FP16_INITIAL_SCALE", 2.0**6)  # see test_cuda_training_resumes
     trainer = Trainer(tmp_path / "run", tiny_run_config(small_dataset, precision=precision, kl_anneal=True, eval_batch_size=2),
                       small_dataset, torch.device("cuda"))
-    trainer.create_run_folder()
+    trainer.folder.create()
     order = np.arange(12)
     trainer.take_step(order[:4])  # first use: lazy initialisations
     assert sync_warnings(lambda: (trainer.take_step(order[4:8]), trainer.take_step(order[8:12]))) == 0
-    trainer.resolve()
+    trainer.read_metrics()
     assert trainer.state.step == 3
     # Validation waits once, at its end, however many passes it takes (two here).
     assert sync_warnings(lambda: evaluate_split(trainer.model, trainer.valid_split, batch_size=2, device="cuda")) == 1

@@ -5,12 +5,12 @@ The library API needs neither typer nor rich:
     from zforcing_cli import ZForcing, ZForcingConfig, open_dataset, train, evaluate_split
 """
 
-__version__ = "0.1.0"
-
-from .data import open_dataset, prepare  # noqa: E402
-from .evaluate import EvalResult, evaluate_split  # noqa: E402
-from .model import ZForcing, ZForcingConfig, ZForcingOutput  # noqa: E402
-from .train import RunConfig, TrainConfig, TrainEvent, train  # noqa: E402
+from .data import open_dataset, prepare
+from .evaluate import EvalResult, evaluate_split
+from .model import ZForcing, ZForcingConfig, ZForcingOutput
+from .runconfig import RunConfig, TrainConfig
+from .train import TrainEvent, train
+from .version import __version__
 
 __all__ = [
     "__version__", "ZForcing", "ZForcingConfig", "ZForcingOutput", "open_dataset", "prepare",

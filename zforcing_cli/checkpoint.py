@@ -30,10 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .errors import CheckpointError
 from .fileio import atomic_directory, holds_json_object, write_json
 from .model import ZForcing, ZForcingConfig
+from .version import __version__
 
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.json"
@@ -57,11 +57,24 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Write one checkpoint folder atomically; optimizer state is included for resuming."""
+    optimizer_state = None if optimizer is None else flatten_optimizer_state(optimizer)
+    return write_checkpoint(folder, config, model.state_dict(), trainer_state, optimizer_state)
+
+
+def write_checkpoint(
+    folder: Path,
+    config: dict,
+    weights: dict[str, torch.Tensor],
+    trainer_state: dict,
+    optimizer_state: tuple[dict[str, torch.Tensor], list[dict]] | None = None,
+) -> Path:
+    """save_checkpoint from the model's weights and, for a training checkpoint, the optimizer's
+    state as flatten_optimizer_state gives it (read_training_checkpoint reads both back)."""
     with atomic_directory(folder, force=True, what="checkpoint folder", is_ours=is_checkpoint_folder) as staging:
         write_json(staging / CONFIG_FILE, {**config, "format_version": CHECKPOINT_FORMAT, "zforcing_version": __version__})
-        save_file({name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}, staging / MODEL_FILE)
-        if optimizer is not None:
-            tensors, groups = flatten_optimizer_state(optimizer)
+        save_file({name: t.detach().cpu().contiguous() for name, t in weights.items()}, staging / MODEL_FILE)
+        if optimizer_state is not None:
+            tensors, groups = optimizer_state
             save_file(tensors, staging / OPTIMIZER_FILE)
             trainer_state = {**trainer_state, "optimizer_param_groups": groups}
         write_json(staging / STATE_FILE, trainer_state)
@@ -265,3 +278,12 @@ def read_trainer_state(folder: Path) -> dict:
         raise CheckpointError(f"{folder} is incomplete: {STATE_FILE} is missing.", "Use another checkpoint of the run.") from None
     except ValueError as error:
         raise CheckpointError(f"{folder / STATE_FILE} is corrupted ({error}).", "Use another checkpoint of the run.") from None
+
+
+def read_training_checkpoint(folder: Path) -> dict:
+    """What write_checkpoint wrote in a training checkpoint: {"model": the weights, "optimizer":
+    (its tensors, its parameter groups), "state": the trainer's state}, on the CPU."""
+    state = read_trainer_state(folder)
+    groups = state.pop("optimizer_param_groups")
+    return {"model": read_tensors(Path(folder) / MODEL_FILE), "optimizer": (read_tensors(Path(folder) / OPTIMIZER_FILE), groups),
+            "state": state}

@@ -11,7 +11,7 @@ from .checkpoint import is_run_folder, read_config
 from .errors import CheckpointError
 from .fileio import write_bytes
 from .plots import CURVE_PANELS, draw_metric, figure_bytes, new_figure, read_metrics
-from .train import METRICS_FILE
+from .runfolder import METRICS_FILE
 
 METRICS = {key: (title, ylabel) for title, key, ylabel in CURVE_PANELS if key != "lr"}
 # Settings that say how a run was kept, not what it learnt: never used as labels.

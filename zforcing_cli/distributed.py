@@ -32,6 +32,7 @@ T = TypeVar("T")
 # How long a rank waits in a collective for the others before giving up. torchrun ends the
 # other ranks as soon as one fails, so this only matters when a rank hangs without failing.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+STOP_REASONS = ("request", "SIGINT", "SIGTERM")  # what the ranks of a distributed run agree on
 
 
 def launched_rank() -> int | None:
@@ -88,6 +89,17 @@ class Group:
         box = [value if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
+
+    def agree(self, stop_reason: str | None, checkpoint_due: bool) -> tuple[str | None, bool]:
+        """Whether any rank was asked to stop (torchrun passes a signal to all of them, which may
+        notice it at different updates), and whether rank 0's clock calls for a checkpoint,
+        settled by one all-reduce so that every rank does the same next: (the reason all ranks
+        stop for, or None; whether they checkpoint). A reason outside STOP_REASONS counts as
+        "request"; checkpoint_due counts on rank 0 only."""
+        code = 0 if stop_reason is None else 1 + (STOP_REASONS.index(stop_reason) if stop_reason in STOP_REASONS else 0)
+        flags = torch.tensor([code, int(self.is_main and checkpoint_due)], device=self.device)
+        code, clock = self.all_reduce(flags, dist.ReduceOp.MAX).tolist()
+        return (STOP_REASONS[code - 1] if code else None), bool(clock)
 
     def barrier(self) -> None:
         if self.device.type == "cuda":
@@ -155,8 +167,10 @@ def rank_device(device_spec: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def from_main(group: Group | None, work: Callable[[], T]) -> T:
+def from_main(group: Group | None, work: Callable[[], T], shared: Callable[[T], T] | None = None) -> T:
     """work() on rank 0 and its (picklable) result on every rank; without a group, work().
+    shared: what of the result the other ranks get (by default all of it), for a result part
+    of which cannot travel (an open dataset); rank 0 keeps the whole result.
 
     When work fails on rank 0, the other ranks raise PeerFailed with its exit code instead of
     waiting for a result that never comes."""
@@ -168,7 +182,7 @@ def from_main(group: Group | None, work: Callable[[], T]) -> T:
         except BaseException as error:
             group.broadcast((False, getattr(error, "exit_code", 1)))
             raise
-        group.broadcast((True, result))
+        group.broadcast((True, result if shared is None else shared(result)))
         return result
     succeeded, value = group.broadcast(None)
     if not succeeded:

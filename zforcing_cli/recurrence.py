@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -123,20 +124,62 @@ def per_step(*buffers: Tensor) -> zip:
     return zip(*(buffer.unbind(0) for buffer in buffers))
 
 
-def rollout(
-    input_gates: Tensor,  # (B, T, 4H): emb(u_t)'s gate contribution plus the biases
-    post_in: Tensor,  # (B, T, M): the b_t half of the posterior's first layer, with its bias
-    noise: Tensor,  # (B, T, Z): eps_t
-    from_h_weight: Tensor,  # (4H+M, H): [W_hh; posterior's h part]
-    z_weight: Tensor,  # (4H, Z)
-    out_weight: Tensor,  # (2Z, M): the posterior's output layer
-    out_bias: Tensor,  # (2Z,)
-    clamp: float,
-) -> tuple[Tensor, ...]:
-    """The forward loop. Returns time-major buffers: h_0..h_T and c_0..c_T (T+1, B, H), then
-    for each step the gate activations (T, B, 4H), tanh(c_t) (T, B, H), the posterior's hidden
-    layer lrelu(a_t) (T, B, M), its statistics before and after the clamp (T, B, 2Z) and z_t
-    (T, B, Z)."""
+class RolloutInputs(NamedTuple):
+    """The forward loop's tensor inputs."""
+
+    input_gates: Tensor  # (B, T, 4H): emb(u_t)'s gate contribution plus the biases
+    post_in: Tensor  # (B, T, M): the b_t half of the posterior's first layer, with its bias
+    noise: Tensor  # (B, T, Z): eps_t
+    from_h_weight: Tensor  # (4H+M, H): [W_hh; posterior's h part]
+    z_weight: Tensor  # (4H, Z)
+    out_weight: Tensor  # (2Z, M): the posterior's output layer
+    out_bias: Tensor  # (2Z,)
+
+
+class Rollout(NamedTuple):
+    """The forward loop's time-major buffers, which the backward loop reads."""
+
+    states: Tensor  # h_0..h_T (T+1, B, H)
+    cells: Tensor  # c_0..c_T (T+1, B, H)
+    activations: Tensor  # the gates' sigmoid(i, f, o) and tanh(g) (T, B, 4H)
+    tanh_cells: Tensor  # tanh(c_t) (T, B, H)
+    hiddens: Tensor  # the posterior's hidden layer lrelu(a_t) (T, B, M)
+    raw_stats: Tensor  # its [mean, log-variance] before the clamp (T, B, 2Z)
+    stats: Tensor  # and after it (T, B, 2Z)
+    zs: Tensor  # z_t (T, B, Z)
+
+
+class BackwardInputs(NamedTuple):
+    """The backward loop's tensor inputs: the Rollout, the forward inputs it needs (the two
+    kept for backward, in this order, by PosteriorRecurrence), then the gradients of the five
+    outputs (batch-first, as returned)."""
+
+    states: Tensor
+    cells: Tensor
+    activations: Tensor
+    tanh_cells: Tensor
+    hiddens: Tensor
+    raw_stats: Tensor
+    stats: Tensor
+    zs: Tensor
+    noise: Tensor
+    from_h_weight: Tensor
+    z_weight: Tensor
+    out_weight: Tensor
+    d_states: Tensor  # (B, T+1, H)
+    d_z: Tensor  # (B, T, Z)
+    d_mean: Tensor  # (B, T, Z)
+    d_logvar: Tensor  # (B, T, Z)
+    d_cell_last: Tensor  # (B, H)
+
+
+SAVED_INPUTS = ("noise", "from_h_weight", "z_weight", "out_weight")  # the RolloutInputs the backward loop reads
+assert BackwardInputs._fields[: len(Rollout._fields) + len(SAVED_INPUTS)] == Rollout._fields + SAVED_INPUTS
+
+
+def rollout(inputs: RolloutInputs, clamp: float) -> Rollout:
+    """The forward loop: its buffers, time-major."""
+    input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias = inputs
     batch, steps, gate_size = input_gates.shape
     size = gate_size // 4
     latent = noise.shape[-1]
@@ -161,11 +204,11 @@ def rollout(
     i, f, g, o = activations.chunk(4, dim=-1)
     # (Starting each product from [gates_in_t, post_in_t] would save the two adds, but a copy of
     # both for all steps costs more memory than the adds cost time: 0.5 GB at evaluation's batch.)
-    inputs = (input_gates.transpose(0, 1), post_in.transpose(0, 1), noise.transpose(0, 1))
+    time_major = (input_gates.transpose(0, 1), post_in.transpose(0, 1), noise.transpose(0, 1))
     buffers = (states[:-1], states[1:], cells[:-1], cells[1:], hiddens, raw_stats, stats, means, logvars, zs,
                activations, i, f, g, o, tanh_cells)
     with step_threads(from_h_weight, batch):
-        for gates_in, post, eps, h, h_next, c, c_next, hidden, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*inputs, *buffers):
+        for gates_in, post, eps, h, h_next, c, c_next, hidden, raw, s, mean, logvar, z, act, i_t, f_t, g_t, o_t, tanh_c in per_step(*time_major, *buffers):
             from_h_product(h, out=from_h)
             a = torch.add(from_h_post, post, out=from_h_post)
             torch.clamp(F.leaky_relu_(a, negative_slope=LEAK), -CLIP, CLIP, out=hidden)
@@ -178,16 +221,13 @@ def rollout(
             torch.tanh(gates_g, out=g_t)
             torch.mul(f_t, c, out=c_next).addcmul_(i_t, g_t)
             torch.mul(o_t, torch.tanh(c_next, out=tanh_c), out=h_next)
-    return states, cells, activations, tanh_cells, hiddens, raw_stats, stats, zs
+    return Rollout(states, cells, activations, tanh_cells, hiddens, raw_stats, stats, zs)
 
 
-def backpropagate(
-    states: Tensor, cells: Tensor, activations: Tensor, tanh_cells: Tensor, hidden: Tensor, raw_stats: Tensor,
-    stats: Tensor, zs: Tensor, noise: Tensor, from_h_weight: Tensor, z_weight: Tensor, out_weight: Tensor,
-    d_states: Tensor, d_z: Tensor, d_mean: Tensor, d_logvar: Tensor, d_cell_last: Tensor, clamp: float,
-) -> tuple[Tensor, ...]:
-    """The backward loop: from rollout's buffers and the gradients of the five outputs (batch-
-    first, as returned), the gradients of the seven tensor inputs (noise's: d z_t · std)."""
+def backpropagate(inputs: BackwardInputs, clamp: float) -> tuple[Tensor, ...]:
+    """The backward loop: the gradients of the seven RolloutInputs (noise's: d z_t · std)."""
+    (states, cells, activations, tanh_cells, hidden, raw_stats, stats, zs, noise, from_h_weight, z_weight, out_weight,
+     d_states, d_z, d_mean, d_logvar, d_cell_last) = inputs
     steps, batch, gate_size = activations.shape
     size, latent = gate_size // 4, zs.shape[-1]
 
@@ -260,17 +300,19 @@ class PosteriorRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias, clamp):  # type: ignore[override]
-        buffers = run_loop(rollout, (input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias), clamp)
-        states, cells, stats, zs = buffers[0], buffers[1], buffers[6], buffers[7]
-        latent = zs.shape[-1]
+        inputs = RolloutInputs(input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias)
+        buffers = Rollout(*run_loop(rollout, inputs, clamp))
+        latent = buffers.zs.shape[-1]
         ctx.clamp = clamp
-        ctx.save_for_backward(*buffers, noise, from_h_weight, z_weight, out_weight)
-        means, logvars = stats[..., :latent], stats[..., latent:]
-        return states.transpose(0, 1), zs.transpose(0, 1), means.transpose(0, 1), logvars.transpose(0, 1), cells[-1]
+        ctx.save_for_backward(*buffers, *(getattr(inputs, name) for name in SAVED_INPUTS))  # BackwardInputs' order
+        means, logvars = buffers.stats[..., :latent], buffers.stats[..., latent:]
+        return (buffers.states.transpose(0, 1), buffers.zs.transpose(0, 1), means.transpose(0, 1), logvars.transpose(0, 1),
+                buffers.cells[-1])
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        d_input_gates, d_post_in, d_noise, *d_weights = run_loop(backpropagate, (*ctx.saved_tensors, *grads), ctx.clamp)
+        d_input_gates, d_post_in, d_noise, *d_weights = run_loop(backpropagate, BackwardInputs(*ctx.saved_tensors, *grads),
+                                                                 ctx.clamp)
         return (d_input_gates, d_post_in, d_noise if ctx.needs_input_grad[2] else None, *d_weights, None)
 
 
@@ -285,18 +327,18 @@ GRAPH_CACHE_SIZE = 8  # captured shapes kept per process (text batches vary in l
 class LoopGraph:
     """One loop captured for fixed input shapes: its static inputs and outputs, and the graph."""
 
-    def __init__(self, loop, inputs: tuple[Tensor, ...], clamp: float):
-        self.inputs = tuple(x.detach().clone() for x in inputs)
+    def __init__(self, loop, inputs: NamedTuple, clamp: float):
+        self.inputs = inputs._make(x.detach().clone() for x in inputs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # a first run outside the capture sets up the libraries' workspaces
-            loop(*self.inputs, clamp)
+            loop(self.inputs, clamp)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = loop(*self.inputs, clamp)
+            self.outputs = loop(self.inputs, clamp)
 
-    def __call__(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def __call__(self, inputs: NamedTuple) -> tuple[Tensor, ...]:
         for static, x in zip(self.inputs, inputs):
             static.copy_(x)
         self.graph.replay()
@@ -307,11 +349,12 @@ class LoopGraph:
 GRAPHS: OrderedDict[tuple, LoopGraph] = OrderedDict()
 
 
-def run_loop(loop, inputs: tuple, clamp: float) -> tuple[Tensor, ...]:
-    """loop(*inputs, clamp), replayed from a CUDA graph on a GPU."""
+def run_loop(loop, inputs: NamedTuple, clamp: float) -> tuple[Tensor, ...]:
+    """loop(inputs, clamp), replayed from a CUDA graph on a GPU (inputs: the loop's NamedTuple
+    of tensors)."""
     reference = inputs[0]
     if not (CUDA_GRAPHS and reference.is_cuda):
-        return loop(*inputs, clamp)
+        return loop(inputs, clamp)
     # A graph keeps the kernels chosen at its capture: TensorFloat-32 products or not is part of the key.
     key = (loop.__name__, clamp, reference.device, torch.backends.cuda.matmul.allow_tf32,
            *((x.shape, x.dtype) for x in inputs))

@@ -23,6 +23,7 @@ from zforcing_cli.presets import MNIST_PRESETS, PRESETS, TRAINING_KINDS, describ
 from conftest import assert_clean_error, invoke, plain
 
 train_module = importlib.import_module("zforcing_cli.train")
+update_module = importlib.import_module("zforcing_cli.update")
 TINY_TRAIN = ("train", "--batch-size", 4, "--device", "cpu")
 
 
@@ -113,14 +114,14 @@ def test_a_diverging_lr_stops_with_the_step_named(cwd, tiny_data, monkeypatch):
 
 
 def test_skipped_updates_are_shown(cwd, tiny_data, monkeypatch):
-    real = train_module.objective
+    real = update_module.objective
     calls = {"n": 0}
 
     def second_is_nan(out, kl_weight, config, aux_weight=None):
         calls["n"] += 1
         return real(out, kl_weight, config, aux_weight) * (math.nan if calls["n"] == 2 else 1.0)
 
-    monkeypatch.setattr(train_module, "objective", second_is_nan)
+    monkeypatch.setattr(update_module, "objective", second_is_nan)
     result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 3)
     assert result.exit_code == 0, plain(result.output)
     assert "step 2: non-finite loss, update skipped (1 skipped update so far)" in plain(result.stderr)

@@ -4,13 +4,13 @@ calls the core and prints."""
 from __future__ import annotations
 
 import signal
-from typing import Annotated
+from typing import Annotated, Callable, NamedTuple
 
 import typer
 
-from .. import __version__
 from ..allocator import keep_freed_memory
 from ..console import CommandGroup, handle_errors, stdout
+from ..version import __version__
 from . import bench, compare, evaluate, interpolate, prepare, sample, train
 from .common import exit_on_signal
 
@@ -40,27 +40,34 @@ def root(
     """Z-Forcing: stochastic recurrent networks trained with an auxiliary cost."""
 
 
+class Command(NamedTuple):
+    function: Callable[..., None]  # what typer calls, its parameters the command's options
+    epilog: str  # the help's worked examples
+    # What to lower when the command runs out of memory: the options its memory grows with
+    # ("" for prepare and compare, which hold one file, or one run's metrics, at a time).
+    memory_options: str
+
+
 COMMANDS = {
-    "prepare": prepare, "train": train, "evaluate": evaluate, "sample": sample, "interpolate": interpolate,
-    "compare": compare, "bench": bench,
+    "prepare": Command(prepare.prepare_cli, prepare.EPILOG, ""),
+    "train": Command(train.train_cli, train.EPILOG, "--batch-size (or take --preset small)"),
+    "evaluate": Command(evaluate.evaluate_cli, evaluate.EPILOG, "--batch-size"),
+    "sample": Command(sample.sample_cli, sample.EPILOG, "--num (or give a shorter --prompt)"),
+    "interpolate": Command(interpolate.interpolate_cli, interpolate.EPILOG, "--points or --length"),
+    "compare": Command(compare.compare_cli, compare.EPILOG, ""),
+    "bench": Command(bench.bench_cli, bench.EPILOG, "--batch-size (or take --size small)"),
 }
-# What to lower when a command runs out of memory: the options its memory grows with (prepare
-# and compare hold one file, or one run's metrics, at a time: no option sizes them).
-MEMORY_OPTIONS = {
-    "prepare": "", "train": "--batch-size (or take --preset small)", "evaluate": "--batch-size",
-    "sample": "--num (or give a shorter --prompt)", "interpolate": "--points or --length",
-    "compare": "", "bench": "--batch-size (or take --size small)",
-}
-for name, module in COMMANDS.items():
-    app.command(name, epilog=module.EPILOG)(handle_errors(getattr(module, f"{name}_cli"), MEMORY_OPTIONS[name]))
+for name, command in COMMANDS.items():
+    app.command(name, epilog=command.epilog)(handle_errors(command.function, command.memory_options))
 
 
-def main() -> None:
+def main(prog_name: str | None = None) -> None:
+    """The command line; prog_name: the program its help names (by default, as click finds it)."""
     # SIGTERM unwinds like Ctrl-C, so that half-written outputs are cleaned up on the way out
     # (`zforcing train` replaces this with its own stop-after-the-update handler).
     signal.signal(signal.SIGTERM, exit_on_signal)
     keep_freed_memory()  # each training update reuses what the last one freed (allocator.py)
-    app()
+    app(prog_name=prog_name)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`zforcing bench`: training speed side by side with the autograd reference and a fused LSTM
-pair, sampling, loading and memory (bench.py); host memory on a Blizzard-sized dataset
-(membench.py); CPU trainings sharing the machine."""
+pair, sampling, loading and memory (bench/speed.py); host memory on a Blizzard-sized dataset
+(bench/memory.py); CPU trainings sharing the machine (bench/sharing.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..bench import DEFAULT_UPDATES, IMPLEMENTATIONS, SIZES, SYNTHETIC_SEQUENCES, Resize, bench_shared, run
+from ..bench.memory import DEFAULT_BATCHES, DEFAULT_HOURS, run_memory
+from ..bench.sharing import bench_shared
+from ..bench.speed import DEFAULT_UPDATES, IMPLEMENTATIONS, run_speed
+from ..bench.synthetic import SYNTHETIC_SEQUENCES
+from ..bench.workload import SIZES, Resize
 from ..console import plural, results_table, stderr, stdout
 from ..fileio import json_record
-from ..membench import DEFAULT_BATCHES, DEFAULT_HOURS, run_memory
 from ..threads import ThreadPolicy
 from .common import DeviceOption, ThreadsOption, check_real, usage_error
 
@@ -35,21 +38,142 @@ NAMES = {
 }
 
 
+# The options (those several commands share are common.py's).
+BenchPresetOption = Annotated[
+    str | None,
+    typer.Option(
+        "--preset", show_default="mnist; blizzard with --memory",
+        help=(
+            "Model and data shape: mnist (binarized MNIST, 784 steps), timit (frames of 200 samples, 40 steps, "
+            "batch 32), blizzard (the same frames, batch 128), imdb (a 16,004-word vocabulary, sentences of 16 "
+            "steps)."
+        ),
+    ),
+]
+SizeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--size", show_default="paper for timit, blizzard and imdb; small for mnist and with --memory",
+        help=(
+            f"Model sizes: {', '.join(SIZES)}. small and paper are the training presets'; tiny only checks that the "
+            "benchmark runs (its figures mean nothing)."
+        ),
+    ),
+]
+HiddenSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--hidden-size", min=1, show_default="the size's",
+        help="Units of both LSTMs in place of the size's (the fused LSTM pair's follow).",
+    ),
+]
+MlpSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--mlp-size", min=1, show_default="the size's",
+        help="Hidden units of every MLP head in place of the size's.",
+    ),
+]
+BatchSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size", min=1, max=SYNTHETIC_SEQUENCES, show_default="the size's",
+        help="Sequences per update in place of the size's.",
+    ),
+]
+UpdatesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--updates", min=1, show_default=str(DEFAULT_UPDATES),
+        help="Timed updates of each implementation after a warm-up one; their median is reported.",
+    ),
+]
+MemoryOption = Annotated[
+    bool,
+    typer.Option(
+        "--memory",
+        help=(
+            "Measure host memory instead: random batches from a sparse memory-mapped audio dataset of --hours, "
+            "with a training update every few batches."
+        ),
+    ),
+]
+HoursOption = Annotated[
+    float | None,
+    typer.Option(
+        "--hours", show_default=f"{DEFAULT_HOURS:g}, Blizzard's 34.6 GB",
+        help=(
+            "With --memory: hours of 16 kHz int16 audio in the dataset (2 bytes a sample; it takes no disk "
+            "space)."
+        ),
+    ),
+]
+BatchesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--batches", min=1, show_default=str(DEFAULT_BATCHES),
+        help="With --memory: random batches fetched.",
+    ),
+]
+ProcessesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--processes", min=1, show_default=False,
+        help=(
+            "Measure N CPU trainings at once against one alone instead (the thread policy of "
+            "docs/performance.md)."
+        ),
+    ),
+]
+SecondsOption = Annotated[
+    float | None,
+    typer.Option(
+        "--seconds", show_default=f"{DEFAULT_SECONDS:g}",
+        help="With --processes: how long each measurement trains.",
+    ),
+]
+DirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir", show_default="the temporary folder",
+        help="Where the temporary datasets go; they are removed at the end, also on Ctrl-C.",
+    ),
+]
+Tf32Option = Annotated[
+    bool,
+    typer.Option(
+        "--tf32",
+        help=(
+            "On a GPU, time every implementation with float32 products on TensorFloat-32 tensor cores, as `train "
+            "--precision tf32` runs them (without it, cuBLAS's products are plain float32 while cuDNN's LSTM "
+            "already uses TF32, torch's default)."
+        ),
+    ),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the figures as JSON on stdout.",
+    ),
+]
+
+
 def bench_cli(
-    preset: Annotated[str | None, typer.Option("--preset", help="Model and data shape: mnist (binarized MNIST, 784 steps), timit (frames of 200 samples, 40 steps, batch 32), blizzard (the same frames, batch 128), imdb (a 16,004-word vocabulary, sentences of 16 steps).", show_default="mnist; blizzard with --memory")] = None,
-    size: Annotated[str | None, typer.Option("--size", help=f"Model sizes: {', '.join(SIZES)}. small and paper are the training presets'; tiny only checks that the benchmark runs (its figures mean nothing).", show_default="paper for timit, blizzard and imdb; small for mnist and with --memory")] = None,
-    hidden_size: Annotated[int | None, typer.Option("--hidden-size", min=1, help="Units of both LSTMs in place of the size's (the fused LSTM pair's follow).", show_default="the size's")] = None,
-    mlp_size: Annotated[int | None, typer.Option("--mlp-size", min=1, help="Hidden units of every MLP head in place of the size's.", show_default="the size's")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, max=SYNTHETIC_SEQUENCES, help="Sequences per update in place of the size's.", show_default="the size's")] = None,
-    updates: Annotated[int | None, typer.Option("--updates", min=1, help="Timed updates of each implementation after a warm-up one; their median is reported.", show_default=str(DEFAULT_UPDATES))] = None,
-    memory: Annotated[bool, typer.Option("--memory", help="Measure host memory instead: random batches from a sparse memory-mapped audio dataset of --hours, with a training update every few batches.")] = False,
-    hours: Annotated[float | None, typer.Option("--hours", help="With --memory: hours of 16 kHz int16 audio in the dataset (2 bytes a sample; it takes no disk space).", show_default=f"{DEFAULT_HOURS:g}, Blizzard's 34.6 GB")] = None,
-    batches: Annotated[int | None, typer.Option("--batches", min=1, help="With --memory: random batches fetched.", show_default=str(DEFAULT_BATCHES))] = None,
-    processes: Annotated[int | None, typer.Option("--processes", min=1, help="Measure N CPU trainings at once against one alone instead (the thread policy of docs/performance.md).", show_default=False)] = None,
-    seconds: Annotated[float | None, typer.Option("--seconds", help="With --processes: how long each measurement trains.", show_default=f"{DEFAULT_SECONDS:g}")] = None,
-    folder: Annotated[Path | None, typer.Option("--dir", help="Where the temporary datasets go; they are removed at the end, also on Ctrl-C.", show_default="the temporary folder")] = None,
-    tf32: Annotated[bool, typer.Option("--tf32", help="On a GPU, time every implementation with float32 products on TensorFloat-32 tensor cores, as `train --precision tf32` runs them (without it, cuBLAS's products are plain float32 while cuDNN's LSTM already uses TF32, torch's default).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on stdout.")] = False,
+    preset: BenchPresetOption = None,
+    size: SizeOption = None,
+    hidden_size: HiddenSizeOption = None,
+    mlp_size: MlpSizeOption = None,
+    batch_size: BatchSizeOption = None,
+    updates: UpdatesOption = None,
+    memory: MemoryOption = False,
+    hours: HoursOption = None,
+    batches: BatchesOption = None,
+    processes: ProcessesOption = None,
+    seconds: SecondsOption = None,
+    folder: DirOption = None,
+    tf32: Tf32Option = False,
+    as_json: JsonOption = False,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
 ) -> None:
@@ -67,7 +191,7 @@ def bench_cli(
             result = run_memory(preset, size, device, DEFAULT_HOURS if hours is None else hours, batches or DEFAULT_BATCHES,
                                 folder, say)
         else:
-            result = run(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32,
+            result = run_speed(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32,
                          Resize(hidden_size, mlp_size, batch_size))
     print_result(result, as_json, memory_tables if memory else speed_tables)
 
@@ -114,7 +238,8 @@ def megabytes(count: int | None) -> str:
 def speed_tables(result: dict) -> list[Table]:
     cuda = result["update_memory_bytes_fused"] is not None
     table = Table(title=escape(f"{result['preset']} ({result['size']}): batch {result['batch_size']} × {result['steps']} steps, "
-                               f"LSTMs {result['hidden_size']:,}, MLPs {result['mlp_size']:,}, {result['parameters']:,} parameters, {result['device']}{' (TF32 products)' if result['tf32'] else ''}; median of "
+                               f"LSTMs {result['hidden_size']:,}, MLPs {result['mlp_size']:,}, {result['parameters']:,} parameters, "
+                               f"{result['device']}{' (TF32 products)' if result['tf32'] else ''}; median of "
                                f"{plural(result['updates'], 'update')} after a warm-up"),
                   caption=escape(machine_line(result["machine"])), title_justify="left", header_style="bold")
     table.add_column("training update")

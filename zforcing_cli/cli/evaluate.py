@@ -19,6 +19,7 @@ from ..errors import DataError, ZForcingError
 from ..diagnostics import Diagnostics, diagnose_split, write_diagnostics_plot
 from ..evaluate import BASELINES, EvalResult, baseline_nll, bound_unit, evaluate_split, perplexity, unigram_perplexity
 from ..fileio import check_can_write, json_record
+from ..model import ZForcing
 from ..threads import ThreadPolicy
 from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, usage_error
 
@@ -42,28 +43,11 @@ def evaluate_cli(
     threads: ThreadsOption = None,
 ) -> None:
     """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats."""
-    if split not in ("test", "valid"):
-        raise usage_error(f"--split must be test or valid, not {split!r}.", "Use --split test (the default) or --split valid.")
-    if plot is not None:
-        if not diagnostics:
-            raise usage_error("--plot draws the diagnostics: it needs --diagnostics.", "Add --diagnostics.")
-        if plot.suffix.lower() not in (".png", ".svg"):
-            raise usage_error(f"--plot {plot.name!r} is not a .png or .svg file.", "For example --plot kl.png.")
-        check_can_write(plot, force)
+    check_options(split, diagnostics, plot, force)
     torch_device = resolve_device(device)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT).resolve()
     model, config = load_model(folder, torch_device)
-    dataset = open_training_data(config) if data is None else open_dataset(data)
-    if dataset.meta.modality != model.config.modality:
-        raise ZForcingError(
-            f"The dataset holds {dataset.meta.modality} data but the model models {model.config.modality} data.",
-            "Pass the --data the model was trained on.",
-        )
-    if dataset.meta.text and dataset.meta.text["vocabulary"] != (config["data"].get("text") or {}).get("vocabulary"):
-        raise ZForcingError(
-            f"The dataset at {dataset.location} has another vocabulary than the model's: its word ids mean other words.",
-            "Evaluate on the dataset the model was trained on, or one prepared from the same corpus with the same options.",
-        )
+    dataset = model_dataset(model, config, data)
     sequences = min(len(dataset.split(split)), limit) if limit else len(dataset.split(split))
     with ThreadPolicy(threads), JobProgress(f"Evaluating {split}", shorten=SHORTEN) as progress:
         result = evaluate_split(
@@ -77,26 +61,9 @@ def evaluate_cli(
                                    limit=limit or None, progress=evaluation_progress(progress, sequences, 0))
         if plot is not None:
             write_diagnostics_plot(found, plot, f"KL(q ‖ p) per step and latent dimension: {dataset.meta.kind}, {split} split")
-    unit = bound_unit(dataset.meta.modality)
-    per_sample = samples_per_sequence(result, dataset.meta)
     text = text_figures(result, dataset, split, limit) if dataset.meta.modality == "tokens" else {}
-    baseline = {"baseline": BASELINES[dataset.meta.modality], "baseline_nll": baseline_nll(dataset, split, limit or None)}
-    report = json_record({
-        "checkpoint": str(folder), "split": split, "data": dataset.location, "unit": unit, **result.to_dict(),
-        "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae, **baseline,
-        **({} if per_sample is None else per_sample_figures(result, per_sample, baseline["baseline_nll"])),
-        **text,
-        **({} if found is None else {"diagnostics": found.to_dict()}),
-    })
-    if as_json:
-        stdout.print_json(json.dumps(report, allow_nan=False))
-    else:
-        stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
-        if text:
-            rows = text_rows(result, text, report)
-        else:
-            rows = result_rows(result, unit, report) if per_sample is None else audio_rows(result, report)
-        stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows + ([] if found is None else diagnostic_rows(found))))
+    report = evaluation_report(folder, dataset, split, limit, result, text, found)
+    print_report(report, as_json, folder, dataset, split, result, text, found)
     if plot is not None:
         stderr.print(escape(f"Wrote the KL heat map to {plot}"), soft_wrap=True)
     if report["status"] != "ok":
@@ -104,6 +71,64 @@ def evaluate_cli(
             f"The bounds came out non-finite ({report['status'].split(': ')[1]}): they are not results.",
             "The model overflows on this data; check the checkpoint with another split, or train again with a lower --lr.",
         )
+
+
+def check_options(split: str, diagnostics: bool, plot: Path | None, force: bool) -> None:
+    if split not in ("test", "valid"):
+        raise usage_error(f"--split must be test or valid, not {split!r}.", "Use --split test (the default) or --split valid.")
+    if plot is not None:
+        if not diagnostics:
+            raise usage_error("--plot draws the diagnostics: it needs --diagnostics.", "Add --diagnostics.")
+        if plot.suffix.lower() not in (".png", ".svg"):
+            raise usage_error(f"--plot {plot.name!r} is not a .png or .svg file.", "For example --plot kl.png.")
+        check_can_write(plot, force)
+
+
+def model_dataset(model: ZForcing, config: dict, data: str | None) -> PreparedDataset:
+    """The dataset to evaluate on (--data, else the one the model was trained on), refused when
+    its data are not what the model models."""
+    dataset = open_training_data(config) if data is None else open_dataset(data)
+    if dataset.meta.modality != model.config.modality:
+        raise ZForcingError(
+            f"The dataset holds {dataset.meta.modality} data but the model models {model.config.modality} data.",
+            "Pass the --data the model was trained on.",
+        )
+    if dataset.meta.text and dataset.meta.text["vocabulary"] != (config["data"].get("text") or {}).get("vocabulary"):
+        raise ZForcingError(
+            f"The dataset at {dataset.location} has another vocabulary than the model's: its word ids mean other words.",
+            "Evaluate on the dataset the model was trained on, or one prepared from the same corpus with the same options.",
+        )
+    return dataset
+
+
+def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit: int, result: EvalResult, text: dict,
+                      found: Diagnostics | None) -> dict:
+    """Every figure of the evaluation, as --json prints it; text: text_figures' (empty unless text)."""
+    per_sample = samples_per_sequence(result, dataset.meta)
+    baseline = {"baseline": BASELINES[dataset.meta.modality], "baseline_nll": baseline_nll(dataset, split, limit or None)}
+    return json_record({
+        "checkpoint": str(folder), "split": split, "data": dataset.location, "unit": bound_unit(dataset.meta.modality),
+        **result.to_dict(), "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae, **baseline,
+        **({} if per_sample is None else per_sample_figures(result, per_sample, baseline["baseline_nll"])),
+        **text,
+        **({} if found is None else {"diagnostics": found.to_dict()}),
+    })
+
+
+def print_report(report: dict, as_json: bool, folder: Path, dataset: PreparedDataset, split: str, result: EvalResult,
+                 text: dict, found: Diagnostics | None) -> None:
+    """The report as JSON on stdout, or as a table (and the checkpoint's name on stderr)."""
+    if as_json:
+        stdout.print_json(json.dumps(report, allow_nan=False))
+        return
+    stderr.print(escape(f"checkpoint {folder}"), soft_wrap=True)
+    if text:
+        rows = text_rows(result, text, report)
+    elif dataset.meta.modality == "frames":
+        rows = audio_rows(result, report)
+    else:
+        rows = result_rows(result, report["unit"], report)
+    stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows + ([] if found is None else diagnostic_rows(found))))
 
 
 def samples_per_sequence(result: EvalResult, meta) -> float | None:

@@ -13,10 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
+import torch
 import typer
 from rich.markup import escape
 
-from .. import __version__
 from ..checkpoint import resolve_latest
 from ..console import plural, stderr, stdout, training_progress
 from ..data import EMBEDDED, PreparedDataset, open_dataset
@@ -25,17 +25,10 @@ from ..distributed import Group, from_main, joined
 from ..errors import DataError, TrainingError
 from ..evaluate import bound_unit
 from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
+from ..runconfig import RunConfig, TrainConfig, data_description, dataset_differences, load_run_config
 from ..threads import ThreadPolicy
-from ..train import (
-    RunConfig,
-    StopRequest,
-    TrainEvent,
-    TrainingStopped,
-    data_description,
-    dataset_differences,
-    load_run_config,
-    train,
-)
+from ..train import StopRequest, TrainEvent, TrainingStopped, TrainResult, train
+from ..version import __version__
 from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, exit_on_signal, usage_error
 
 EPILOG = (
@@ -49,89 +42,289 @@ EPILOG = (
 )
 BY_PRESET = "the preset's: table below"
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+NOT_TRAINING_SETTINGS = ("preset", "aux_condition", "dropout")  # train_cli's settings that are not TrainConfig fields
+
+
+# The options (those several commands share are common.py's).
+DataOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--data", show_default="embedded",
+        help=(
+            "Prepared dataset folder, or `embedded` (binarized MNIST in the package). With --resume: the run's "
+            "dataset in a new place."
+        ),
+    ),
+]
+PresetOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--preset", show_default="small",
+        help=f"Model and training sizes: {' or '.join(PRESETS)}.",
+    ),
+]
+OutOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--out", show_default=False,
+        help="Run folder. Default: a new folder under runs/; with --resume, runs/latest.",
+    ),
+]
+EpochsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--epochs", min=1, show_default=BY_PRESET,
+        help="Passes over the training split; lifts the preset's update limit.",
+    ),
+]
+MaxStepsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-steps", min=1, show_default=BY_PRESET,
+        help="Stop after this many updates; takes more epochs when it needs them.",
+    ),
+]
+BatchSizeOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size", min=1, show_default=BY_PRESET,
+        help="Sequences per update.",
+    ),
+]
+LrOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--lr", show_default=BY_PRESET,
+        help="Adam learning rate (finite, > 0).",
+    ),
+]
+AuxWeightOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--aux-weight", show_default=BY_PRESET,
+        help="α: weight of the auxiliary cost -log p(b_t|z_t).",
+    ),
+]
+AuxStartOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--aux-start", show_default=BY_PRESET,
+        help=(
+            "α's first value: α then moves linearly to --aux-weight by --aux-increment per update, as in the "
+            "authors' code. Without it (and with --aux-weight given), α is constant."
+        ),
+    ),
+]
+AuxIncrementOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--aux-increment", show_default=BY_PRESET,
+        help="With --aux-start: how far α moves per update.",
+    ),
+]
+BwdWeightOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--bwd-weight", show_default=BY_PRESET,
+        help="β: weight of the backward prediction -log p(u_t|b_t).",
+    ),
+]
+KlAnnealOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--kl-anneal/--no-kl-anneal", show_default="off",
+        help="KL weight from 0.2 to 1 by 5e-5 per update.",
+    ),
+]
+DropoutOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--dropout", show_default="text: 0.2, others: 0",
+        help="Dropout on the input embeddings, in [0, 1).",
+    ),
+]
+WeightDecayOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--weight-decay", show_default="text: 1e-6, others: 0",
+        help="L2 weight decay in Adam.",
+    ),
+]
+AuxConditionOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--aux-condition", show_default="z",
+        help=(
+            "Condition the auxiliary head on `z` (the paper's Eq. 8) or `hz` (h_{t-1} and z_t, the original "
+            "code)."
+        ),
+    ),
+]
+TrainSeedOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--seed", min=0, max=MAX_SEED, show_default="0",
+        help="Seeds the weights, the data order and the noise of every update.",
+    ),
+]
+CheckpointEveryOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--checkpoint-every", min=1, show_default="paper presets: 1,000 (2,000 for text); small: none",
+        help="Also checkpoint every N updates.",
+    ),
+]
+CheckpointMinutesOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--checkpoint-minutes", show_default="10",
+        help="Also checkpoint when this many minutes have passed since the last checkpoint (0: never).",
+    ),
+]
+PrecisionOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--precision", show_default="fp32",
+        help=(
+            "Arithmetic of the forward pass: `fp32`; `tf32` (float32, with matrix products on TensorFloat-32 "
+            "tensor cores: GPUs from NVIDIA Ampere on); `bf16` (autocast to bfloat16: GPUs from Ampere on, or the "
+            "CPU); `fp16` (autocast to float16 with a gradient scaler; GPUs only). The weights, Adam and the sums "
+            "of the loss stay fp32. A resumed run keeps its precision."
+        ),
+    ),
+]
+TensorboardOption = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard",
+        help=(
+            "Also log the metrics, and samples at each validation, for TensorBoard in RUN/tensorboard (needs `pip "
+            "install 'zforcing[tensorboard]'`)."
+        ),
+    ),
+]
+ResumeOption = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help=(
+            "Continue the run's newest complete checkpoint (or restart it from step 0 if it has none). Options "
+            "that repeat the run's own values are accepted."
+        ),
+    ),
+]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace an existing --out run folder (only a run folder written by zforcing).",
+    ),
+]
 
 
 def train_cli(
-    data: Annotated[Optional[str], typer.Option("--data", help="Prepared dataset folder, or `embedded` (binarized MNIST in the package). With --resume: the run's dataset in a new place.", show_default="embedded")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help=f"Model and training sizes: {' or '.join(PRESETS)}.", show_default="small")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder. Default: a new folder under runs/; with --resume, runs/latest.", show_default=False)] = None,
+    data: DataOption = None,
+    preset: PresetOption = None,
+    out: OutOption = None,
     device: DeviceOption = "auto",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training split; lifts the preset's update limit.", show_default=BY_PRESET)] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many updates; takes more epochs when it needs them.", show_default=BY_PRESET)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Sequences per update.", show_default=BY_PRESET)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (finite, > 0).", show_default=BY_PRESET)] = None,
-    aux_weight: Annotated[Optional[float], typer.Option("--aux-weight", help="α: weight of the auxiliary cost -log p(b_t|z_t).", show_default=BY_PRESET)] = None,
-    aux_start: Annotated[Optional[float], typer.Option("--aux-start", help="α's first value: α then moves linearly to --aux-weight by --aux-increment per update, as in the authors' code. Without it (and with --aux-weight given), α is constant.", show_default=BY_PRESET)] = None,
-    aux_increment: Annotated[Optional[float], typer.Option("--aux-increment", help="With --aux-start: how far α moves per update.", show_default=BY_PRESET)] = None,
-    bwd_weight: Annotated[Optional[float], typer.Option("--bwd-weight", help="β: weight of the backward prediction -log p(u_t|b_t).", show_default=BY_PRESET)] = None,
-    kl_anneal: Annotated[Optional[bool], typer.Option("--kl-anneal/--no-kl-anneal", help="KL weight from 0.2 to 1 by 5e-5 per update.", show_default="off")] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Dropout on the input embeddings, in [0, 1).", show_default="text: 0.2, others: 0")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="L2 weight decay in Adam.", show_default="text: 1e-6, others: 0")] = None,
-    aux_condition: Annotated[Optional[str], typer.Option("--aux-condition", help="Condition the auxiliary head on `z` (the paper's Eq. 8) or `hz` (h_{t-1} and z_t, the original code).", show_default="z")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the weights, the data order and the noise of every update.", show_default="0")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, help="Also checkpoint every N updates.", show_default="paper presets: 1,000 (2,000 for text); small: none")] = None,
-    checkpoint_minutes: Annotated[Optional[float], typer.Option("--checkpoint-minutes", help="Also checkpoint when this many minutes have passed since the last checkpoint (0: never).", show_default="10")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="Arithmetic of the forward pass: `fp32`; `tf32` (float32, with matrix products on TensorFloat-32 tensor cores: GPUs from NVIDIA Ampere on); `bf16` (autocast to bfloat16: GPUs from Ampere on, or the CPU); `fp16` (autocast to float16 with a gradient scaler; GPUs only). The weights, Adam and the sums of the loss stay fp32. A resumed run keeps its precision.", show_default="fp32")] = None,
+    epochs: EpochsOption = None,
+    max_steps: MaxStepsOption = None,
+    batch_size: BatchSizeOption = None,
+    lr: LrOption = None,
+    aux_weight: AuxWeightOption = None,
+    aux_start: AuxStartOption = None,
+    aux_increment: AuxIncrementOption = None,
+    bwd_weight: BwdWeightOption = None,
+    kl_anneal: KlAnnealOption = None,
+    dropout: DropoutOption = None,
+    weight_decay: WeightDecayOption = None,
+    aux_condition: AuxConditionOption = None,
+    seed: TrainSeedOption = None,
+    checkpoint_every: CheckpointEveryOption = None,
+    checkpoint_minutes: CheckpointMinutesOption = None,
+    precision: PrecisionOption = None,
     threads: ThreadsOption = None,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log the metrics, and samples at each validation, for TensorBoard in RUN/tensorboard (needs `pip install 'zforcing[tensorboard]'`).")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run's newest complete checkpoint (or restart it from step 0 if it has none). Options that repeat the run's own values are accepted.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out run folder (only a run folder written by zforcing).")] = False,
+    tensorboard: TensorboardOption = False,
+    resume: ResumeOption = False,
+    force: ForceOption = False,
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
+    check_options(lr=lr, aux_increment=aux_increment, aux_weight=aux_weight, aux_start=aux_start, bwd_weight=bwd_weight,
+                  checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, precision=precision)
+    settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, aux_start=aux_start,
+                    aux_increment=aux_increment, bwd_weight=bwd_weight, kl_anneal=kl_anneal, seed=seed,
+                    weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision)
+    lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
+    with joined(device) as group:
+        main = group is None or group.is_main
+        torch_device = resolve_device(device) if group is None else group.device
+        run_dir, run_config, dataset = settled_run(group, resume, out, data, settings, lengths)
+        if main:
+            print_start(run_dir, run_config, dataset, torch_device, group)
+        result = run_training(run_dir, run_config, dataset, torch_device, group, resume=resume, force=force,
+                              tensorboard=tensorboard, threads=threads, device_spec=device)
+        if main:
+            report_result(result, run_dir, bound_unit(dataset.meta.modality))
+
+
+def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, precision: str | None,
+                  **non_negative: float | None) -> None:
+    """Usage errors for values typer lets through: non-finite numbers, negative weights, a
+    dropout of 1 or more, an unknown precision."""
     check_real("--lr", lr, example="0.001", above=True)
     check_real("--aux-increment", aux_increment, example="5e-5", above=True)
-    for option, value in (("--aux-weight", aux_weight), ("--aux-start", aux_start), ("--bwd-weight", bwd_weight), ("--checkpoint-minutes", checkpoint_minutes), ("--weight-decay", weight_decay)):
-        check_real(option, value)
+    for name, value in non_negative.items():
+        check_real("--" + name.replace("_", "-"), value)
     check_real("--dropout", dropout)
     if dropout is not None and dropout >= 1:
         raise usage_error(f"--dropout must be below 1, not {dropout:g}.", "Use a probability such as --dropout 0.2.")
     if precision is not None:
         check_precision(precision)
-    settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, aux_start=aux_start,
-                    aux_increment=aux_increment, bwd_weight=bwd_weight,
-                    kl_anneal=kl_anneal, seed=seed, weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout,
-                    precision=precision)
-    with joined(device) as group:
-        main = group is None or group.is_main
-        torch_device = resolve_device(device) if group is None else group.device
-        opened: list[PreparedDataset] = []
 
-        def settle() -> tuple[Path, dict]:  # rank 0's: the run folder and its configuration
-            run_dir, run_config, dataset = resumed_run(out, data, settings) if resume else new_run(out, data, settings)
-            run_config.train = fitted_batch(run_config.train, len(dataset.split("train")))
-            run_config.train = with_lengths(run_config, len(dataset.split("train")), epochs, max_steps)
-            run_config.train = replace(run_config.train, **given(checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes))
-            opened.append(dataset)
-            return run_dir, run_config.to_dict()
 
-        run_dir, config_values = from_main(group, settle)
-        run_config = RunConfig.from_dict(config_values)
-        dataset = opened[0] if opened else rank_dataset(run_config, group)
-        unit = bound_unit(dataset.meta.modality)
-        if main:
-            processes = "1 process" if group is None or group.world_size == 1 else f"{group.world_size:,} processes"
-            where = f"on {torch_device}" if group is None else f"on {processes} ({group.backend}, {torch_device.type})"
-            stderr.print(escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) {where}; run folder {run_dir}"),
-                         soft_wrap=True)
-            stderr.print(escape(f"Settings: {run_config.preset or 'custom'} preset, {describe_model(run_config.model)}; "
-                                f"{describe_training(run_config.train)}"), soft_wrap=True)
-        stop = StopRequest()
-        with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
-                stop_on_signals(stop, progress.console if main else None, group is not None):
-            reporter = TrainReporter(progress, policy, unit) if main else None
-            try:
-                result = train(run_dir, run_config, dataset, torch_device, reporter, resume=resume, force=force, stop=stop,
-                               latest_link=RUNS_ROOT, tensorboard=tensorboard, group=group)
-            except TrainingStopped as stopped:
-                if main:
-                    progress.stop()
-                    command = continue_command(run_dir, runtime_options(device, threads, tensorboard), group)
-                    stderr.print(escape(f"{stopped.message}\nTo continue: {command}"), soft_wrap=True)
-                if group is not None:
-                    group.barrier()  # rank 0 has said so before any rank ends
-                raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
-        if main:
-            report_result(result, run_dir, unit)
+def settled_run(group: Group | None, resume: bool, out: Path | None, data: str | None, settings: dict,
+                lengths: dict) -> tuple[Path, RunConfig, PreparedDataset]:
+    """The run folder, its configuration and its dataset, the same on every rank: rank 0 settles
+    them (the run to resume, or a new one); the other ranks take its folder and configuration,
+    and open the dataset where rank 0 found it."""
+    def settle() -> tuple[Path, RunConfig, PreparedDataset | None]:
+        run_dir, run_config, dataset = resumed_run(out, data, settings) if resume else new_run(out, data, settings)
+        return run_dir, with_lengths(run_config, len(dataset.split("train")), **lengths), dataset
+
+    run_dir, run_config, dataset = from_main(group, settle, shared=lambda settled: (*settled[:2], None))
+    return run_dir, run_config, dataset or rank_dataset(run_config, group)
+
+
+def print_start(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset, device: torch.device, group: Group | None) -> None:
+    """What trains on what, where, and with which settings."""
+    processes = "1 process" if group is None or group.world_size == 1 else f"{group.world_size:,} processes"
+    where = f"on {device}" if group is None else f"on {processes} ({group.backend}, {device.type})"
+    stderr.print(escape(f"zforcing {__version__} training on {dataset.meta.kind} ({dataset.location}) {where}; run folder {run_dir}"),
+                 soft_wrap=True)
+    stderr.print(escape(f"Settings: {run_config.preset or 'custom'} preset, {describe_model(run_config.model)}; "
+                        f"{describe_training(run_config.train)}"), soft_wrap=True)
+
+
+def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset, device: torch.device, group: Group | None, *,
+                 resume: bool, force: bool, tensorboard: bool, threads: int | None, device_spec: str) -> TrainResult:
+    """train(), its progress shown by rank 0, stopped after an update by the first Ctrl-C or
+    SIGTERM: then rank 0 says how to continue, and every rank exits with the signal's code."""
+    main = group is None or group.is_main
+    stop = StopRequest()
+    with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
+            stop_on_signals(stop, progress.console if main else None, group is not None):
+        reporter = TrainReporter(progress, policy, bound_unit(dataset.meta.modality)) if main else None
+        try:
+            return train(run_dir, run_config, dataset, device, reporter, resume=resume, force=force, stop=stop,
+                         latest_link=RUNS_ROOT, tensorboard=tensorboard, group=group)
+        except TrainingStopped as stopped:
+            if main:
+                progress.stop()
+                command = continue_command(run_dir, runtime_options(device_spec, threads, tensorboard), group)
+                stderr.print(escape(f"{stopped.message}\nTo continue: {command}"), soft_wrap=True)
+            if group is not None:
+                group.barrier()  # rank 0 has said so before any rank ends
+            raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
 
 
 def rank_dataset(run_config: RunConfig, group: Group) -> PreparedDataset:
@@ -180,10 +373,18 @@ def runtime_options(device: str, threads: int | None, tensorboard: bool) -> list
             + (["--tensorboard"] if tensorboard else []))
 
 
-def with_lengths(run_config: RunConfig, train_size: int, epochs: int | None, max_steps: int | None):
+def with_lengths(run_config: RunConfig, train_size: int, epochs: int | None, max_steps: int | None,
+                 checkpoint_every: int | None, checkpoint_minutes: float | None) -> RunConfig:
+    """The run's config with its batch fitted to the training split, and its length and
+    checkpoints as the options give them."""
+    config = run_length(fitted_batch(run_config.train, train_size), train_size, epochs, max_steps)
+    config = replace(config, **given(checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes))
+    return replace(run_config, train=config)
+
+
+def run_length(config: TrainConfig, train_size: int, epochs: int | None, max_steps: int | None) -> TrainConfig:
     """The run's length: --epochs lifts the update limit; --max-steps takes as many epochs as it
     needs. Both together: the shorter wins, and the note says so."""
-    config = run_config.train
     batches = math.ceil(train_size / config.batch_size)
     if epochs is not None and max_steps is None:
         return replace(config, epochs=epochs, max_steps=None)
@@ -194,7 +395,7 @@ def with_lengths(run_config: RunConfig, train_size: int, epochs: int | None, max
     return replace(config, **given(epochs=epochs, max_steps=max_steps))
 
 
-def fitted_batch(config, train_size: int):
+def fitted_batch(config: TrainConfig, train_size: int) -> TrainConfig:
     """A batch larger than the training split takes the whole split: the run records the batch
     it takes, not the one asked for."""
     if config.batch_size <= train_size:
@@ -217,7 +418,10 @@ def resumed_run(out: Path | None, data: str | None, settings: dict) -> tuple[Pat
                 f"{option} {value} differs from the run's {recorded[name]}; a resumed run keeps its configuration.",
                 f"Drop {option} to continue the run, or start a new run with --out NEW.",
             )
-    return run_dir, run_config, resumed_dataset(run_config, data)
+    dataset = open_run_dataset(run_config.data, data)
+    if data is not None:  # the same data, perhaps in a new place: the run records where
+        run_config = replace(run_config, data={**run_config.data, "location": dataset.location})
+    return run_dir, run_config, dataset
 
 
 def recorded_settings(run_config: RunConfig) -> dict:
@@ -232,8 +436,10 @@ def recorded_settings(run_config: RunConfig) -> dict:
     }
 
 
-def resumed_dataset(run_config: RunConfig, data: str | None) -> PreparedDataset:
-    recorded = run_config.data["location"]
+def open_run_dataset(recorded_data: dict, data: str | None) -> PreparedDataset:
+    """The dataset a run recorded (data_description), opened where it was, or at `data` (--data)
+    when that holds the same data."""
+    recorded = recorded_data["location"]
     if data is None:
         try:
             return open_dataset(recorded)
@@ -242,26 +448,26 @@ def resumed_dataset(run_config: RunConfig, data: str | None) -> PreparedDataset:
     dataset = open_dataset(data)
     if dataset.location == recorded:
         return dataset
-    differences = dataset_differences(run_config.data, dataset)
+    differences = dataset_differences(recorded_data, dataset)
     if differences:
         raise DataError(
             f"{data} is not the dataset the run was trained on ({'; '.join(differences)}).",
             f"Pass the run's dataset (it was at {recorded}), or start a new run with --out NEW.",
         )
     stderr.print(escape(f"The run's dataset now lies at {dataset.location} (it was at {recorded})."), soft_wrap=True)
-    run_config.data = {**run_config.data, "location": dataset.location}
     return dataset
 
 
 def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
     """A new run: the preset's sizes for the dataset, with the options given on top."""
     dataset = open_dataset(data or EMBEDDED)
-    preset = settings.pop("preset") or "small"
+    preset = settings["preset"] or "small"
     model_config, train_config = preset_configs(preset, dataset.meta)
-    model_config = apply_model_options(model_config, settings.pop("aux_condition"), settings.pop("dropout"))
+    model_config = apply_model_options(model_config, settings["aux_condition"], settings["dropout"])
     if settings["aux_weight"] is not None and settings["aux_start"] is None:
         train_config = replace(train_config, aux_start=None)  # --aux-weight alone: a constant α (the paper's form)
-    train_config = replace(train_config, **given(**settings))
+    training_options = {name: value for name, value in settings.items() if name not in NOT_TRAINING_SETTINGS}
+    train_config = replace(train_config, **given(**training_options))
     return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset), preset), dataset
 
 
@@ -337,18 +543,16 @@ class TrainReporter:
             handler(event)
 
     def on_stale_lock(self, event: TrainEvent) -> None:
-        owner = event.metrics
-        self.say(f"Took over the run's lock from process {owner.get('pid', '?')} on {owner.get('host', '?')}, which is no longer running.")
+        self.say(event.message)
 
     def on_resume(self, event: TrainEvent) -> None:
-        checkpoint = event.metrics["checkpoint"]
-        if checkpoint is None:
+        if event.path is None:
             self.say("The run has no training checkpoint yet: starting it again from step 0 with its saved configuration.")
         else:
-            self.say(f"Resuming from {checkpoint} (step {event.step:,} of {event.total_steps:,}).")
+            self.say(f"Resuming from {event.path} (step {event.step:,} of {event.total_steps:,}).")
 
     def on_warning(self, event: TrainEvent) -> None:
-        self.progress.console.print(f"[yellow]Warning:[/] {escape(event.metrics['message'])}", soft_wrap=True)
+        self.progress.console.print(f"[yellow]Warning:[/] {escape(event.message)}", soft_wrap=True)
 
     def on_start(self, event: TrainEvent) -> None:
         self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")

@@ -1,4 +1,4 @@
-"""Host memory while training on a Blizzard-sized dataset: `zforcing bench --memory`.
+"""Host memory while training on a Blizzard-sized dataset: `zforcing bench --memory` (run_memory).
 
 A prepared audio dataset of `hours` of 16 kHz int16 audio (300 h by default, the Blizzard 2013
 audiobooks the paper trained on: 34.6 GB of samples) is written as a sparse file: only the .npy
@@ -26,23 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .bench import (
-    AUDIO_PRESETS,
-    Progress,
-    bench_configs,
-    check_preset,
-    machine_description,
-    peak_rss_bytes,
-    process_memory,
-    update,
-    write_synthetic_audio,
-)
-from .data.audio import Framing
-from .device import resolve_device
-from .errors import UsageError, ZForcingError
-from .model import ZForcing
-from .train import make_optimizer, step_generator
+from ..data.audio import Framing
+from ..device import resolve_device
+from ..errors import UsageError, ZForcingError
+from ..model import ZForcing, ZForcingConfig
+from ..runconfig import TrainConfig
+from ..update import make_optimizer, step_generator
+from ..version import __version__
+from .measure import Progress, machine_description, peak_rss_bytes, process_memory
+from .synthetic import write_synthetic_audio
+from .workload import AUDIO_PRESETS, bench_configs, check_preset, update
 
 DEFAULT_HOURS = 300.0
 DEFAULT_BATCHES = 1000
@@ -120,12 +113,7 @@ def run_memory(preset: str = "blizzard", size: str | None = None, device_spec: s
                progress: Progress | None = None) -> dict:
     """The memory benchmark (see the module's docstring); a record of numbers. size defaults to
     small: the model is there to train, the dataset is what is measured."""
-    if preset not in AUDIO_PRESETS:
-        raise UsageError(f"The memory benchmark measures an audio dataset; --preset {preset} is not one.",
-                         f"Use --preset {' or '.join(AUDIO_PRESETS)}.")
-    size = check_preset(preset, size or "small")
-    if not (math.isfinite(hours) and hours > 0):
-        raise UsageError(f"--hours must be a positive number, not {hours}.", "For example --hours 300 (Blizzard's size).")
+    size = memory_size(preset, size, hours)
     device = resolve_device(device_spec)
     framing = Framing()
     sequences = framing.stream_sequences(round(hours * 3600 * framing.sample_rate))
@@ -147,29 +135,7 @@ def run_memory(preset: str = "blizzard", size: str | None = None, device_spec: s
         if len(split) < train_config.batch_size:
             raise UsageError(f"--hours {hours:g} holds {len(split)} sequences, fewer than a batch of {train_config.batch_size}.",
                              "Ask for more --hours.")
-        torch.manual_seed(0)
-        model = ZForcing(model_config).to(device)
-        optimizer = make_optimizer(model, train_config, fused=device.type == "cuda")
-        model.train(True)
-        rng, steps = np.random.default_rng(0), itertools.count()
-
-        def fetch():
-            return split.batch(rng.integers(0, len(split), train_config.batch_size)).to(device)
-
-        def train(batch) -> None:
-            update(model, optimizer, batch, train_config, step_generator(0, next(steps), device))
-
-        train(fetch())  # the optimizer's state and an update's buffers belong to the start
-        every = max(1, math.ceil(batches / READINGS))
-        began = time.perf_counter()
-        readings = [{"batches": 0, "seconds": 0.0, **read_memory()}]
-        for done in range(1, batches + 1):
-            batch = fetch()
-            if done % every == 0 or done == batches:
-                train(batch)
-                readings.append({"batches": done, "seconds": time.perf_counter() - began, **read_memory()})
-                say(f"{done:,} of {batches:,} batches: RssAnon {readings[-1]['rss_anon_bytes'] / 1e6:,.0f} MB, "
-                    f"RssFile {readings[-1]['rss_file_bytes'] / 1e6:,.0f} MB")
+        readings, every, updates = readings_while_training(split, model_config, train_config, device, batches, say)
         dataset_bytes, dataset_allocated = samples_file.stat().st_size, allocated_bytes(samples_file)
     return memory_record(readings, {
         "zforcing": __version__,
@@ -185,9 +151,52 @@ def run_memory(preset: str = "blizzard", size: str | None = None, device_spec: s
         "batch_size": train_config.batch_size,
         "batches": batches,
         "batches_per_reading": every,
-        "updates": next(steps),
+        "updates": updates,
         "bytes_read": batches * train_config.batch_size * framing.sequence_samples * 2,
     })
+
+
+def memory_size(preset: str, size: str | None, hours: float) -> str:
+    """The size to measure (small by default); UsageError for a preset that is not audio, an
+    unknown size or hours that are not a positive number."""
+    if preset not in AUDIO_PRESETS:
+        raise UsageError(f"The memory benchmark measures an audio dataset; --preset {preset} is not one.",
+                         f"Use --preset {' or '.join(AUDIO_PRESETS)}.")
+    size = check_preset(preset, size or "small")
+    if not (math.isfinite(hours) and hours > 0):
+        raise UsageError(f"--hours must be a positive number, not {hours}.", "For example --hours 300 (Blizzard's size).")
+    return size
+
+
+def readings_while_training(split, model_config: ZForcingConfig, train_config: TrainConfig, device: torch.device,
+                            batches: int, say: Progress) -> tuple[list[dict], int, int]:
+    """Fetch `batches` random batches from split, training the model on every K-th one. The
+    memory is read at the start (after a warm-up update) and after every K batches. Returns the
+    readings, K and the updates taken."""
+    torch.manual_seed(0)
+    model = ZForcing(model_config).to(device)
+    optimizer = make_optimizer(model, train_config, fused=device.type == "cuda")
+    model.train(True)
+    rng, steps = np.random.default_rng(0), itertools.count()
+
+    def fetch():
+        return split.batch(rng.integers(0, len(split), train_config.batch_size)).to(device)
+
+    def train(batch) -> None:
+        update(model, optimizer, batch, train_config, step_generator(0, next(steps), device))
+
+    train(fetch())  # the optimizer's state and an update's buffers belong to the start
+    every = max(1, math.ceil(batches / READINGS))
+    began = time.perf_counter()
+    readings = [{"batches": 0, "seconds": 0.0, **read_memory()}]
+    for done in range(1, batches + 1):
+        batch = fetch()
+        if done % every == 0 or done == batches:
+            train(batch)
+            readings.append({"batches": done, "seconds": time.perf_counter() - began, **read_memory()})
+            say(f"{done:,} of {batches:,} batches: RssAnon {readings[-1]['rss_anon_bytes'] / 1e6:,.0f} MB, "
+                f"RssFile {readings[-1]['rss_file_bytes'] / 1e6:,.0f} MB")
+    return readings, every, next(steps)
 
 
 def memory_record(readings: list[dict], record: dict) -> dict:
