@@ -36,7 +36,7 @@ from zforcing_cli.data import open_dataset  # noqa: E402
 from zforcing_cli.diagnostics import diagnose_split  # noqa: E402
 from zforcing_cli.model import ZForcing, gaussian_kl  # noqa: E402
 from zforcing_cli.schedule import annealed_aux_weight  # noqa: E402
-from zforcing_cli.train import RunConfig  # noqa: E402
+from zforcing_cli.runconfig import RunConfig  # noqa: E402
 
 RIDGE = 1e-3  # relative to the (standardised) predictors' variance
 

@@ -36,7 +36,7 @@ from .distributed import Group, from_main, rank_seed
 from .errors import TrainingError
 from .evaluate import bound_unit, evaluate_split
 from .model import ZForcing, count_parameters
-from .runconfig import RunConfig, TrainConfig, TrainerState, data_description, dataset_differences, planned_updates
+from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
 from .schedule import annealed_aux_weight, annealed_kl_weight
 from .tensorboard import require_tensorboard
@@ -478,7 +478,4 @@ def train(
         trainer.close()
 
 
-__all__ = [
-    "RunConfig", "TrainConfig", "TrainEvent", "TrainResult", "Trainer", "StopRequest", "TrainingStopped",
-    "train", "data_description", "dataset_differences", "planned_updates",
-]
+__all__ = ["TrainEvent", "TrainResult", "Trainer", "StopRequest", "TrainingStopped", "train"]
