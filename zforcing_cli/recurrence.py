@@ -255,12 +255,21 @@ def backpropagate(
     return d_gates.transpose(0, 1), d_hidden.transpose(0, 1), d_noise, d_from_h_weight, d_z_weight, d_out_weight, d_out_bias
 
 
+def loops_for(reference: Tensor, *weights: Tensor) -> tuple:
+    """(forward loop, backward loop): fused_cpu.py's compiled pair where it suits the call and
+    builds (a CPU at small widths), else rollout and backpropagate above."""
+    from . import fused_cpu  # it imports this module
+
+    return fused_cpu.loops(reference, *weights) or (rollout, backpropagate)
+
+
 class PosteriorRecurrence(torch.autograd.Function):
     """h_0..h_T, z_1..z_T, q's mean and log-variance, and c_T, with a hand-written backward."""
 
     @staticmethod
     def forward(ctx, input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias, clamp):  # type: ignore[override]
-        buffers = run_loop(rollout, (input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias), clamp)
+        forward_loop, ctx.backward_loop = loops_for(input_gates, from_h_weight, z_weight, out_weight)
+        buffers = run_loop(forward_loop, (input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias), clamp)
         states, cells, stats, zs = buffers[0], buffers[1], buffers[6], buffers[7]
         latent = zs.shape[-1]
         ctx.clamp = clamp
@@ -270,7 +279,7 @@ class PosteriorRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        d_input_gates, d_post_in, d_noise, *d_weights = run_loop(backpropagate, (*ctx.saved_tensors, *grads), ctx.clamp)
+        d_input_gates, d_post_in, d_noise, *d_weights = run_loop(ctx.backward_loop, (*ctx.saved_tensors, *grads), ctx.clamp)
         return (d_input_gates, d_post_in, d_noise if ctx.needs_input_grad[2] else None, *d_weights, None)
 
 
