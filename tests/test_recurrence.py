@@ -1,4 +1,4 @@
-"""The hand-written backpropagation through time (recurrence.py) against autograd.
+"""The hand-written backpropagation through time (recurrence.py's Python loops) against autograd.
 
 `ZForcing.autograd_rollout` runs the same loop in plain autograd operations: the reference. The
 fused recurrence must give the same values and the same gradient for every parameter, for the
@@ -16,6 +16,14 @@ from zforcing_cli import recurrence
 from zforcing_cli.recurrence import PosteriorRecurrence, StepProduct, onednn_ready, posterior_recurrence
 
 INPUT_SIZES = {"binary": 2, "tokens": 9, "frames": 4}
+
+
+@pytest.fixture(autouse=True)
+def python_loops(monkeypatch):
+    """This file holds recurrence.py's Python loops to the reference (a GPU runs them); the
+    compiled CPU loops, which the model takes by default where they build, have their own
+    tests in test_fused_cpu.py (which runs these with them)."""
+    monkeypatch.setenv("ZFORCING_COMPILED_LOOPS", "0")
 
 
 def make_model(modality: str, dtype=torch.float64, scale: float | None = 0.6, **sizes) -> ZForcing:
