@@ -257,10 +257,11 @@ def backpropagate(
 
 def loops_for(reference: Tensor, *weights: Tensor) -> tuple:
     """(forward loop, backward loop): fused_cpu.py's compiled pair where it suits the call and
-    builds (a CPU at small widths), else rollout and backpropagate above."""
-    from . import fused_cpu  # it imports this module
+    builds (a CPU at small widths), fused_gpu.py's Triton kernels where asked for (a GPU), else
+    rollout and backpropagate above."""
+    from . import fused_cpu, fused_gpu  # they import this module
 
-    return fused_cpu.loops(reference, *weights) or (rollout, backpropagate)
+    return fused_cpu.loops(reference, *weights) or fused_gpu.loops(reference, *weights) or (rollout, backpropagate)
 
 
 class PosteriorRecurrence(torch.autograd.Function):
