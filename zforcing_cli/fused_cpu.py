@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -161,7 +161,8 @@ def _load() -> str | None:
                 build(cxx, output)
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 reason = f"could not build {SOURCE.name}: {error}"
-                failed.write_text(reason)
+                with suppress(OSError):  # a cache that cannot be written: every process tries again
+                    failed.write_text(reason)
                 warnings.warn(f"{reason}. The recurrence runs its Python loops (slower on a CPU at small widths); "
                               f"{SWITCH}=0 skips the build.", RuntimeWarning, stacklevel=3)
                 return reason
@@ -198,20 +199,6 @@ def loops(reference: Tensor, *weights: Tensor) -> tuple | None:
     if not suits(reference, *weights) or load() is not None:
         return None
     return rollout, backpropagate
-
-
-@contextmanager
-def switched(on: bool):
-    """The compiled loops on or off inside the block (ZFORCING_COMPILED_LOOPS)."""
-    before = os.environ.get(SWITCH)
-    os.environ[SWITCH] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[SWITCH]
-        else:
-            os.environ[SWITCH] = before
 
 
 def main() -> int:
