@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -36,6 +37,17 @@ inline T hidden_slope(T output, T leak, T clip) {
   if (output <= -clip || output >= clip) return T(0);
   return output > T(0) ? T(1) : leak;
 }
+
+// torch's intra-op thread count set for a scope, and restored at its end however it ends.
+struct ThreadCount {
+  int before;
+  explicit ThreadCount(int64_t threads) : before(at::get_num_threads()) {
+    if (threads > 0 && threads != before) at::set_num_threads(static_cast<int>(threads));
+  }
+  ~ThreadCount() {
+    if (at::get_num_threads() != before) at::set_num_threads(before);
+  }
+};
 
 struct Sizes {
   int64_t batch, steps, size, gates, mlp, latent, from_h;
@@ -319,7 +331,7 @@ std::vector<Tensor> backpropagate(const Tensor& states, const Tensor& cells_, co
                                   const Tensor& from_h_weight_, const Tensor& z_weight_, const Tensor& out_weight_,
                                   const Tensor& d_states_, const Tensor& d_z_, const Tensor& d_mean_,
                                   const Tensor& d_logvar_, const Tensor& d_cell_last_, double clamp, double leak,
-                                  double clip) {
+                                  double clip, int64_t loop_threads) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   Tensor cells = cells_.contiguous(), activations = activations_.contiguous(), tanh_cells = tanh_cells_.contiguous();
   Tensor hidden = hidden_.contiguous(), raw_stats = raw_stats_.contiguous(), noise = noise_.contiguous();
@@ -341,7 +353,10 @@ std::vector<Tensor> backpropagate(const Tensor& states, const Tensor& cells_, co
   Tensor d_from_h = at::empty({TT, B, F}, options);  // [d gates, d a_t] per step
   Tensor d_stats = at::empty({TT, B, 2 * Z}, options);
   Tensor d_noise = at::empty({B, TT, Z}, options);
+  // The loop on loop_threads threads (one at small widths: see recurrence.step_threads); the
+  // products after it on all of torch's.
   AT_DISPATCH_FLOATING_TYPES(activations.scalar_type(), "zforcing_fused_cpu.backpropagate", [&] {
+    ThreadCount threads(loop_threads);
     backward_loop<scalar_t>(s, cells.data_ptr<scalar_t>(), activations.data_ptr<scalar_t>(), tanh_cells.data_ptr<scalar_t>(),
                             hidden.data_ptr<scalar_t>(), raw_stats.data_ptr<scalar_t>(), noise.data_ptr<scalar_t>(),
                             stds.data_ptr<scalar_t>(), from_h_weight, z_weight, out_weight, d_states.data_ptr<scalar_t>(),
@@ -369,6 +384,6 @@ TORCH_LIBRARY(zforcing_fused_cpu, m) {
   m.def("backpropagate(Tensor states, Tensor cells, Tensor activations, Tensor tanh_cells, Tensor hidden, "
         "Tensor raw_stats, Tensor stats, Tensor zs, Tensor noise, Tensor from_h_weight, Tensor z_weight, "
         "Tensor out_weight, Tensor d_states, Tensor d_z, Tensor d_mean, Tensor d_logvar, Tensor d_cell_last, "
-        "float clamp, float leak, float clip) -> Tensor[]",
+        "float clamp, float leak, float clip, int loop_threads) -> Tensor[]",
         &backpropagate);
 }

@@ -188,10 +188,13 @@ def rollout(input_gates: Tensor, post_in: Tensor, noise: Tensor, from_h_weight: 
 
 
 def backpropagate(*arguments) -> tuple[Tensor, ...]:
-    """recurrence.backpropagate, compiled: the same 18 arguments and the same gradients."""
+    """recurrence.backpropagate, compiled: the same 18 arguments and the same gradients. Its
+    loop runs on the threads recurrence.step_threads gives a loop (one at small widths), the
+    weight gradients' products after it on all of torch's, as in the Python version."""
     *tensors, clamp = arguments
     with step_threads(tensors[9], tensors[0].shape[1]):  # from_h_weight; the batch
-        return tuple(getattr(torch.ops, NAMESPACE).backpropagate(*tensors, clamp, LEAK, CLIP))
+        loop_threads = torch.get_num_threads()
+    return tuple(getattr(torch.ops, NAMESPACE).backpropagate(*tensors, clamp, LEAK, CLIP, loop_threads))
 
 
 def loops(reference: Tensor, *weights: Tensor) -> tuple | None:
