@@ -5,7 +5,8 @@ CUDA-graph capture refuses; this script runs those paths for real, on one GPU, i
 
 - the CUDA tests (the recurrence's CUDA graphs, training at every precision, resume, no wait
   for the GPU per update);
-- `zforcing bench --device cuda` for each preset;
+- `zforcing bench --device cuda` for each preset, and MNIST's small one again with the
+  recurrence's loops as Triton kernels (ZFORCING_TRITON_LOOPS=1);
 - a short training for each data kind (images, speech, text) at each precision (fp32, tf32,
   bf16, fp16), each followed by `evaluate` and `sample`;
 - a one-process `torchrun` training (DistributedDataParallel over NCCL).
@@ -107,6 +108,16 @@ def bench(preset: str, size: str, device: str) -> str:
     figures = json.loads(stdout)
     fused, pair = figures["update_ms_fused"], figures["update_ms_fused_lstm_pair"]
     return f"fused {fused:.1f} ms, fused LSTM pair {pair:.1f} ms: {fused / pair:.2f}×"
+
+
+def bench_triton(device: str) -> str:
+    """MNIST's small update with the recurrence's loops as Triton kernels (fused_gpu.py), against
+    the same pair: what `bench mnist (small)` gives with the CUDA-graph loops."""
+    os.environ["ZFORCING_TRITON_LOOPS"] = "1"
+    try:
+        return bench("mnist", "small", device)
+    finally:
+        del os.environ["ZFORCING_TRITON_LOOPS"]
 
 
 def write_speech(folder: Path, files: int = 20, seconds: float = 3.0, rate: int = 16000) -> None:
@@ -211,6 +222,8 @@ def planned_checks(device: str, work: Path) -> list[tuple[str, Callable[[], str]
     precisions = GPU_PRECISIONS if device == "cuda" else CPU_PRECISIONS
     checks: list[tuple[str, Callable[[], str]]] = [("cuda tests", lambda: cuda_tests(device))]
     checks += [(f"bench {preset} ({size})", lambda p=preset, s=size: bench(p, s, device)) for preset, size in BENCH_PRESETS]
+    if device == "cuda":
+        checks.append(("bench mnist (small, triton)", lambda: bench_triton(device)))
     checks += [(f"prepare {kind}", lambda k=kind: prepare(k, work)) for kind in ("speech", "text")]
     for kind in KINDS:
         for precision in precisions:

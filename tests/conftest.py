@@ -191,6 +191,16 @@ def cwd(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_loops_built():
+    """The recurrence's compiled loops (fused_cpu.py) built before the first test, once per
+    cache, so that no test, and no subprocess a test starts, waits for the compiler. Where they
+    cannot be built, the loops run in Python and the tests of fused_cpu.py say why."""
+    from zforcing_cli import fused_cpu
+
+    fused_cpu.load()
+
+
 @pytest.fixture(autouse=True)
 def _no_debug_env(monkeypatch):
     """Tests see the user's view of errors unless they ask for ZFORCING_DEBUG themselves."""

@@ -100,7 +100,8 @@ def tiny_batch(modality: str, batch: int = 3, steps: int = 7):
 @pytest.fixture
 def guarded_loops(monkeypatch) -> list[str]:
     """Every run of a loop (what LoopGraph captures on a GPU) under the guard; the names of the
-    loops that ran."""
+    loops that ran. The Python loops, as on a GPU: the compiled CPU loops are one operator each."""
+    monkeypatch.setenv("ZFORCING_COMPILED_LOOPS", "0")
     ran = []
     run_loop = recurrence.run_loop
 

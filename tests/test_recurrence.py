@@ -1,4 +1,4 @@
-"""The hand-written backpropagation through time (recurrence.py) against autograd.
+"""The hand-written backpropagation through time (recurrence.py's Python loops) against autograd.
 
 `ZForcing.autograd_rollout` runs the same loop in plain autograd operations: the reference. The
 fused recurrence must give the same values and the same gradient for every parameter, for the
@@ -12,10 +12,18 @@ import torch
 
 from zforcing_cli.device import tensor_float32
 from zforcing_cli.model import ZForcing, ZForcingConfig
-from zforcing_cli import recurrence
+from zforcing_cli import recurrence, steps
 from zforcing_cli.recurrence import PosteriorRecurrence, StepProduct, onednn_ready, posterior_recurrence
 
 INPUT_SIZES = {"binary": 2, "tokens": 9, "frames": 4}
+
+
+@pytest.fixture(autouse=True)
+def python_loops(monkeypatch):
+    """This file holds recurrence.py's Python loops to the reference (a GPU runs them); the
+    compiled CPU loops, which the model takes by default where they build, have their own
+    tests in test_fused_cpu.py (which runs these with them)."""
+    monkeypatch.setenv("ZFORCING_COMPILED_LOOPS", "0")
 
 
 def make_model(modality: str, dtype=torch.float64, scale: float | None = 0.6, **sizes) -> ZForcing:
@@ -142,7 +150,7 @@ def test_small_steps_loop_on_one_thread_large_ones_share_the_threads(two_threads
     recurrence.rollout(recurrence.RolloutInputs(*inputs), 1.2)
     assert set(seen) == {1} and torch.get_num_threads() == 2
     seen.clear()
-    monkeypatch.setattr(recurrence, "SERIAL_MAX_WORK", 0)  # every step counts as large
+    monkeypatch.setattr(steps, "SERIAL_MAX_WORK", 0)  # every step counts as large
     recurrence.rollout(recurrence.RolloutInputs(*inputs), 1.2)
     assert set(seen) == {2}
 

@@ -24,20 +24,15 @@ state is accumulated at full precision (on a GPU the products may still use TF32
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# On CPU, oneDNN multiplies a batch of rows by a weight it has reordered once faster
-# than MKL's general product (measured on a 2-core AMD EPYC with 32 rows of 1024 by 4608), but
-# it costs more per call: below about this many weight elements the plain product wins.
-ONEDNN_MIN_WEIGHT = 1 << 18
+from . import fused_cpu, fused_gpu
+from .steps import CLIP, LEAK, onednn_ready, step_threads
 
-LEAK = 1.0 / 3.0  # slope of the clipped leaky ReLU below zero
-CLIP = 3.0  # its output range
 
 
 def clipped_leaky_relu(x: Tensor) -> Tensor:
@@ -70,10 +65,6 @@ class ClippedLeakyReLU(torch.autograd.Function):
         return clipped_leaky_relu_backward(grad, output)
 
 
-def onednn_ready(weight: Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 class StepProduct:
@@ -97,26 +88,6 @@ class StepProduct:
 
     def onednn(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-SERIAL_MAX_WORK = 1 << 21  # see step_threads
-
-
-@contextmanager
-def step_threads(from_h_weight: Tensor, rows: int):
-    """One CPU thread for a loop whose per-step product by from_h_weight has fewer than
-    SERIAL_MAX_WORK multiply-adds. Such a step is a dozen operations on tensors too small to
-    share between threads: a second thread only adds a barrier to every product, where it waits
-    (on a busy or virtual machine, for as long as its core is taken away)."""
-    threads = torch.get_num_threads()
-    serial = from_h_weight.device.type == "cpu" and rows * from_h_weight.numel() < SERIAL_MAX_WORK and threads > 1
-    if serial:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if serial:
-            torch.set_num_threads(threads)
 
 
 def per_step(*buffers: Tensor) -> zip:
@@ -295,13 +266,21 @@ def backpropagate(inputs: BackwardInputs, clamp: float) -> tuple[Tensor, ...]:
     return d_gates.transpose(0, 1), d_hidden.transpose(0, 1), d_noise, d_from_h_weight, d_z_weight, d_out_weight, d_out_bias
 
 
+def loops_for(reference: Tensor, *weights: Tensor) -> tuple:
+    """(forward loop, backward loop): fused_cpu.py's compiled pair where it suits the call and
+    builds (a CPU at small widths), fused_gpu.py's Triton kernels where asked for (a GPU), else
+    rollout and backpropagate above."""
+    return fused_cpu.loops(reference, *weights) or fused_gpu.loops(reference, *weights) or (rollout, backpropagate)
+
+
 class PosteriorRecurrence(torch.autograd.Function):
     """h_0..h_T, z_1..z_T, q's mean and log-variance, and c_T, with a hand-written backward."""
 
     @staticmethod
     def forward(ctx, input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias, clamp):  # type: ignore[override]
         inputs = RolloutInputs(input_gates, post_in, noise, from_h_weight, z_weight, out_weight, out_bias)
-        buffers = Rollout(*run_loop(rollout, inputs, clamp))
+        forward_loop, ctx.backward_loop = loops_for(input_gates, from_h_weight, z_weight, out_weight)
+        buffers = Rollout(*run_loop(forward_loop, inputs, clamp))
         latent = buffers.zs.shape[-1]
         ctx.clamp = clamp
         ctx.save_for_backward(*buffers, *(getattr(inputs, name) for name in SAVED_INPUTS))  # BackwardInputs' order
@@ -311,7 +290,7 @@ class PosteriorRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        d_input_gates, d_post_in, d_noise, *d_weights = run_loop(backpropagate, BackwardInputs(*ctx.saved_tensors, *grads),
+        d_input_gates, d_post_in, d_noise, *d_weights = run_loop(ctx.backward_loop, BackwardInputs(*ctx.saved_tensors, *grads),
                                                                  ctx.clamp)
         return (d_input_gates, d_post_in, d_noise if ctx.needs_input_grad[2] else None, *d_weights, None)
 

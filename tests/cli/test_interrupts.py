@@ -348,10 +348,11 @@ def test_kill_before_the_first_checkpoint_starts_again_from_step_0(reference, la
 def test_checkpoint_minutes_writes_a_checkpoint_after_each_slow_update(tiny_data, tmp_path, child_env, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs/latest lands here
     run_dir = tmp_path / "run"
-    args = ["train", *base_options(tiny_data), "--checkpoint-minutes", "0.001", "--out", str(run_dir)]
+    args = ["train", *base_options(tiny_data), "--checkpoint-minutes", "0.000001", "--out", str(run_dir)]
     result = CliRunner().invoke(app, args, env={"ZFORCING_ACTIVE_DIR": child_env["ZFORCING_ACTIVE_DIR"]})
     assert result.exit_code == 0, plain(result.output)
-    # 0.06 s is shorter than any update, so every update wrote one; the newest two are kept.
+    # 60 µs is shorter than any update (with the compiled loops a tiny one takes a few tens of
+    # milliseconds), so every update wrote one; the newest two are kept.
     kept = step_checkpoints(run_dir)
     assert [path.name for path in kept] == [f"step-{STEPS - 1:08d}", f"step-{STEPS:08d}"]
     for checkpoint in kept:
