@@ -191,7 +191,7 @@ def test_without_a_compiler_the_recurrence_runs_its_python_loops(fresh_build, mo
     inputs = [x.clone().requires_grad_() for x in forward]
     states = posterior_recurrence(*inputs, clamp=CLAMP)[0]
     states.sum().backward()
-    assert torch.equal(states.detach().transpose(0, 1), PYTHON_LOOPS[0](*forward, CLAMP)[0])
+    assert torch.equal(states.detach().transpose(0, 1), PYTHON_LOOPS[0](RolloutInputs(*forward), CLAMP)[0])
     assert all(x.grad is not None for x in inputs)
 
 

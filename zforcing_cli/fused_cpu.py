@@ -18,7 +18,7 @@ loaded, runs the Python loops: the same results to rounding.
 
 ZFORCING_COMPILED_LOOPS=0 turns it off; ZFORCING_CACHE_DIR moves the cache (default
 $XDG_CACHE_HOME/zforcing or ~/.cache/zforcing); CXX names the compiler. `python -m
-zforcing_cli.fused_cpu` builds it and says where it is, or why not.
+zforcing_cli.build_loops` builds it and says where it is, or why not.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def loops(reference: Tensor, *weights: Tensor) -> tuple | None:
 
 
 def main() -> int:
-    """`python -m zforcing_cli.fused_cpu`: build the compiled loops now and say where they are."""
+    """`python -m zforcing_cli.build_loops`: build the compiled loops now and say where they are."""
     if not enabled():
         print(f"off: {SWITCH} is {os.environ[SWITCH]!r}")
         return 0
@@ -215,6 +215,3 @@ def main() -> int:
     print(f"ready: {library_path(compiler())}")  # type: ignore[arg-type]
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,10 @@
+"""`python -m zforcing_cli.build_loops`: build the compiled CPU loops of fused_cpu.py now, and
+say where they are or why they cannot be. (Its own module because the package imports
+fused_cpu: run as `-m`, fused_cpu would be loaded a second time.)"""
+
+import sys
+
+from .fused_cpu import main
+
+if __name__ == "__main__":
+    sys.exit(main())
