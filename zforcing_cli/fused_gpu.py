@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .steps import CLIP, LEAK
+from .steps import CLIP, LEAK, weight_gradients
 
 tl = None  # triton.language (an optional dependency), imported when the kernels are first made
 
@@ -319,15 +319,8 @@ def triton_backpropagate(inputs: tuple[Tensor, ...], clamp: float) -> tuple[Tens
     _, backward = kernels()
     backward[(triton_cdiv(batch, ROWS),)](*tensors, d_from_h, d_stats, d_noise, batch, steps, scalar_args(states, clamp),
                                           **launch_sizes(batch, size, mlp, latent, states.dtype))
-    # Each weight gradient: one product over all B·T rows (as recurrence.backpropagate).
-    rows = steps * batch
-    d_from_h_rows, d_stats_rows = d_from_h.view(rows, -1), d_stats.view(rows, -1)
-    d_from_h_weight = d_from_h_rows.t() @ states[:-1].reshape(rows, size)
-    d_z_weight = d_from_h_rows[:, :gate_size].t() @ zs.reshape(rows, latent)
-    d_out_weight = d_stats_rows.t() @ hidden.reshape(rows, -1)
-    d_out_bias = d_stats_rows.sum(0)
     d_gates, d_hidden = d_from_h[..., :gate_size], d_from_h[..., gate_size:]
-    return d_gates.transpose(0, 1), d_hidden.transpose(0, 1), d_noise, d_from_h_weight, d_z_weight, d_out_weight, d_out_bias
+    return d_gates.transpose(0, 1), d_hidden.transpose(0, 1), d_noise, *weight_gradients(d_from_h, d_stats, states, zs, hidden)
 
 
 def triton_cdiv(a: int, b: int) -> int:

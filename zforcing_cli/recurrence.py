@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused_cpu, fused_gpu
-from .steps import CLIP, LEAK, onednn_ready, step_threads
+from .steps import CLIP, LEAK, onednn_ready, step_threads, weight_gradients
 
 
 
@@ -255,15 +255,8 @@ def backpropagate(inputs: BackwardInputs, clamp: float) -> tuple[Tensor, ...]:
             torch.mul(out_product(d_s, out=from_stats), h_slope, out=d_hid)
             from_h_product.plus(dh_before, d_fh, out=dh)  # dL/dh_{t-1}: the loss's own plus through W_fh
 
-    # Each weight gradient: one product over all B·T rows.
-    rows = steps * batch
-    d_from_h_rows, d_stats_rows = d_from_h.view(rows, -1), d_stats.view(rows, -1)
-    d_from_h_weight = d_from_h_rows.t() @ states[:-1].reshape(rows, size)
-    d_z_weight = d_from_h_rows[:, :gate_size].t() @ zs.view(rows, latent)
-    d_out_weight = d_stats_rows.t() @ hidden.view(rows, -1)
-    d_out_bias = d_stats_rows.sum(0)
     d_noise = (dz_all * std).transpose(0, 1)
-    return d_gates.transpose(0, 1), d_hidden.transpose(0, 1), d_noise, d_from_h_weight, d_z_weight, d_out_weight, d_out_bias
+    return d_gates.transpose(0, 1), d_hidden.transpose(0, 1), d_noise, *weight_gradients(d_from_h, d_stats, states, zs, hidden)
 
 
 def loops_for(reference: Tensor, *weights: Tensor) -> tuple:

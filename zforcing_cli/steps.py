@@ -42,3 +42,16 @@ def step_threads(from_h_weight: Tensor, rows: int):
     finally:
         if serial:
             torch.set_num_threads(threads)
+
+
+def weight_gradients(d_from_h: Tensor, d_stats: Tensor, states: Tensor, zs: Tensor, hidden: Tensor) -> tuple[Tensor, ...]:
+    """The gradients of W_fh, W_z, W_o and b_o from the backward loop's time-major d_from_h
+    (T, B, 4H+M) and d_stats (T, B, 2Z): each one product over all B·T rows, not one per step."""
+    steps, batch, _ = d_from_h.shape
+    size, latent = states.shape[-1], zs.shape[-1]
+    rows = steps * batch
+    d_from_h_rows, d_stats_rows = d_from_h.view(rows, -1), d_stats.view(rows, -1)
+    d_from_h_weight = d_from_h_rows.t() @ states[:-1].reshape(rows, size)
+    d_z_weight = d_from_h_rows[:, :4 * size].t() @ zs.reshape(rows, latent)
+    d_out_weight = d_stats_rows.t() @ hidden.reshape(rows, -1)
+    return d_from_h_weight, d_z_weight, d_out_weight, d_stats_rows.sum(0)
