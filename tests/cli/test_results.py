@@ -204,3 +204,35 @@ def test_alpha_options_combine_with_the_presets_schedule(cwd, tiny_data, options
 def test_every_option_has_a_description(command):
     for param in get_command(app).commands[command].params:
         assert param.help, f"{command} {param.name} has no description"
+
+
+class OneThread:  # the ThreadPolicy a TrainReporter reads
+    threads = 1
+
+    def refresh(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("total_steps, warned", [(10**9, True), (1_000, False)])
+def test_a_training_that_would_take_days_says_so_once(monkeypatch, total_steps, warned):
+    """Measured over its first updates, a run's estimate is said up front when it is over a day."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from zforcing_cli.cli import train as train_cli_module
+    from zforcing_cli.train import TrainEvent
+
+    clock = iter([0.0, *range(1, 100)])  # seconds: the reporter starts at 0, then 1 s an update
+    monkeypatch.setattr(train_cli_module.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(train_cli_module.TrainReporter, "MEASURE_SECONDS", 20.0)
+    out = StringIO()
+    reporter = train_cli_module.TrainReporter(Progress(console=Console(file=out, width=300)), OneThread(), "nats")
+    reporter(TrainEvent("start", 0, total_steps, 0, metrics={"parameters": 10, "finished": False}))
+    for step in range(1, 40):
+        reporter(TrainEvent("progress", step, total_steps, 0))
+    text = out.getvalue()
+    assert text.count("Warning:") == (1 if warned else 0)
+    if warned:
+        assert "Training will take about" in text and "days more" in text and "--max-steps" in text

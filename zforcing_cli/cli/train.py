@@ -18,12 +18,13 @@ import typer
 from rich.markup import escape
 
 from ..checkpoint import resolve_latest
-from ..console import plural, stderr, stdout, training_progress
+from ..console import JobProgress, plural, stderr, stdout, training_progress
 from ..data import EMBEDDED, PreparedDataset, open_dataset
 from ..device import check_precision, resolve_device
 from ..distributed import Group, from_main, joined
 from ..errors import DataError, TrainingError
 from ..evaluate import bound_unit
+from ..humanize import duration
 from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
 from ..runconfig import RunConfig, TrainConfig, data_description, dataset_differences, load_run_config
 from ..threads import ThreadPolicy
@@ -523,6 +524,7 @@ class TrainReporter:
     """
 
     LOG_SECONDS = 30.0
+    MEASURE_SECONDS = 20.0  # of training, before the estimate of what is left is trusted
 
     def __init__(self, progress, policy: ThreadPolicy, unit: str):
         self.progress = progress
@@ -533,6 +535,7 @@ class TrainReporter:
         self.last_line = self.started
         self.first_step: int | None = None
         self.done = 0  # updates taken
+        self.estimated = False
 
     def say(self, text: str) -> None:
         self.progress.console.print(escape(text), soft_wrap=True)
@@ -569,6 +572,7 @@ class TrainReporter:
         self.policy.refresh()
         self.done = event.step
         self.progress.update(self.task, completed=self.done, speed=self.speed(self.done))
+        self.warn_if_days(event.total_steps)
 
     def on_step(self, event: TrainEvent) -> None:
         self.policy.refresh()
@@ -576,10 +580,24 @@ class TrainReporter:
         self.done = max(self.done, event.step)  # on a GPU, steps come after their progress
         metrics = f"loss {m['loss']:.1f} KL {m['kl']:.2f} aux {m['aux']:.0f}"
         self.progress.update(self.task, completed=self.done, speed=self.speed(self.done), metrics=metrics)
+        self.warn_if_days(event.total_steps)
         now = time.perf_counter()
         if not stderr.is_terminal and now - self.last_line >= self.LOG_SECONDS:
             self.last_line = now
             stderr.print(f"step {event.step}/{event.total_steps} {self.speed(self.done)} {metrics}")
+
+    def warn_if_days(self, total_steps: int) -> None:
+        """Once, after MEASURE_SECONDS: a warning when what is left would take more than a day."""
+        elapsed = time.perf_counter() - self.started
+        if self.estimated or elapsed < self.MEASURE_SECONDS or self.done <= self.first_step:
+            return
+        self.estimated = True
+        remaining = elapsed / (self.done - self.first_step) * (total_steps - self.done)
+        if remaining > JobProgress.LONG_JOB_SECONDS:
+            left = plural(total_steps - self.done, "update")
+            message = (f"Training will take about {duration(remaining)} more at its speed so far ({left} left); lower "
+                       "--max-steps or --epochs, or stop it with Ctrl-C and resume it later with --resume.")
+            self.progress.console.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
 
     def speed(self, step: int) -> str:
         return f"{(step - self.first_step) / max(time.perf_counter() - self.started, 1e-9):.2f} steps/s"
