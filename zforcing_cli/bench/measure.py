@@ -49,21 +49,27 @@ class Meter:
         return seconds, peak - held
 
 
-def interleaved_updates(updates: dict[str, Callable[[], object]], rounds: int, meter: Meter) -> dict[str, dict]:
+def interleaved_updates(updates: dict[str, Callable[[], object]], rounds: int, meter: Meter,
+                        counted: Callable[[int, int], None] | None = None) -> dict[str, dict]:
     """Each update once as a warm-up, then `rounds` rounds of one update each, the order rotated
-    every round. Per name: the median seconds and, on CUDA, the largest memory above the held."""
+    every round. Per name: the median seconds and, on CUDA, the largest memory above the held.
+    counted(done, total) hears of every update taken, the warm-up ones included."""
     names = list(updates)
-    for name in names:
+    total = len(names) * (rounds + 1)
+    count = counted or (lambda done, total: None)
+    for done, name in enumerate(names, 1):
         meter(updates[name])
+        count(done, total)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     extra: dict[str, list[int]] = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for turn, name in enumerate(names[shift:] + names[:shift], 1):
             elapsed, memory = meter(updates[name])
             seconds[name].append(elapsed)
             if memory is not None:
                 extra[name].append(memory)
+            count(len(names) * (round_index + 1) + turn, total)
     return {name: {"seconds": statistics.median(seconds[name]), "memory": max(extra[name], default=None)} for name in names}
 
 

@@ -41,11 +41,11 @@ FETCH_SECONDS = {"tiny": 0.1}  # time spent fetching batches; 2 s for real sizes
 
 def run_speed(preset: str = "mnist", size: str | None = None, device_spec: str = "auto", updates: int = DEFAULT_UPDATES,
         folder: Path | None = None, progress: Progress | None = None, tf32: bool = False,
-        resize: Resize = Resize()) -> dict:
+        resize: Resize = Resize(), counted: Callable[[int, int], None] | None = None) -> dict:
     """The speed benchmark of one preset (see the module's docstring); a record of numbers.
     Temporary datasets go under folder (default: the temporary folder). tf32: on a GPU, every
     float32 product on TensorFloat-32 tensor cores (as `train --precision tf32`). resize: other
-    widths or batch than the size's."""
+    widths or batch than the size's. counted(done, total): every timed update, as it is taken."""
     size = check_preset(preset, size)
     device = resolve_device(device_spec)
     if tf32 and device.type != "cuda":
@@ -76,7 +76,7 @@ def run_speed(preset: str = "mnist", size: str | None = None, device_spec: str =
         meter = Meter(device)
         say(f"Timing training updates (fused, reference, fused LSTM pair): a warm-up, then {updates} each")
         timed = interleaved_updates({"fused": model_update(True), "reference": model_update(False),
-                                     "fused_lstm_pair": pair_update}, updates, meter)
+                                     "fused_lstm_pair": pair_update}, updates, meter, counted)
         say("Timing sampling")
         sampling = sampling_figures(model, dataset.meta, train_config.batch_size, device, meter)
         say("Timing batch fetches from the memory-mapped dataset")

@@ -17,7 +17,7 @@ from ..bench.sharing import bench_shared
 from ..bench.speed import DEFAULT_UPDATES, IMPLEMENTATIONS, run_speed
 from ..bench.synthetic import SYNTHETIC_SEQUENCES
 from ..bench.workload import SIZES, Resize
-from ..console import plural, results_table, stderr, stdout
+from ..console import JobProgress, plural, results_table, stderr, stdout
 from ..fileio import json_record
 from ..threads import ThreadPolicy
 from .common import DeviceOption, ThreadsOption, check_real, usage_error
@@ -191,8 +191,9 @@ def bench_cli(
             result = run_memory(preset, size, device, DEFAULT_HOURS if hours is None else hours, batches or DEFAULT_BATCHES,
                                 folder, say)
         else:
-            result = run_speed(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32,
-                         Resize(hidden_size, mlp_size, batch_size))
+            with JobProgress("Timing updates", shorten="time fewer with --updates") as progress:
+                result = run_speed(preset, size, device, updates or DEFAULT_UPDATES, folder, say, tf32,
+                                   Resize(hidden_size, mlp_size, batch_size), counted_updates(progress))
     print_result(result, as_json, memory_tables if memory else speed_tables)
 
 
@@ -212,6 +213,11 @@ def check_options(memory: bool, processes: int | None, device: str, **given) -> 
             raise usage_error(f"{option} {what}; it does not apply with --memory or --processes.", f"Leave {option} out.")
     if processes is not None and device not in ("auto", "cpu"):
         raise usage_error("--processes measures CPU trainings sharing the cores; it runs on the CPU.", "Leave --device out.")
+
+
+def counted_updates(progress: JobProgress):
+    """run_speed's counted(done, total), shown by a JobProgress."""
+    return lambda done, total: progress(done, total, f"{done:,} of {total:,} updates")
 
 
 def say(message: str) -> None:
