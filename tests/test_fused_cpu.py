@@ -212,6 +212,18 @@ def test_a_failed_build_warns_once_and_is_not_retried(fresh_build, monkeypatch, 
 
 
 @fallback
+def test_a_build_is_announced_once_before_it_starts(fresh_build, monkeypatch, tmp_path):
+    heard = []
+    monkeypatch.setattr(fused_cpu, "build_notice", heard.append)
+    monkeypatch.setattr(fused_cpu, "build", lambda cxx, output: heard.append("built") or output.parent.mkdir(parents=True) or output.write_bytes(b""))
+    monkeypatch.setattr(fused_cpu.torch.ops, "load_library", lambda path: None)
+    assert fused_cpu.load() is None and fused_cpu.load() is None
+    assert len(heard) == 2 and heard[0].startswith("Compiling the recurrence's loops") and heard[1] == "built"
+    monkeypatch.setattr(fused_cpu, "_status", {})  # the next process finds the library: nothing to say
+    assert fused_cpu.load() is None and len(heard) == 2
+
+
+@fallback
 def test_the_cache_folder_and_the_switch(monkeypatch, tmp_path):
     monkeypatch.setenv("ZFORCING_CACHE_DIR", str(tmp_path))
     assert fused_cpu.cache_dir() == tmp_path / "fused_cpu"

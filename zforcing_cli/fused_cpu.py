@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -129,6 +130,11 @@ def build(cxx: str, output: Path) -> None:
             os.unlink(partial)
 
 
+# Told, when set, just before the library is compiled (a CLI says so on the terminal: the build
+# takes tens of seconds, once).
+build_notice: Callable[[str], None] | None = None
+
+
 def load() -> str | None:
     """Build (once per cache) and load the library (once per process). Returns None when the
     operators are ready, else why they are not. A failed build is not retried by every process:
@@ -157,6 +163,8 @@ def _load() -> str | None:
         if failed.exists():
             return failed.read_text()
         if not output.exists():
+            if build_notice is not None:
+                build_notice(f"Compiling the recurrence's loops for this machine with {Path(cxx).name}, once: about 20 s.")
             try:
                 build(cxx, output)
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
