@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from zforcing_cli import fused_cpu, recurrence
+from zforcing_cli import fused_cpu, recurrence, steps
 from zforcing_cli.recurrence import BackwardInputs, RolloutInputs, posterior_recurrence
 
 import test_recurrence as reference
@@ -98,7 +98,7 @@ def test_compiled_loops_give_the_python_loops_buffers_and_gradients_in_float64(s
     if sizes.get("steps", 7) > 1:  # every regime reached (one number cannot reach them all)
         stats, hidden = buffers[6], buffers[4]
         assert (stats.abs() == CLAMP).any() and (stats.abs() < CLAMP).any(), "the latent clamp acts and lets through"
-        assert (hidden.abs() == recurrence.CLIP).any() and (hidden < 0).any(), "the nonlinearity clips and leaks"
+        assert (hidden.abs() == steps.CLIP).any() and (hidden < 0).any(), "the nonlinearity clips and leaks"
 
 
 def test_compiled_loops_in_float32_match_the_python_loops():
@@ -168,7 +168,7 @@ def test_only_cpu_float32_and_float64_small_products_are_compiled(monkeypatch):
     assert fused_cpu.loops(small, small) == COMPILED_LOOPS
     assert fused_cpu.loops(small.double(), small.double()) == COMPILED_LOOPS
     assert fused_cpu.loops(small.bfloat16(), small.bfloat16()) is None
-    assert (fused_cpu.loops(large, large) is None) == recurrence.onednn_ready(large)  # oneDNN's products: Python loop
+    assert (fused_cpu.loops(large, large) is None) == steps.onednn_ready(large)  # oneDNN's products: Python loop
     assert fused_cpu.loops(torch.zeros(2, 3, device="meta"), small) is None
     monkeypatch.setenv(fused_cpu.SWITCH, "0")
     assert fused_cpu.loops(small, small) is None

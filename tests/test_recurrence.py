@@ -157,7 +157,7 @@ def test_small_steps_loop_on_one_thread_large_ones_share_the_threads(two_threads
 
 def test_the_thread_count_comes_back_after_an_error_in_the_loop(two_threads):
     with pytest.raises(ZeroDivisionError):
-        with recurrence.step_threads(torch.zeros(1, 1), rows=1):
+        with steps.step_threads(torch.zeros(1, 1), rows=1):
             assert torch.get_num_threads() == 1
             1 / 0
     assert torch.get_num_threads() == 2

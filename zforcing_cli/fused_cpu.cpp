@@ -353,7 +353,7 @@ std::vector<Tensor> backpropagate(const Tensor& states, const Tensor& cells_, co
   Tensor d_from_h = at::empty({TT, B, F}, options);  // [d gates, d a_t] per step
   Tensor d_stats = at::empty({TT, B, 2 * Z}, options);
   Tensor d_noise = at::empty({B, TT, Z}, options);
-  // The loop on loop_threads threads (one at small widths: see recurrence.step_threads); the
+  // The loop on loop_threads threads (one at small widths: see steps.step_threads); the
   // products after it on all of torch's.
   AT_DISPATCH_FLOATING_TYPES(activations.scalar_type(), "zforcing_fused_cpu.backpropagate", [&] {
     ThreadCount threads(loop_threads);
