@@ -16,6 +16,10 @@ folder named step-* or best-* is always whole.
 `runs/latest`, in the folder where `zforcing train` was started, names the newest run started
 there, wherever its --out put it (a relative link inside runs/, an absolute one elsewhere), so
 bare `evaluate`, `sample` and `train --resume` find it.
+
+torch, safetensors and the model are imported by the functions that read or write tensors:
+finding a checkpoint (resolve_checkpoint, resolve_latest) and reading its config do without
+them, so that the command line says a path is wrong before loading torch.
 """
 
 from __future__ import annotations
@@ -25,18 +29,20 @@ import os
 import re
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
 from .fileio import atomic_directory, holds_json_object, write_json
-from .model import ZForcing, ZForcingConfig
 from .version import __version__
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import ZForcing
 
 CHECKPOINT_FORMAT = 1
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"  # in a run folder
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -70,6 +76,8 @@ def write_checkpoint(
 ) -> Path:
     """save_checkpoint from the model's weights and, for a training checkpoint, the optimizer's
     state as flatten_optimizer_state gives it (read_training_checkpoint reads both back)."""
+    from safetensors.torch import save_file
+
     with atomic_directory(folder, force=True, what="checkpoint folder", is_ours=is_checkpoint_folder) as staging:
         write_json(staging / CONFIG_FILE, {**config, "format_version": CHECKPOINT_FORMAT, "zforcing_version": __version__})
         save_file({name: t.detach().cpu().contiguous() for name, t in weights.items()}, staging / MODEL_FILE)
@@ -235,6 +243,9 @@ def read_config(folder: Path) -> dict:
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     folder = file.parent
     if not file.is_file():
         raise CheckpointError(f"{folder} is incomplete: {file.name} is missing.", "Use another checkpoint of the run, or train again.")
@@ -246,6 +257,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[ZForcing, dict]:
     """The model of a checkpoint folder and the folder's config."""
+    from .model import ZForcing, ZForcingConfig
+
     config = read_config(folder)
     try:
         model = ZForcing(ZForcingConfig.from_dict(config["model"]))
@@ -262,6 +275,8 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[ZForci
 
 
 def check_finite_weights(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    import torch
+
     broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
         raise CheckpointError(

@@ -7,11 +7,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import is_run_folder, read_config
+from .checkpoint import METRICS_FILE, is_run_folder, read_config
 from .errors import CheckpointError
 from .fileio import write_bytes
 from .plots import CURVE_PANELS, draw_metric, figure_bytes, new_figure, read_metrics
-from .runfolder import METRICS_FILE
 
 METRICS = {key: (title, ylabel) for title, key, ylabel in CURVE_PANELS if key != "lr"}
 # Settings that say how a run was kept, not what it learnt: never used as labels.

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from typer.core import TyperGroup
 
-from .distributed import PeerFailed, launched_rank
+from .launch import PeerFailed, launched_rank
 from .errors import UsageError, ZForcingError, file_system_error, is_out_of_memory, out_of_memory_error
 from .humanize import duration, plural  # noqa: F401 - the command modules take them from here too
 

@@ -26,32 +26,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .device import DeviceError, resolve_device
-from .errors import UsageError, ZForcingError
+from .errors import UsageError
+from .launch import PeerFailed, launched_rank
 
 T = TypeVar("T")
 # How long a rank waits in a collective for the others before giving up. torchrun ends the
 # other ranks as soon as one fails, so this only matters when a rank hangs without failing.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 STOP_REASONS = ("request", "SIGINT", "SIGTERM")  # what the ranks of a distributed run agree on
-
-
-def launched_rank() -> int | None:
-    """This process's rank when torchrun started it (TORCHELASTIC_RUN_ID), or when several
-    processes were started otherwise (WORLD_SIZE > 1); None for a process on its own. A
-    torchrun of one process is a group of one, so that it trains as with more (DDP, NCCL)."""
-    by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 and not by_torchrun:
-        return None
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-class PeerFailed(ZForcingError):
-    """Rank 0 failed where it works for every rank (setting up the run): the other ranks stop
-    with its exit code and say nothing, since rank 0 reports the error."""
-
-    def __init__(self, exit_code: int):
-        super().__init__("rank 0 failed")
-        self.exit_code = exit_code
 
 
 @dataclass

@@ -24,44 +24,17 @@ posterior's first layer, the noise) and everything that depends only on h_t or z
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .modelconfig import ZForcingConfig
 from .recurrence import clipped_leaky_relu, posterior_recurrence
 
-MODALITIES = ("binary", "tokens", "frames")
 LOG_2PI = math.log(2 * math.pi)
-
-
-@dataclass
-class ZForcingConfig:
-    modality: str = "binary"  # binary pixels (Bernoulli), tokens (categorical), frames (Gaussian)
-    input_size: int = 2  # 2 for binary, vocabulary size for tokens, samples per frame for frames
-    start_index: int = 2  # index of the start symbol u_1 (binary: 2; tokens: the <s> id)
-    embed_size: int = 64
-    hidden_size: int = 256  # units of the forward and of the backward LSTM
-    latent_size: int = 32
-    mlp_size: int = 256  # hidden units of every one-hidden-layer MLP
-    aux_on_hidden: bool = False  # False: p(b_t | z_t) as Eq. 8; True: p(b_t | h_{t-1}, z_t) (original code)
-    latent_clamp: float = 8.0  # prior/posterior MLP outputs clamped to ±this, for stability
-    output_logvar_min: float = -9.0  # bounds of the Gaussian output head's log-variance
-    output_logvar_max: float = 9.0
-    embed_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, not {self.modality!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ZForcingConfig":
-        return cls(**values)
 
 
 @dataclass

@@ -1,16 +1,20 @@
 """Pictures, drawn by matplotlib (its Agg canvas, no pyplot; imported only when a picture is
 drawn, as it takes a good part of a second) and Pillow: training curves as PNG and SVG, grids
-of sampled images, and waveform-and-spectrogram PNGs of audio."""
+of sampled images, and waveform-and-spectrogram PNGs of audio. numpy too is imported by the
+functions that take arrays: `zforcing compare` reads the curves' names from here for its help."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .fileio import write_bytes
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CURVE_PANELS = (  # (title, metric key, y label)
     ("ELBO", "elbo", "nats"),
@@ -49,6 +53,8 @@ def figure_bytes(figure, fmt: str) -> bytes:
 
 def image_grid(images: np.ndarray, columns: int, border: int = 2) -> np.ndarray:
     """(N, H, W) values in [0, 1] -> one (rows·(H+b)+b, columns·(W+b)+b) uint8 picture."""
+    import numpy as np
+
     count, height, width = images.shape
     rows = -(-count // columns)
     grid = np.full((rows * (height + border) + border, columns * (width + border) + border), 128, np.uint8)
@@ -61,6 +67,7 @@ def image_grid(images: np.ndarray, columns: int, border: int = 2) -> np.ndarray:
 
 def write_png(path: Path, grey: np.ndarray, scale: int = 1) -> None:
     """Write an 8-bit greyscale PNG through Pillow, each pixel a scale × scale square."""
+    import numpy as np
     from PIL import Image
 
     picture = Image.fromarray(np.asarray(grey, np.uint8))  # 2-D uint8: greyscale ("L")
@@ -88,7 +95,7 @@ def read_metrics(path: Path) -> list[dict]:
 def metric_points(records: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
     """(updates, values) of one metric in the records of one type (train or valid), finite only."""
     points = [(r["step"], r[key]) for r in records
-              if r.get("type") == kind and isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+              if r.get("type") == kind and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [step for step, _ in points], [value for _, value in points]
 
 
@@ -133,6 +140,8 @@ def spectrogram(waveform: np.ndarray, sample_rate: int) -> tuple[np.ndarray, tup
     """(frequencies, windows) power in dB relative to a full-scale sine (0 dB), floored at
     SPECTROGRAM_FLOOR_DB, from Hann-windowed frames of SPECTROGRAM_WINDOW seconds; and the time
     span (s) its columns cover, each column centred on its window."""
+    import numpy as np
+
     size = max(2, int(sample_rate * SPECTROGRAM_WINDOW))
     hop = max(1, size // 4)
     waveform = np.asarray(waveform, dtype=np.float64)
@@ -149,6 +158,8 @@ def spectrogram(waveform: np.ndarray, sample_rate: int) -> tuple[np.ndarray, tup
 def write_audio_plot(path: Path, waveform: np.ndarray, sample_rate: int, title: str, boundary: float | None = None) -> None:
     """A PNG of a waveform (values in [-1, 1]): the signal on top, its spectrogram below, a
     dashed line at `boundary` seconds (where a prompt ends) when given."""
+    import numpy as np
+
     duration = max(len(waveform), 1) / sample_rate
     figure = new_figure(9, 5.5)
     wave_axes, spectrum_axes = figure.subplots(2, 1, sharex=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from .data import DatasetMeta
-from .data.text import START as START_ID
 from .errors import UsageError
-from .model import ZForcingConfig
+from .modelconfig import ZForcingConfig
 from .runconfig import TrainConfig
+
+if TYPE_CHECKING:
+    from .data import DatasetMeta
 
 PRESETS = ("small", "paper")
 
@@ -95,8 +97,10 @@ def text_training(name: str) -> TrainConfig:
 
 
 def text_model(name: str, meta: DatasetMeta) -> ZForcingConfig:
+    from .data.prepared import START  # the vocabulary's <s>
+
     sizes = TEXT_SMALL[0] if name == "small" else TEXT_PAPER[0]
-    return ZForcingConfig(modality="tokens", input_size=meta.input_size, start_index=START_ID, **sizes)
+    return ZForcingConfig(modality="tokens", input_size=meta.input_size, start_index=START, **sizes)
 
 
 def training_preset(name: str, kind: str, modality: str) -> TrainConfig:

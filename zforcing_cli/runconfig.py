@@ -8,11 +8,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checkpoint import CONFIG_FILE, read_config
-from .data import PreparedDataset
 from .errors import TrainingError
-from .model import ZForcingConfig
+from .modelconfig import ZForcingConfig
+
+if TYPE_CHECKING:
+    from .data import PreparedDataset
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import nn
 from .checkpoint import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    METRICS_FILE,
     is_run_folder,
     newest_checkpoint,
     point_latest,
@@ -35,7 +36,6 @@ from .runlock import RunLock, RunLockedError
 from .runlock import holder as lock_holder
 from .tensorboard import TensorBoardLog
 
-METRICS_FILE = "metrics.jsonl"
 CURVES_STEM = "training_curves"  # .png and .svg
 
 

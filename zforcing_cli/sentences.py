@@ -19,10 +19,9 @@ from .data.text import END, PAD, START, decode, encode, tokenize_sentence
 from .errors import UsageError, ZForcingError
 from .generate import chunks, generator_for, rows_per_chunk, step_bytes
 from .model import ZForcing
+from .sentence_defaults import DEFAULT_LENGTH, INTERPOLATION_TOP_K
 
-DEFAULT_LENGTH = 20  # tokens generated at most per sentence (the authors' decoder: 20)
 MAX_LENGTH = 1000  # tokens per sentence: far beyond what a model of 5..15-token sentences can say
-INTERPOLATION_TOP_K = 10
 SHOWN_TOKENS = 20  # of an over-long sentence, in the hint that says where to cut it
 
 

@@ -33,12 +33,11 @@ from ..model import ZForcing, ZForcingConfig
 from ..runconfig import TrainConfig
 from ..update import make_optimizer, step_generator
 from ..version import __version__
+from .defaults import DEFAULT_BATCHES, DEFAULT_HOURS
 from .measure import Progress, machine_description, peak_rss_bytes, process_memory
 from .synthetic import write_synthetic_audio
 from .workload import AUDIO_PRESETS, bench_configs, check_preset, update
 
-DEFAULT_HOURS = 300.0
-DEFAULT_BATCHES = 1000
 READINGS = 20  # readings after the start one: K = batches / READINGS
 STATUS_FIELDS = {"RssAnon": "rss_anon_bytes", "RssFile": "rss_file_bytes", "RssShmem": "rss_shmem_bytes"}
 MIN_FREE_BYTES = 64 << 20  # for the headers, meta.json and the sparse-file probe

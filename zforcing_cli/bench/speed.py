@@ -28,12 +28,12 @@ from ..errors import UsageError
 from ..model import ZForcing, count_parameters
 from ..update import make_optimizer, step_generator
 from ..version import __version__
+from .defaults import DEFAULT_UPDATES
 from .lstm_pair import FusedLSTMPair
 from .measure import Meter, Progress, interleaved_updates, machine_description, median_fetch_seconds, peak_rss_bytes
 from .synthetic import bench_dataset
 from .workload import Resize, check_preset, training_setup, update
 
-DEFAULT_UPDATES = 10
 IMPLEMENTATIONS = ("fused", "reference", "fused_lstm_pair")
 SAMPLE_REPEATS = 3  # timed sampling calls after a warm-up one
 FETCH_SECONDS = {"tiny": 0.1}  # time spent fetching batches; 2 s for real sizes

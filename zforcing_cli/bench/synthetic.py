@@ -14,8 +14,8 @@ from ..data.audio import Framing
 from ..data.prepared import META_FILE, SAMPLE_SCALE, SPECIALS, DatasetMeta
 from ..data.text import IMDB_PROTOCOL
 from ..fileio import write_json
+from .defaults import SYNTHETIC_SEQUENCES
 
-SYNTHETIC_SEQUENCES = 1024  # sequences in a synthetic set: batches are drawn from these
 SYNTHETIC_STD = 0.1  # the synthetic waveform's standard deviation (full scale is 1)
 WRITE_CHUNK = 1 << 20  # samples generated and written at a time
 

@@ -7,11 +7,9 @@ import signal
 from typing import Annotated, Callable, NamedTuple
 
 import typer
-from rich.markup import escape
 
-from .. import fused_cpu
 from ..allocator import keep_freed_memory
-from ..console import CommandGroup, handle_errors, stderr, stdout
+from ..console import CommandGroup, handle_errors, stdout
 from ..version import __version__
 from . import bench, compare, evaluate, interpolate, prepare, sample, train
 from .common import exit_on_signal
@@ -69,7 +67,6 @@ def main(prog_name: str | None = None) -> None:
     # (`zforcing train` replaces this with its own stop-after-the-update handler).
     signal.signal(signal.SIGTERM, exit_on_signal)
     keep_freed_memory()  # each training update reuses what the last one freed (allocator.py)
-    fused_cpu.build_notice = lambda text: stderr.print(escape(text), style="dim", soft_wrap=True)
     app(prog_name=prog_name)
 
 

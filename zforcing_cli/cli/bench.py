@@ -12,15 +12,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..bench.memory import DEFAULT_BATCHES, DEFAULT_HOURS, run_memory
-from ..bench.sharing import bench_shared
-from ..bench.speed import DEFAULT_UPDATES, IMPLEMENTATIONS, run_speed
-from ..bench.synthetic import SYNTHETIC_SEQUENCES
-from ..bench.workload import SIZES, Resize
+from ..bench.defaults import DEFAULT_BATCHES, DEFAULT_HOURS, DEFAULT_UPDATES, SIZES, SYNTHETIC_SEQUENCES
 from ..console import JobProgress, plural, results_table, stderr, stdout
 from ..fileio import json_record
-from ..threads import ThreadPolicy
-from .common import DeviceOption, ThreadsOption, check_real, usage_error
+from .common import DeviceOption, ThreadsOption, announce_loop_builds, check_real, usage_error
 
 EPILOG = (
     "**Examples:** `zforcing bench --preset timit` times a training update at the paper's TIMIT size against the "
@@ -182,6 +177,10 @@ def bench_cli(
                   hidden_size=hidden_size, mlp_size=mlp_size, batch_size=batch_size)
     check_real("--seconds", seconds, example="20", above=True)
     preset = preset or ("blizzard" if memory else "mnist")
+    announce_loop_builds()
+    from ..bench import Resize, bench_shared, run_memory, run_speed
+    from ..threads import ThreadPolicy
+
     if processes is not None:
         result = bench_shared(processes, seconds or DEFAULT_SECONDS, threads, preset, size, folder)
         print_result(result, as_json, shared_table)
@@ -242,6 +241,8 @@ def megabytes(count: int | None) -> str:
 
 
 def speed_tables(result: dict) -> list[Table]:
+    from ..bench.speed import IMPLEMENTATIONS
+
     cuda = result["update_memory_bytes_fused"] is not None
     table = Table(title=escape(f"{result['preset']} ({result['size']}): batch {result['batch_size']} × {result['steps']} steps, "
                                f"LSTMs {result['hidden_size']:,}, MLPs {result['mlp_size']:,}, {result['parameters']:,} parameters, "

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
+from ..console import stderr
 from ..errors import UsageError
 
 RUNS_ROOT = Path("runs")
@@ -43,6 +45,15 @@ def exit_on_signal(number, frame) -> None:
     """A signal handler that unwinds the stack (finally blocks run, temporary outputs go) and
     exits with the shell's code for the signal, 128 + its number."""
     raise SystemExit(128 + number)
+
+
+def announce_loop_builds() -> None:
+    """Say on stderr when the compiled loops are built (about 20 s, once per machine). The
+    commands that run the model call it once their options and paths have passed their checks:
+    it loads torch."""
+    from .. import fused_cpu
+
+    fused_cpu.build_notice = lambda text: stderr.print(escape(text), style="dim", soft_wrap=True)
 
 
 def usage_error(message: str, hint: str = "") -> UsageError:

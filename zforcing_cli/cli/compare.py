@@ -13,7 +13,6 @@ from rich.table import Table
 from ..compare import METRICS, RunSummary, label_runs, load_run, mixed_sequences, write_comparison
 from ..console import plural, stderr, stdout
 from ..errors import ZForcingError
-from ..evaluate import bound_unit
 from ..fileio import check_can_write, json_record
 from .common import usage_error
 
@@ -44,6 +43,8 @@ def compare_cli(
     if warning := mixed_sequences(summaries):
         stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
     differing = label_runs(summaries)
+    from ..evaluate import bound_unit  # loads torch: the runs and options are checked
+
     unit = bound_unit(modalities.pop())
     write_comparison(summaries, metric, unit, out)
     rows = [json_record(run.summary(differing)) for run in summaries]

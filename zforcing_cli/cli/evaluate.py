@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 
 from ..checkpoint import load_model, resolve_checkpoint
 from ..console import JobProgress, plural, results_table, stderr, stdout
-from ..data import PreparedDataset, open_dataset
-from ..device import resolve_device
+from ..data import EMBEDDED, check_prepared_folder, open_dataset
 from ..errors import DataError, ZForcingError
-from ..diagnostics import Diagnostics, diagnose_split, write_diagnostics_plot
-from ..evaluate import BASELINES, EvalResult, baseline_nll, bound_unit, evaluate_split, perplexity, unigram_perplexity
 from ..fileio import check_can_write, json_record
-from ..model import ZForcing
-from ..threads import ThreadPolicy
-from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, usage_error
+from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, announce_loop_builds, usage_error
+
+if TYPE_CHECKING:  # the core is imported once the options and paths are checked: it loads torch
+    from ..data import PreparedDataset
+    from ..diagnostics import Diagnostics
+    from ..evaluate import EvalResult
+    from ..model import ZForcing
 
 EPILOG = ("**Examples:** `zforcing evaluate runs/latest --iwae 50`; `zforcing evaluate --split valid --json`; "
           "on a text model `zforcing evaluate --iwae 25` gives the word perplexities of the paper's Table 2.")
@@ -44,8 +43,16 @@ def evaluate_cli(
 ) -> None:
     """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats."""
     check_options(split, diagnostics, plot, force)
-    torch_device = resolve_device(device)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT).resolve()
+    if data is not None and data != EMBEDDED:
+        check_prepared_folder(data)
+    announce_loop_builds()
+    from ..device import resolve_device
+    from ..diagnostics import diagnose_split, write_diagnostics_plot
+    from ..evaluate import evaluate_split
+    from ..threads import ThreadPolicy
+
+    torch_device = resolve_device(device)
     model, config = load_model(folder, torch_device)
     dataset = model_dataset(model, config, data)
     sequences = min(len(dataset.split(split)), limit) if limit else len(dataset.split(split))
@@ -104,6 +111,8 @@ def model_dataset(model: ZForcing, config: dict, data: str | None) -> PreparedDa
 def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit: int, result: EvalResult, text: dict,
                       found: Diagnostics | None) -> dict:
     """Every figure of the evaluation, as --json prints it; text: text_figures' (empty unless text)."""
+    from ..evaluate import BASELINES, baseline_nll, bound_unit
+
     per_sample = samples_per_sequence(result, dataset.meta)
     baseline = {"baseline": BASELINES[dataset.meta.modality], "baseline_nll": baseline_nll(dataset, split, limit or None)}
     return json_record({
@@ -168,6 +177,8 @@ def audio_rows(result: EvalResult, report: dict) -> list[tuple[str, str]]:
 
 def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:
     """What the diagnostics say in a few figures; --json has the arrays."""
+    import numpy as np
+
     peak = int(np.argmax(found.kl_per_step)) if found.kl_per_step else 0
     return [
         ("active latent dimensions (Var E_q[z] > 0.01)", f"{found.active_dimensions} of {found.latent_size}"),
@@ -184,6 +195,8 @@ def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:
 
 def text_figures(result: EvalResult, dataset: PreparedDataset, split: str, limit: int) -> dict:
     """Word perplexities by the ELBO and IWAE bounds (the paper's Table 2), and a unigram model's."""
+    from ..evaluate import perplexity, unigram_perplexity
+
     return {
         "perplexity_elbo": perplexity(result.elbo, result.sequences, result.steps),
         "perplexity_iwae": None if result.iwae is None else perplexity(result.iwae, result.sequences, result.steps),

@@ -13,10 +13,8 @@ from rich.table import Table
 
 from ..checkpoint import load_model, resolve_checkpoint
 from ..console import JobProgress, stdout
-from ..device import resolve_device
-from ..sentences import DEFAULT_LENGTH, INTERPOLATION_TOP_K, TextVocabulary, interpolate
-from ..threads import ThreadPolicy
-from .common import RUNS_ROOT, DeviceOption, SeedOption, ThreadsOption, check_real
+from ..sentence_defaults import DEFAULT_LENGTH, INTERPOLATION_TOP_K
+from .common import RUNS_ROOT, DeviceOption, SeedOption, ThreadsOption, announce_loop_builds, check_real
 from .sample import warn_unknown
 
 EPILOG = ('**Example:** `zforcing interpolate runs/imdb "this movie was great ." "i hated every minute of it ."` '
@@ -38,8 +36,13 @@ def interpolate_cli(
 ) -> None:
     """Mix the posterior latents of two sentences and decode each mix (the paper's Table 3)."""
     check_real("--temperature", temperature, example="0.8", above=True)
-    torch_device = resolve_device(device)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT)
+    announce_loop_builds()
+    from ..device import resolve_device
+    from ..sentences import TextVocabulary, interpolate
+    from ..threads import ThreadPolicy
+
+    torch_device = resolve_device(device)
     model, config = load_model(folder, torch_device)
     vocabulary = TextVocabulary.of(config["data"])
     with ThreadPolicy(threads), JobProgress("Decoding the mixes", shorten="ask for fewer --points") as progress:

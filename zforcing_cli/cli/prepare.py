@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
 
 from ..console import JobProgress, duration, plural, stderr, stdout
 from .common import MAX_SEED
-from ..data import (
-    AUDIO_KINDS,
-    AVAILABLE_KINDS,
-    TEXT_KINDS,
-    PreparedDataset,
-    ProgressCallback,
-    prepare,
-)
-from ..data.text import describe_vocabulary
+from ..data import AUDIO_KINDS, AVAILABLE_KINDS, TEXT_KINDS, prepare
+
+if TYPE_CHECKING:  # the readers and writers of data are imported by prepare(), with numpy and torch
+    from ..data import PreparedDataset, ProgressCallback
 
 EPILOG = (
     "**Examples:** `zforcing prepare mnist ~/data/binarized_mnist --out data/mnist` reads "
@@ -72,6 +67,8 @@ def prepare_cli(
             dataset = prepare(kind, source, out, force=force, **options)
     stdout.print(escape(f"Prepared {kind} at {out} ({split_summary(dataset)}) in {time.perf_counter() - started:.1f} s."), soft_wrap=True)
     if dataset.meta.text:
+        from ..data.text import describe_vocabulary
+
         stdout.print(escape(describe_vocabulary(dataset.meta)), soft_wrap=True)
     for warning in dataset.warnings:
         stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)

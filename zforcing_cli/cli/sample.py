@@ -5,37 +5,29 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from ..checkpoint import load_model, resolve_checkpoint
 from ..console import JobProgress, plural, stderr, stdout
-from ..data.audio import AUDIO_EXTENSIONS
-from ..device import resolve_device
 from ..fileio import atomic_file, check_can_write
-from ..generate import (
-    OUTPUT_SUFFIXES,
-    AudioFormat,
-    AudioSamples,
-    audio_steps,
-    check_image_count,
-    check_output_suffix,
-    sample_audio,
-    sample_images,
-)
-from ..sentences import DEFAULT_LENGTH, Decoding, TextVocabulary, check_length, sentence_chunks
-from ..threads import ThreadPolicy
+from ..sentence_defaults import DEFAULT_LENGTH
 from .common import (
     RUNS_ROOT,
     CheckpointArgument,
     DeviceOption,
     SeedOption,
     ThreadsOption,
+    announce_loop_builds,
     check_real,
     usage_error,
 )
+
+if TYPE_CHECKING:  # the core is imported once the options and paths are checked: it loads torch
+    from ..generate import AudioFormat, AudioSamples
+    from ..sentences import Decoding, TextVocabulary
 
 EPILOG = (
     "**Examples:** `zforcing sample --out digits.png --num 64 --seed 1` · "
@@ -68,8 +60,14 @@ def sample_cli(
     check_real("--seconds", seconds, example="2", above=True)
     if seconds is not None and length is not None:
         raise usage_error("--seconds and --length both set how much to generate; give one of them.", "For example --seconds 2, or --length 160 (frames).")
-    torch_device = resolve_device(device)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT)
+    announce_loop_builds()
+    from ..device import resolve_device
+    from ..generate import OUTPUT_SUFFIXES, AudioFormat, audio_steps, check_image_count, sample_audio, sample_images
+    from ..sentences import Decoding
+    from ..threads import ThreadPolicy
+
+    torch_device = resolve_device(device)
     model, config = load_model(folder, torch_device)
     data = config["data"]
     modality = data["modality"]
@@ -111,6 +109,8 @@ def audio_progress(progress: JobProgress, audio: AudioFormat) -> Callable[[int, 
 
 
 def check_text_options(seconds: float | None, prompt: str | None) -> None:
+    from ..data.audio import AUDIO_EXTENSIONS
+
     if seconds is not None:
         raise usage_error("--seconds applies to audio models only.", "For text, --length sets the most tokens per sentence.")
     if prompt is not None and (Path(prompt).suffix.lower() in AUDIO_EXTENSIONS or names_file(prompt)):
@@ -131,6 +131,8 @@ def names_file(text: str) -> bool:
 
 def audio_prompt(prompt: str | None) -> Path | None:
     """An audio model's prompt: the audio file to continue; words are another model's prompt."""
+    from ..data.audio import AUDIO_EXTENSIONS
+
     if prompt is None:
         return None
     path = Path(prompt)
@@ -146,6 +148,10 @@ def write_sentences(model, data: dict, out: Path | None, num: int, decoding: Dec
                     seed: int, threads: int | None, force: bool) -> None:
     """Sentences to stdout as they come, or one per line to a .txt file, streamed and written
     whole or not at all."""
+    from ..generate import check_output_suffix
+    from ..sentences import TextVocabulary, check_length, sentence_chunks
+    from ..threads import ThreadPolicy
+
     check_length(length)
     if out is not None:
         check_output_suffix(out, "tokens")

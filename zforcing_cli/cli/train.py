@@ -11,26 +11,30 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
-import torch
 import typer
 from rich.markup import escape
 
 from ..checkpoint import resolve_latest
 from ..console import JobProgress, plural, stderr, stdout, training_progress
-from ..data import EMBEDDED, PreparedDataset, open_dataset
-from ..device import check_precision, resolve_device
-from ..distributed import Group, from_main, joined
+from ..data import EMBEDDED, check_prepared_folder, open_dataset
 from ..errors import DataError, TrainingError
-from ..evaluate import bound_unit
 from ..humanize import duration
-from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
+from ..launch import launched_rank
+from ..presets import PRESETS, check_preset, describe_model, describe_training, preset_configs, presets_table
 from ..runconfig import RunConfig, TrainConfig, data_description, dataset_differences, load_run_config
-from ..threads import ThreadPolicy
-from ..train import StopRequest, TrainEvent, TrainingStopped, TrainResult, train
 from ..version import __version__
-from .common import MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, check_real, exit_on_signal, usage_error
+from .common import (MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, announce_loop_builds, check_real, exit_on_signal,
+                     usage_error)
+
+if TYPE_CHECKING:  # the core is imported once the options and paths are checked: it loads torch
+    import torch
+
+    from ..data import PreparedDataset
+    from ..distributed import Group
+    from ..threads import ThreadPolicy
+    from ..train import StopRequest, TrainEvent, TrainResult
 
 EPILOG = (
     "**Examples:** `zforcing train` (binarized MNIST, small preset, 8 to 13 minutes on 2 CPU cores); "
@@ -251,11 +255,20 @@ def train_cli(
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     check_options(lr=lr, aux_increment=aux_increment, aux_weight=aux_weight, aux_start=aux_start, bwd_weight=bwd_weight,
-                  checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, precision=precision)
+                  checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, preset=preset)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, aux_start=aux_start,
                     aux_increment=aux_increment, bwd_weight=bwd_weight, kl_anneal=kl_anneal, seed=seed,
                     weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision)
     lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
+    if launched_rank() is None:  # under torchrun, rank 0 finds the run for all
+        check_paths(resume, out, data)
+    announce_loop_builds()
+    from ..distributed import joined
+    from ..device import check_precision, resolve_device
+    from ..evaluate import bound_unit
+
+    if precision is not None:
+        check_precision(precision)
     with joined(device) as group:
         main = group is None or group.is_main
         torch_device = resolve_device(device) if group is None else group.device
@@ -268,10 +281,10 @@ def train_cli(
             report_result(result, run_dir, bound_unit(dataset.meta.modality))
 
 
-def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, precision: str | None,
+def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, preset: str | None,
                   **non_negative: float | None) -> None:
     """Usage errors for values typer lets through: non-finite numbers, negative weights, a
-    dropout of 1 or more, an unknown precision."""
+    dropout of 1 or more, an unknown preset (the precision is checked with torch loaded)."""
     check_real("--lr", lr, example="0.001", above=True)
     check_real("--aux-increment", aux_increment, example="5e-5", above=True)
     for name, value in non_negative.items():
@@ -279,8 +292,17 @@ def check_options(lr: float | None, aux_increment: float | None, dropout: float 
     check_real("--dropout", dropout)
     if dropout is not None and dropout >= 1:
         raise usage_error(f"--dropout must be below 1, not {dropout:g}.", "Use a probability such as --dropout 0.2.")
-    if precision is not None:
-        check_precision(precision)
+    if preset is not None:
+        check_preset(preset)
+
+
+def check_paths(resume: bool, out: Path | None, data: str | None) -> None:
+    """The errors about paths that need no torch: a --data folder that holds no prepared
+    dataset, a run to resume that is not there."""
+    if data is not None and data != EMBEDDED:
+        check_prepared_folder(data)
+    if resume:
+        load_run_config(out or resolve_latest(RUNS_ROOT))
 
 
 def settled_run(group: Group | None, resume: bool, out: Path | None, data: str | None, settings: dict,
@@ -288,6 +310,8 @@ def settled_run(group: Group | None, resume: bool, out: Path | None, data: str |
     """The run folder, its configuration and its dataset, the same on every rank: rank 0 settles
     them (the run to resume, or a new one); the other ranks take its folder and configuration,
     and open the dataset where rank 0 found it."""
+    from ..distributed import from_main
+
     def settle() -> tuple[Path, RunConfig, PreparedDataset | None]:
         run_dir, run_config, dataset = resumed_run(out, data, settings) if resume else new_run(out, data, settings)
         return run_dir, with_lengths(run_config, len(dataset.split("train")), **lengths), dataset
@@ -310,6 +334,10 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
                  resume: bool, force: bool, tensorboard: bool, threads: int | None, device_spec: str) -> TrainResult:
     """train(), its progress shown by rank 0, stopped after an update by the first Ctrl-C or
     SIGTERM: then rank 0 says how to continue, and every rank exits with the signal's code."""
+    from ..evaluate import bound_unit
+    from ..threads import ThreadPolicy
+    from ..train import StopRequest, TrainingStopped, train
+
     main = group is None or group.is_main
     stop = StopRequest()
     with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \

@@ -1,29 +1,14 @@
-"""Data kinds: reading raw corpora once into prepared datasets, and opening those."""
+"""Data kinds: reading raw corpora once into prepared datasets, and opening those.
+
+The modules that read and write data (numpy, torch, audio and text libraries) are imported on
+first use: the command line checks its options and paths with this package before they load."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import UsageError
-from .audio import ProgressCallback, prepare_audio_folder
-from .mnist import (
-    EMBEDDED,
-    embedded_arrays,
-    mnist_meta,
-    open_embedded,
-    read_amat_folder,
-)
-from .prepared import (
-    Batch,
-    DatasetMeta,
-    PreparedDataset,
-    PreparedSplit,
-    open_prepared,
-    parse_split,
-    write_prepared,
-)
-from .text import IMDB_PROTOCOL, TextProtocol, prepare_text
-from .timit import prepare_timit
+from .location import EMBEDDED, check_prepared_folder
 
 AVAILABLE_KINDS = ("mnist", "timit", "blizzard", "wav", "imdb", "text")
 AUDIO_KINDS = ("timit", "blizzard", "wav")
@@ -54,6 +39,10 @@ def prepare(
     if kind not in AVAILABLE_KINDS:
         raise UsageError(f"Unknown data kind {kind!r}.", f"Choose one of: {', '.join(AVAILABLE_KINDS)}.")
     options = kind_options(kind, options)
+    from .audio import prepare_audio_folder
+    from .text import prepare_text
+    from .timit import prepare_timit
+
     if kind == "timit":
         return prepare_timit(Path(source), out, force=force, progress=progress)
     if kind in ("blizzard", "wav"):
@@ -82,6 +71,9 @@ def kind_options(kind: str, options: dict) -> dict:
 
 def text_protocol(options: dict) -> TextProtocol:
     """`prepare text`'s protocol: IMDB's, changed by the options given."""
+    from .prepared import parse_split
+    from .text import IMDB_PROTOCOL, TextProtocol
+
     case = options.get("case", "lower")
     if case not in CASES:
         raise UsageError(f"--case must be lower or keep, not {case!r}.", "lower: lower-case every token (the paper); keep: keep the case.")
@@ -97,6 +89,9 @@ def text_protocol(options: dict) -> TextProtocol:
 
 
 def prepare_mnist(source: str, out: Path, force: bool) -> PreparedDataset:
+    from .mnist import embedded_arrays, mnist_meta, read_amat_folder
+    from .prepared import open_prepared, write_prepared
+
     if source == EMBEDDED:
         packed, protocol = embedded_arrays(), "binarized-mnist-embedded"
     else:
@@ -109,12 +104,29 @@ def prepare_mnist(source: str, out: Path, force: bool) -> PreparedDataset:
 
 def open_dataset(location: str | Path) -> PreparedDataset:
     """A prepared dataset folder, or `embedded` for the binarized MNIST inside the package."""
+    from .mnist import open_embedded
+    from .prepared import open_prepared
+
     if str(location) == EMBEDDED:
         return open_embedded()
     return open_prepared(Path(location))
 
 
+def __getattr__(name: str):
+    """The data types, imported on first use (they bring numpy and torch)."""
+    if name in ("Batch", "DatasetMeta", "PreparedDataset", "PreparedSplit"):
+        from . import prepared
+
+        return getattr(prepared, name)
+    if name == "ProgressCallback":
+        from .audio import ProgressCallback
+
+        return ProgressCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "check_prepared_folder",
     "AUDIO_KINDS",
     "AVAILABLE_KINDS",
     "Batch",

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .location import EMBEDDED
 from .prepared import SPLITS, DatasetMeta, PreparedDataset, PreparedSplit, arrays_fingerprint
 
 PIXELS = 784
 IMAGE_SHAPE = [28, 28]
-EMBEDDED = "embedded"
 AMAT_NAMES = {split: f"binarized_mnist_{split}.amat" for split in SPLITS}
 ATTRIBUTION = "MNIST: LeCun, Cortes, Burges (CC BY-SA 3.0); binarized by zforcing, see NOTICE.md"
 AMAT_HINT = (

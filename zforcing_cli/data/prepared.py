@@ -28,9 +28,9 @@ import torch
 
 from ..errors import DataError, UsageError
 from ..fileio import atomic_directory, holds_json_object, write_json
+from .location import META_FILE, check_prepared_folder
 
 FORMAT_VERSION = 1
-META_FILE = "meta.json"
 SPLITS = ("train", "valid", "test")
 SAMPLE_SCALE = 32768.0  # an int16 sample is the float waveform (in [-1, 1)) times this
 # Every text vocabulary starts with these four, at these ids (text.py builds the rest).
@@ -310,13 +310,8 @@ def files_fingerprint(folder: Path, files: dict[str, dict[str, str]]) -> str:
 
 def open_prepared(folder: Path) -> PreparedDataset:
     """Open a prepared dataset folder with its arrays memory-mapped."""
-    folder = Path(folder)
-    hint = "Create one with `zforcing prepare KIND SOURCE --out DIR`, e.g. `zforcing prepare mnist embedded`."
-    if not folder.is_dir():
-        raise DataError(f"No prepared dataset at {folder}.", hint)
+    folder = check_prepared_folder(folder)
     meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise DataError(f"{folder} is not a prepared dataset (no {META_FILE}).", hint)
     try:
         values = json.loads(meta_path.read_text())
         if not isinstance(values, dict):
