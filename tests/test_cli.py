@@ -253,16 +253,25 @@ def test_train_unknown_preset(cwd, tiny_data):
     assert_clean_error(invoke("train", "--data", tiny_data, "--preset", "huge"), 2, "Unknown preset")
 
 
-@pytest.mark.parametrize("command", [["train"], ["evaluate"], ["sample"]])
+@pytest.fixture
+def found_checkpoint(cwd) -> Path:
+    """A folder that passes for a checkpoint until it is loaded: evaluate and sample check the
+    path before the device (which loads torch)."""
+    (cwd / "checkpoint").mkdir()
+    (cwd / "checkpoint" / "config.json").write_text("{}")
+    return cwd / "checkpoint"
+
+
+@pytest.mark.parametrize("command", [["train"], ["evaluate", "checkpoint"], ["sample", "checkpoint"]])
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
-def test_cuda_without_cuda(cwd, monkeypatch, command, device):
+def test_cuda_without_cuda(cwd, found_checkpoint, monkeypatch, command, device):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert_clean_error(invoke(*command, "--device", device), 1, "CUDA is not available")
     assert not (cwd / "runs").exists()
 
 
-def test_unknown_device(cwd):
-    assert_clean_error(invoke("evaluate", "--device", "tpu"), 2, "Unknown device")
+def test_unknown_device(found_checkpoint):
+    assert_clean_error(invoke("evaluate", found_checkpoint, "--device", "tpu"), 2, "Unknown device")
 
 
 # -- evaluate --------------------------------------------------------------------------------------

@@ -49,3 +49,14 @@ def test_a_job_of_days_is_announced_with_what_shortens_it(capsys, monkeypatch, e
         progress(2, 10**9, "")
     (line,) = plain(capsys.readouterr().err).splitlines()
     assert line.startswith("Warning: Evaluating test will take about ") and line.endswith("; evaluate fewer sequences with --limit N.")
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["train", "--help"], ["evaluate", "--help"], ["bench", "--help"]])
+def test_the_help_shows_no_type_beside_a_flag(arguments):
+    """A flag takes no value: no `<bool>` beside --json or --help; options that take one keep
+    their type."""
+    from conftest import invoke
+
+    output = plain(invoke(*arguments, env={"COLUMNS": "200"}).output)
+    assert "<bool>" not in output
+    assert "--help " in output and ("<int range>" in output or arguments == ["--help"])

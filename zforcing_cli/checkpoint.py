@@ -76,8 +76,6 @@ def write_checkpoint(
 ) -> Path:
     """save_checkpoint from the model's weights and, for a training checkpoint, the optimizer's
     state as flatten_optimizer_state gives it (read_training_checkpoint reads both back)."""
-    from safetensors.torch import save_file
-
     with atomic_directory(folder, force=True, what="checkpoint folder", is_ours=is_checkpoint_folder) as staging:
         write_json(staging / CONFIG_FILE, {**config, "format_version": CHECKPOINT_FORMAT, "zforcing_version": __version__})
         save_file({name: t.detach().cpu().contiguous() for name, t in weights.items()}, staging / MODEL_FILE)
@@ -87,6 +85,20 @@ def write_checkpoint(
             trainer_state = {**trainer_state, "optimizer_param_groups": groups}
         write_json(staging / STATE_FILE, trainer_state)
     return folder
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, imported when first used (it loads torch)."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, path)
+
+
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors' load_file, imported when first used (it loads torch)."""
+    from safetensors.torch import load_file as load
+
+    return load(path)
 
 
 def flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -244,7 +256,6 @@ def read_config(folder: Path) -> dict:
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     folder = file.parent
     if not file.is_file():

@@ -118,6 +118,25 @@ class CommandGroup(TyperGroup):
             sys.exit(getattr(error, "exit_code", 2))
         sys.exit(code if isinstance(code, int) else 0)
 
+    def get_params(self, ctx):
+        return without_flag_types(super().get_params(ctx))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            without_flag_types(command.get_params(ctx))
+        return command
+
+
+def without_flag_types(params: list) -> list:
+    """A flag takes no value, so the help shows no type beside it (typer would write `<bool>`):
+    its metavar, which the help shows in place of the type, is made empty. --help is among
+    params, which get_params makes once per command."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
+
 
 def progress_console() -> Console:
     """stderr, as wide as a progress line needs when it is not a terminal."""

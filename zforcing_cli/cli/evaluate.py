@@ -49,7 +49,6 @@ def evaluate_cli(
     announce_loop_builds()
     from ..device import resolve_device
     from ..diagnostics import diagnose_split, write_diagnostics_plot
-    from ..evaluate import evaluate_split
     from ..threads import ThreadPolicy
 
     torch_device = resolve_device(device)
@@ -78,6 +77,13 @@ def evaluate_cli(
             f"The bounds came out non-finite ({report['status'].split(': ')[1]}): they are not results.",
             "The model overflows on this data; check the checkpoint with another split, or train again with a lower --lr.",
         )
+
+
+def evaluate_split(*args, **kwargs) -> EvalResult:
+    """The core's evaluate_split, imported when first called (it loads torch)."""
+    from ..evaluate import evaluate_split as evaluate
+
+    return evaluate(*args, **kwargs)
 
 
 def check_options(split: str, diagnostics: bool, plot: Path | None, force: bool) -> None:

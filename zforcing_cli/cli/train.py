@@ -47,6 +47,9 @@ EPILOG = (
 )
 BY_PRESET = "the preset's: table below"
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+# What a second signal does, told to whoever sent the first: a scheduler or `kill` sends SIGTERM,
+# and has no Ctrl-C to press.
+SECOND_SIGNAL = {"SIGINT": "Ctrl-C again abandons it", "SIGTERM": "a second signal abandons it"}
 NOT_TRAINING_SETTINGS = ("preset", "aux_condition", "dropout")  # train_cli's settings that are not TrainConfig fields
 
 
@@ -533,7 +536,8 @@ def stop_on_signals(stop: StopRequest, console, distributed: bool = False) -> It
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, exit_on_signal)
         if console is not None:
-            console.print(f"{signal.Signals(number).name}: stopping {when} to write a checkpoint (Ctrl-C again abandons it).")
+            name = signal.Signals(number).name
+            console.print(f"{name}: stopping {when} to write a checkpoint ({SECOND_SIGNAL[name]}).")
 
     for number in originals:
         signal.signal(number, request_stop)
@@ -606,13 +610,24 @@ class TrainReporter:
         self.policy.refresh()
         m = event.metrics
         self.done = max(self.done, event.step)  # on a GPU, steps come after their progress
-        metrics = f"loss {m['loss']:.1f} KL {m['kl']:.2f} aux {m['aux']:.0f}"
+        # The batch's means of Eq. 10's terms, each summed over a sequence's steps: the auxiliary
+        # cost -log p(b_t|z_t) is a density's, negative once b_t is predicted well (docs/training.md).
+        metrics = f"loss {m['loss']:,.1f} KL {m['kl']:,.2f} aux {m['aux']:,.0f} {self.unit.replace(' per ', '/')}"
         self.progress.update(self.task, completed=self.done, speed=self.speed(self.done), metrics=metrics)
         self.warn_if_days(event.total_steps)
         now = time.perf_counter()
         if not stderr.is_terminal and now - self.last_line >= self.LOG_SECONDS:
             self.last_line = now
-            stderr.print(f"step {event.step}/{event.total_steps} {self.speed(self.done)} {metrics}")
+            stderr.print(escape(self.log_line(event.step, event.total_steps, metrics, now)), soft_wrap=True)
+
+    def log_line(self, step: int, total_steps: int, metrics: str, now: float) -> str:
+        """A progress line for a log file, where no bar is drawn: where the run is, its speed,
+        the time so far and to go (once an update was timed), and the batch's metrics."""
+        elapsed = now - self.started
+        timed = self.done - self.first_step
+        to_go = f", about {duration(elapsed / timed * (total_steps - self.done))} to go" if timed > 0 else ""
+        return (f"step {step:,} of {total_steps:,} ({100 * step / max(total_steps, 1):.0f}%), {self.speed(self.done)}, "
+                f"{duration(elapsed)} so far{to_go}; {metrics}")
 
     def warn_if_days(self, total_steps: int) -> None:
         """Once, after MEASURE_SECONDS: a warning when what is left would take more than a day."""
