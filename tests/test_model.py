@@ -844,6 +844,15 @@ def test_plateau_tracks_best_across_epochs():
     assert halved == [False, True, False, True] and state.lr_halvings == 2
 
 
+def test_the_default_patience_rides_out_noisy_validations():
+    """A bound that still improves, with a worse figure now and then, keeps its lr: only three
+    validations in a row without a better bound halve it."""
+    state = TrainerState(lr=1e-3)
+    noisy = [-100.0, -101.0, -98.0, -99.0, -97.0, -98.0, -97.5, -96.0]
+    assert [plateau_update(state, value, TrainConfig()) for value in noisy] == [False] * 8
+    assert [plateau_update(state, value, TrainConfig()) for value in (-97.0, -96.5, -96.1)] == [False, False, True]
+
+
 # ---------------------------------------------------------------------------------------------
 # A real first input (the SRNN speech protocol's context frame) and continuing a sequence
 

@@ -41,7 +41,10 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 500
     valid_limit: int = 0  # validate on the first N valid sequences (0: all)
-    lr_patience: int = 1  # epochs without a better validation bound before halving the lr
+    # Validations at an epoch's end without a better bound before the lr is halved: a bound
+    # measured on a few thousand sequences moves by noise, and one worse figure is no plateau
+    # (a run recorded its patience: one written when the default was 1 resumes with 1).
+    lr_patience: int = 3
     lr_decay: float = 0.5
     max_consecutive_skips: int = 20  # non-finite steps in a row before giving up
     checkpoint_every: int = 0  # also checkpoint every N updates (0: at the end of each epoch)

@@ -41,6 +41,25 @@ def test_resume_names_both_values_of_a_changed_option(two_step_run):
     assert "--seed 2 differs from the run's 1" in line
 
 
+def test_lr_patience_is_recorded_and_kept_on_resume(cwd, tiny_data):
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 2, "--lr-patience", 5)
+    assert result.exit_code == 0, plain(result.output)
+    assert json.loads((cwd / "run" / "config.json").read_text())["train"]["lr_patience"] == 5
+    line = assert_clean_error(invoke("train", "--out", "run", "--resume", "--lr-patience", 2), 2)
+    assert "--lr-patience 2 differs from the run's 5" in line
+
+
+def test_a_run_that_recorded_a_patience_of_1_resumes_with_it(two_step_run):
+    """Runs written when the default was 1 keep their schedule."""
+    config = json.loads((two_step_run / "config.json").read_text())
+    assert config["train"]["lr_patience"] == 3  # today's default
+    config["train"]["lr_patience"] = 1
+    (two_step_run / "config.json").write_text(json.dumps(config))
+    result = invoke("train", "--out", two_step_run, "--resume", "--max-steps", 3, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert json.loads((two_step_run / "config.json").read_text())["train"]["lr_patience"] == 1
+
+
 def test_resume_finds_its_dataset_in_a_new_place(two_step_run, tiny_data, cwd):
     moved = shutil.copytree(tiny_data, cwd / "moved-data")
     result = invoke("train", "--out", two_step_run, "--resume", "--max-steps", 3, "--data", moved, "--device", "cpu")

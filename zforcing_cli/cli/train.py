@@ -130,6 +130,13 @@ AuxIncrementOption = Annotated[
         help="With --aux-start: how far α moves per update.",
     ),
 ]
+LrPatienceOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--lr-patience", min=1, show_default="3",
+        help="Halve the learning rate after N validations in a row (one at each epoch's end) without a better bound.",
+    ),
+]
 BwdWeightOption = Annotated[
     Optional[float],
     typer.Option(
@@ -239,6 +246,7 @@ def train_cli(
     max_steps: MaxStepsOption = None,
     batch_size: BatchSizeOption = None,
     lr: LrOption = None,
+    lr_patience: LrPatienceOption = None,
     aux_weight: AuxWeightOption = None,
     aux_start: AuxStartOption = None,
     aux_increment: AuxIncrementOption = None,
@@ -259,7 +267,7 @@ def train_cli(
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     check_options(lr=lr, aux_increment=aux_increment, aux_weight=aux_weight, aux_start=aux_start, bwd_weight=bwd_weight,
                   checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, preset=preset)
-    settings = dict(preset=preset, batch_size=batch_size, lr=lr, aux_weight=aux_weight, aux_start=aux_start,
+    settings = dict(preset=preset, batch_size=batch_size, lr=lr, lr_patience=lr_patience, aux_weight=aux_weight, aux_start=aux_start,
                     aux_increment=aux_increment, bwd_weight=bwd_weight, kl_anneal=kl_anneal, seed=seed,
                     weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision)
     lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
@@ -460,6 +468,7 @@ def recorded_settings(run_config: RunConfig) -> dict:
     train_config = run_config.train
     return {
         "preset": run_config.preset or None, "batch_size": train_config.batch_size, "lr": train_config.lr,
+        "lr_patience": train_config.lr_patience,
         "aux_weight": train_config.aux_weight, "aux_start": train_config.aux_start, "aux_increment": train_config.aux_increment,
         "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
         "seed": train_config.seed, "weight_decay": train_config.weight_decay,
