@@ -275,8 +275,8 @@ def train_cli(
     if launched_rank() is None:  # under torchrun, rank 0 finds the run for all
         check_paths(resume, out, data)
     announce_loop_builds()
-    from ..distributed import joined
     from ..device import check_precision, resolve_device
+    from ..distributed import joined
     from ..evaluate import bound_unit
 
     if precision is not None:
