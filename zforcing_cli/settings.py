@@ -68,7 +68,8 @@ SETTINGS: dict[str, type] = {**RUN_SETTINGS, **MODEL_SETTINGS, **TRAIN_SETTINGS,
 def unknown_setting(name: str, where: str = "") -> UsageError:
     """The error for a name that is no setting, with the closest names as a hint."""
     close = difflib.get_close_matches(name, SETTINGS, n=3, cutoff=0.6)
-    hint = f"Did you mean {' or '.join(close)}? " if close else ""
+    choices = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
+    hint = f"Did you mean {choices}? " if close else ""
     return UsageError(f"Unknown setting {name!r}{where}.",
                       hint + "Settings are named as `zforcing train`'s options, with underscores (docs/sweeps.md lists them).")
 
@@ -88,15 +89,15 @@ def check_value(name: str, value, where: str = ""):
 
 
 def check_range(name: str, value, where: str) -> None:
-    problem = None
+    field_name, problem = ALIASES.get(name, name), None
     if isinstance(value, float) and not math.isfinite(value):
         problem = "a finite number"
     elif name in POSITIVE and value <= 0:
         problem = "above 0"
     elif name in NON_NEGATIVE and value < 0:
         problem = "0 or more"
-    elif name in FRACTIONS and not FRACTIONS[name][0] <= value < FRACTIONS[name][1]:
-        problem = f"in [{FRACTIONS[name][0]:g}, {FRACTIONS[name][1]:g})"
+    elif field_name in FRACTIONS and not FRACTIONS[field_name][0] <= value < FRACTIONS[field_name][1]:
+        problem = f"in [{FRACTIONS[field_name][0]:g}, {FRACTIONS[field_name][1]:g})"
     elif name in UNIT_INTERVAL and not 0.0 <= value <= 1.0:
         problem = "in [0, 1]"
     elif name in CHOICES and value not in CHOICES[name]:

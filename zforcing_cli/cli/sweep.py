@@ -142,7 +142,7 @@ def print_report(spec, study, folder: Path, unit: str, as_json: bool) -> None:
     result = build_report(spec, study, folder, unit)
     if not result["configurations"]:
         raise SweepError(f"No configuration of the sweep {spec.name!r} has finished yet.", f"Run it: zforcing sweep {spec.path}")
-    written = write_sweep_curves(configurations(study, folder), spec.metric.key, f"{spec.metric.phrase} ({unit})", folder / CURVES_STEM)
+    written = write_sweep_curves(configurations(study, folder), spec.metric.key, f"{spec.metric.phrase.removeprefix('the ')} ({unit})", folder / CURVES_STEM)
     if as_json:
         stdout.print_json(json.dumps(result, allow_nan=False, default=str))
     else:

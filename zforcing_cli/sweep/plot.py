@@ -47,6 +47,7 @@ def curves_figure(configs: list[Configuration], key: str, ylabel: str, varying: 
         label = f"{describe_params(config.params, varying)} ({len(curves)} seed{'' if len(curves) == 1 else 's'})"
         axes.plot(steps, mean, "-o", color=colour, markersize=3, linewidth=1.4, label=label)
         axes.fill_between(steps, mean - spread, mean + spread, color=colour, alpha=0.2, linewidth=0)
+        axes.errorbar(steps, mean, yerr=spread, fmt="none", ecolor=colour, alpha=0.6, capsize=3)  # seen with one validation too
     axes.set(xlabel="updates", ylabel=ylabel, title="validation curves: mean over seeds, band ± 1 SD")
     axes.grid(True, alpha=0.3)
     if axes.has_data():
