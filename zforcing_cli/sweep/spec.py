@@ -1,7 +1,7 @@
 """A sweep's spec: a TOML file with a base config, a search space, the seeds, the metric and the
 number of configurations, read and checked whole before anything is written.
 
-    [base]                 # any train setting (settings.py)
+    [base]                 # any train setting (settings.py); [space] overrides it
     data = "embedded"
     max_steps = 200
     [space]                # a list is a grid axis; a table a distribution
@@ -117,9 +117,6 @@ def read_spec(path: Path) -> SweepSpec:
     space = read_space(tables.get("space", {}), path)
     if "seed" in base:
         raise UsageError(f"seed in {path} [base]: {NOT_IN_SPACE['seed']}.", "List them in [sweep], e.g. seeds = [0, 1, 2].")
-    both = sorted(set(base) & set(space))
-    if both:
-        raise UsageError(f"{both[0]} is both in {path} [base] and in [space].", "Keep it in one of them.")
     return read_sweep_table(tables.get("sweep", {}), path, base, space)
 
 
