@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zforcing_cli.errors import UsageError
+from sweep_helpers import write_spec  # noqa: F401 - a fixture
 from zforcing_cli.sweep.spec import read_spec
 
 

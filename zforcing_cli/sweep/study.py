@@ -62,14 +62,16 @@ def open_database(url: str) -> RDBStorage:
         raise SweepError(f"--storage {url!r} is not a postgresql:// or mysql:// URL.",
                          "For example --storage postgresql://user:password@host/zforcing (docs/sweeps.md).")
     try:
-        return RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_SECONDS}},
-            heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-            failed_trial_callback=RetryHeartbeatStaleTrialCallback(),
-        )
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna's words; it is what Optuna offers
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url, engine_kwargs={"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_SECONDS}},
+                heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+            )
     except ImportError as error:
         raise SweepError(f"--storage {storage_label(url)} needs a database driver: {error}.",
-                         "Install it: pip install 'zforcing[sweep]' (psycopg2 for PostgreSQL) or a MySQL driver.") from None
+                         "Install it: pip install 'zforcing[sweep]' (psycopg for PostgreSQL), or a MySQL driver (pymysql).") from None
     except Exception as error:  # noqa: BLE001 - SQLAlchemy's and the drivers' errors alike
         reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
         raise SweepError(f"Cannot reach the storage {storage_label(url)}: {reason}",
@@ -87,9 +89,12 @@ def check_folder(folder: Path, spec: SweepSpec, url: str | None) -> None:
         return
     try:
         record = json.loads(record_path.read_text())
-        recorded_hash, recorded_storage = record["spec_hash"], record["storage"]
+        recorded_name, recorded_hash, recorded_storage = record["name"], record["spec_hash"], record["storage"]
     except (OSError, ValueError, KeyError, TypeError):
         raise SweepError(f"{record_path} cannot be read as a sweep record.", "Choose another --out.") from None
+    if recorded_name != spec.name:
+        raise SweepError(f"{folder} belongs to another spec: the sweep {recorded_name!r}, not {spec.name!r}.",
+                         "Give this spec its own --out.")
     if recorded_hash != spec.digest():
         raise SweepError(f"{folder} belongs to another spec (its base, space, seeds or metric differ from {spec.path}'s).",
                          f"Give this spec another --out, or put back the spec saved in {folder / SPEC_COPY}.")

@@ -1,5 +1,6 @@
-"""What the sweep tests share: specs of the tiny model on the tiny prepared dataset (tests/conftest.py),
-two updates a run, and `zforcing sweep` worker subprocesses."""
+"""What the sweep tests share, imported by name (a second conftest.py would shadow tests/conftest.py):
+specs of the tiny model on the tiny prepared dataset (tests/conftest.py), two updates a run, and
+`zforcing sweep` worker subprocesses."""
 
 from __future__ import annotations
 

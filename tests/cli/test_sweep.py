@@ -1,0 +1,104 @@
+"""`zforcing sweep` end to end on the tiny dataset: a grid over two seeds and its report, and the
+bad inputs of the issue, each one `Error:` line with nothing written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PNG_SIGNATURE, assert_clean_error, invoke, plain
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sweep"))
+from sweep_helpers import write_spec  # noqa: E402, F401 - a fixture
+
+from zforcing_cli.plots import metric_points, read_metrics  # noqa: E402
+from zforcing_cli.sweep import open_study, read_spec  # noqa: E402
+
+
+def best_bound(run: Path) -> float:
+    return min(metric_points(read_metrics(run / "metrics.jsonl"), "valid", "nll_bound")[1])
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_grid_sweep_trains_each_configuration_with_each_seed_and_reports_paired_differences(write_spec, in_tmp):
+    spec = write_spec()
+    result = invoke("sweep", spec, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "2/2 configurations done (0 pruned, 0 failed)" in plain(result.stderr)
+    folder = in_tmp / "sweeps" / "tiny"
+    runs = sorted(folder.glob("trials/*/seed-*"))
+    assert len(runs) == 4 and all((run / "config.json").is_file() for run in runs)
+    compared = invoke("compare", *runs[:2], "--out", in_tmp / "two.png", "--json")  # ordinary run folders
+    assert compared.exit_code == 0, plain(compared.output)
+
+    report = invoke("sweep", spec, "--report", "--json")
+    assert report.exit_code == 0, plain(report.output)
+    data = json.loads(report.stdout)
+    by_alpha = {config["params"]["aux_weight"]: config for config in data["configurations"]}
+    assert set(by_alpha) == {0.0, 0.001} and data["reference_found"]
+    for config in by_alpha.values():  # each seed's metric is its run's best validation bound
+        seeds = {seed: best_bound(folder / f"trials/{config['trial']:04d}/seed-{seed}") for seed in (0, 1)}
+        assert config["values"] == {str(seed): pytest.approx(value) for seed, value in seeds.items()}
+        assert config["n"] == 2 and config["mean"] == pytest.approx(sum(seeds.values()) / 2)
+    (difference,) = data["differences"]
+    paired = [by_alpha[0.001]["values"][seed] - by_alpha[0.0]["values"][seed] for seed in ("0", "1")]
+    assert difference["mean"] == pytest.approx(sum(paired) / 2)
+    assert difference["sentence"].startswith("aux_weight = 0.001 ") and ", 2 seeds, p = " in difference["sentence"]
+    assert (folder / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    text = invoke("sweep", spec, "--report")
+    assert "Against aux_weight = 0:" in plain(text.stdout) and difference["sentence"] in plain(text.stdout).replace("\n", " ")
+
+    again = invoke("sweep", spec, "--device", "cpu")  # the same command on a finished sweep trains nothing
+    assert again.exit_code == 0 and "seed 0, update" not in plain(again.stderr)
+    assert sorted(folder.glob("trials/*/seed-*")) == runs
+
+
+@pytest.mark.parametrize("space, sweep, fragment", [
+    ("aux_wieght = [0.0, 0.001]", "seeds = [0]", "Unknown setting 'aux_wieght'"),
+    ("", "seeds = [0]", "empty search space"),
+    ("lr = { low = 0.1, high = 0.01 }", 'seeds = [0]\nsampler = "tpe"\ntrials = 2', "low end 0.1 is above its high end"),
+    ("aux_weight = [0.0, 0.001]", "trials = 2", "No seeds"),
+])
+def test_a_bad_spec_is_one_error_and_no_folder(write_spec, in_tmp, space, sweep, fragment):
+    result = invoke("sweep", write_spec(space=space, sweep=sweep), "--device", "cpu")
+    assert_clean_error(result, 2, fragment)
+    assert not (in_tmp / "sweeps").exists()
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("postgresql://nobody@127.0.0.1:9/zforcing", "Cannot reach the storage postgresql://nobody@127.0.0.1:9/zforcing"),
+    ("sqlite:///sweep.db", "SQLite cannot hold a sweep"),
+    ("redis://localhost", "is not a postgresql:// or mysql:// URL"),
+])
+def test_a_storage_that_cannot_serve_is_one_error_and_no_folder(write_spec, in_tmp, url, fragment):
+    result = invoke("sweep", write_spec(), "--storage", url, "--device", "cpu")
+    assert_clean_error(result, 1, fragment)
+    assert not (in_tmp / "sweeps").exists() and not (in_tmp / "sweep.db").exists()
+
+
+def test_a_sweep_folder_of_another_spec_or_space_is_refused_untouched(write_spec, in_tmp):
+    first = read_spec(write_spec())
+    open_study(first, in_tmp / "sweeps" / "tiny", None)  # the folder and its study, without training
+    before = {path: path.stat().st_mtime_ns for path in (in_tmp / "sweeps").rglob("*")}
+    other_space = write_spec(space="aux_weight = [0.0, 0.01]")  # the same name, another space
+    result = invoke("sweep", other_space, "--device", "cpu")
+    assert_clean_error(result, 1, "sweeps/tiny belongs to another spec")
+    elsewhere = write_spec(name="other")
+    result = invoke("sweep", elsewhere, "--out", in_tmp / "sweeps" / "tiny", "--report")
+    assert_clean_error(result, 1, "belongs to another spec")
+    assert {path: path.stat().st_mtime_ns for path in (in_tmp / "sweeps").rglob("*")} == before
+
+
+def test_a_report_before_any_run_says_to_run_it(write_spec, in_tmp):
+    result = invoke("sweep", write_spec(), "--report")
+    assert_clean_error(result, 1, "is not a sweep folder")
+    assert not (in_tmp / "sweeps").exists()
