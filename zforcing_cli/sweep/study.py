@@ -109,9 +109,9 @@ def make_folder(folder: Path, spec: SweepSpec, url: str | None) -> list[Path] | 
     if (folder / SWEEP_FILE).exists():
         return None
     made = make_parents(folder)
-    try:
-        shutil.copyfile(spec.path, folder / SPEC_COPY)
+    try:  # the record first: a worker starting beside this one finds a sweep folder, never a folder of strangers
         write_json(folder / SWEEP_FILE, {"name": spec.name, "spec_hash": spec.digest(), "storage": storage_label(url)})
+        shutil.copyfile(spec.path, folder / SPEC_COPY)
     except BaseException:
         unmake_folder(folder, made)
         raise
