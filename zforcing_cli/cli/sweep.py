@@ -45,7 +45,7 @@ def require_sweep_packages() -> None:
 
 
 def sweep_cli(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The sweep's spec, a TOML file (docs/sweeps.md).", show_default=False)],
+    spec: Annotated[Path, typer.Argument(help="The sweep's spec, a TOML file (docs/sweeps.md).", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", help="The sweep folder. Default: sweeps/<the spec's name>.", show_default=False)] = None,
     storage: Annotated[Optional[str], typer.Option(
         "--storage", show_default="a journal file in the sweep folder",
@@ -58,21 +58,21 @@ def sweep_cli(
     require_sweep_packages()
     from ..sweep import SweepWorker, default_folder, load_study, open_study, read_spec
 
-    spec = read_spec(spec_path)
-    folder = out or default_folder(spec)
-    dataset = open_dataset(spec.base.get("data", "embedded"))
+    sweep_spec = read_spec(spec)
+    folder = out or default_folder(sweep_spec)
+    dataset = open_dataset(sweep_spec.base.get("data", "embedded"))
     unit = bound_unit(dataset.meta.modality)
     if report:
-        print_report(spec, load_study(spec, folder, storage), folder, unit, as_json)
+        print_report(sweep_spec, load_study(sweep_spec, folder, storage), folder, unit, as_json)
         return
     torch_device = resolve_device(device)
-    study = open_study(spec, folder, storage)
-    stderr.print(escape(f"Sweep {spec.name!r} in {folder}: {plural(spec.trials, 'configuration')} × {plural(len(spec.seeds), 'seed')}, "
-                        f"{spec.sampler} sampler, storage {storage_name(storage, folder)}"), soft_wrap=True)
+    study = open_study(sweep_spec, folder, storage)
+    stderr.print(escape(f"Sweep {sweep_spec.name!r} in {folder}: {plural(sweep_spec.trials, 'configuration')} × {plural(len(sweep_spec.seeds), 'seed')}, "
+                        f"{sweep_spec.sampler} sampler, storage {storage_name(storage, folder)}"), soft_wrap=True)
     stop = StopRequest()
     with stop_on_signals(stop, stderr):
-        SweepWorker(spec, study, folder, dataset, torch_device, SweepReporter(unit), stop).run()
-    print_report(spec, study, folder, unit, as_json)
+        SweepWorker(sweep_spec, study, folder, dataset, torch_device, SweepReporter(unit), stop).run()
+    print_report(sweep_spec, study, folder, unit, as_json)
 
 
 def storage_name(url: str | None, folder: Path) -> str:
