@@ -62,6 +62,19 @@ def test_a_grid_sweep_trains_each_configuration_with_each_seed_and_reports_paire
     assert sorted(folder.glob("trials/*/seed-*")) == runs
 
 
+def test_tpe_draws_from_distributions_and_runs_the_reference_first(write_spec, in_tmp):
+    spec = write_spec("tpe", space="lr = { low = 1e-4, high = 1e-2, log = true }",
+                      sweep='seeds = [0]\nsampler = "tpe"\ntrials = 2\nreference = { lr = 0.001 }')
+    result = invoke("sweep", spec, "--device", "cpu", "--json")
+    assert result.exit_code == 0, plain(result.output)
+    data = json.loads(result.stdout)  # the report follows the sweep
+    first, second = data["configurations"]
+    assert first["params"] == {"lr": 0.001} and data["reference_found"]
+    assert 1e-4 <= second["params"]["lr"] <= 1e-2 and second["params"]["lr"] != 0.001
+    (difference,) = data["differences"]
+    assert difference["n"] == 1 and difference["t_p"] is None and "on 1 seed (a test needs two or more)" in difference["sentence"]
+
+
 @pytest.mark.parametrize("space, sweep, fragment", [
     ("aux_wieght = [0.0, 0.001]", "seeds = [0]", "Unknown setting 'aux_wieght'"),
     ("", "seeds = [0]", "empty search space"),

@@ -78,3 +78,24 @@ def test_a_worker_killed_mid_trial_is_reaped_and_the_rerun_loses_nothing(write_s
     assert f"trial {retry.number} seed 0, update" not in plain(result.stderr)  # its validation is not redone
     assert f"trial {retry.number} seed 2, update" in plain(result.stderr)
     assert not (folder / "trials" / f"{retry.number:04d}").exists()  # the retry trains in the killed trial's folders
+
+
+def test_a_stopped_worker_continues_where_it_stopped(write_spec, tmp_path, monkeypatch):
+    spec = write_spec("stopped", space="aux_weight = [0.0]", sweep="seeds = [0, 1]", steps=30)
+    folder = tmp_path / "sweeps" / "stopped"
+    worker = Worker(tmp_path, spec)
+    wait_for(lambda: any((folder / "trials" / "0000" / "seed-0").glob("metrics.jsonl")), "the first run's first update", worker)
+    worker.process.send_signal(signal.SIGINT)
+    assert worker.finish(TIMEOUT) == 130, worker.stderr()
+    assert "To continue: zforcing sweep " in worker.stderr()
+    (stopped,) = journal_study(folder, "stopped").get_trials()
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"]
+    checkpoints = list((folder / "trials" / "0000" / "seed-0" / "checkpoints").glob("step-*"))
+    assert checkpoints  # the stop wrote one
+
+    monkeypatch.chdir(tmp_path)
+    result = invoke("sweep", spec, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert "trial 1 seed 0: resuming from " in plain(result.stderr)
+    _, retry = journal_study(folder, "stopped").get_trials()
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0 and set(retry.intermediate_values) == {0, 1}

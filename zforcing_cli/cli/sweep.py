@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,7 +26,7 @@ from ..humanize import duration, plural
 from ..stats import number
 from ..train import StopRequest
 from .common import DeviceOption
-from .train import stop_on_signals
+from .train import SIGNAL_EXIT_CODES, stop_on_signals
 
 EPILOG = (
     "**Examples:** `zforcing sweep aux.toml` runs the sweep in sweeps/aux (start the same command in other terminals "
@@ -56,7 +57,8 @@ def sweep_cli(
 ) -> None:
     """Run a sweep: configurations from a grid or TPE (Optuna), each trained with every seed of the spec, pruned only by a paired test across seeds; then report each configuration's mean ± SD and 95% CI and its paired differences against the reference."""
     require_sweep_packages()
-    from ..sweep import SweepWorker, default_folder, load_study, open_study, read_spec
+    from ..sweep import SweepStopped, SweepWorker, default_folder, load_study, open_study, read_spec
+    from ..sweep.study import storage_label
 
     sweep_spec = read_spec(spec)
     folder = out or default_folder(sweep_spec)
@@ -70,8 +72,13 @@ def sweep_cli(
     stderr.print(escape(f"Sweep {sweep_spec.name!r} in {folder}: {plural(sweep_spec.trials, 'configuration')} × {plural(len(sweep_spec.seeds), 'seed')}, "
                         f"{sweep_spec.sampler} sampler, storage {storage_name(storage, folder)}"), soft_wrap=True)
     stop = StopRequest()
-    with stop_on_signals(stop, stderr):
-        SweepWorker(sweep_spec, study, folder, dataset, torch_device, SweepReporter(unit), stop).run()
+    try:
+        with stop_on_signals(stop, stderr):
+            SweepWorker(sweep_spec, study, folder, dataset, torch_device, SweepReporter(unit), stop).run()
+    except SweepStopped as stopped:
+        again = ["zforcing", "sweep", str(spec)] + (["--out", str(out)] if out else []) + (["--storage", storage_label(storage)] if storage else [])
+        stderr.print(escape(f"{stopped.message}\nTo continue: {shlex.join(again)}"), soft_wrap=True)
+        raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
     print_report(sweep_spec, study, folder, unit, as_json)
 
 

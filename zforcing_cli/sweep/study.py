@@ -139,6 +139,8 @@ def open_study(spec: SweepSpec, folder: Path, url: str | None) -> optuna.Study:
         study = optuna.create_study(study_name=spec.name, storage=storage, load_if_exists=True,
                                     direction=spec.metric.direction, sampler=make_sampler(spec), pruner=make_pruner(spec))
         claim_study(study, spec)
+        if spec.sampler == "tpe" and spec.reference:  # TPE would never draw it: the reference goes first
+            study.enqueue_trial(spec.reference, skip_if_exists=True)
     except BaseException:
         unmake_folder(folder, made)
         raise
