@@ -115,3 +115,18 @@ def test_a_report_before_any_run_says_to_run_it(write_spec, in_tmp):
     result = invoke("sweep", write_spec(), "--report")
     assert_clean_error(result, 1, "is not a sweep folder")
     assert not (in_tmp / "sweeps").exists()
+
+
+def test_the_help_has_examples(in_tmp):
+    result = invoke("sweep", "--help")
+    assert result.exit_code == 0 and "Examples" in plain(result.output) and "zforcing sweep aux.toml --report" in plain(result.output)
+
+
+def test_without_the_extra_the_error_says_what_to_install(write_spec, in_tmp, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "optuna" else real(name, *args))
+    result = invoke("sweep", write_spec(), "--device", "cpu")
+    assert_clean_error(result, 1, "zforcing sweep needs optuna, which is not installed")
+    assert "pip install 'zforcing[sweep]'" in plain(result.stderr)

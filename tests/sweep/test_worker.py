@@ -51,7 +51,7 @@ def test_two_workers_join_one_study_and_stop_at_its_total(write_spec, tmp_path):
 
 
 def test_a_worker_killed_mid_trial_is_reaped_and_the_rerun_loses_nothing(write_spec, tmp_path, monkeypatch):
-    spec = write_spec("killed", space="aux_weight = [0.0, 0.001]", sweep="seeds = [0, 1, 2]")
+    spec = write_spec("killed", space="aux_weight = [0.0, 0.001]", sweep="seeds = [0, 1]")
     folder = tmp_path / "sweeps" / "killed"
     worker = Worker(tmp_path, spec)
     wait_for(lambda: (folder / "trials" / "0000" / "seed-1").exists(), "second seed of the first trial", worker)
@@ -76,12 +76,12 @@ def test_a_worker_killed_mid_trial_is_reaped_and_the_rerun_loses_nothing(write_s
     assert retry.intermediate_values[0] == pytest.approx(first.intermediate_values[0])  # seed 0 kept, not retrained
     assert [path.stat().st_mtime_ns for path in finished_seed] == stamps
     assert f"trial {retry.number} seed 0, update" not in plain(result.stderr)  # its validation is not redone
-    assert f"trial {retry.number} seed 2, update" in plain(result.stderr)
+    assert f"trial {retry.number} seed 1, update" in plain(result.stderr)
     assert not (folder / "trials" / f"{retry.number:04d}").exists()  # the retry trains in the killed trial's folders
 
 
 def test_a_stopped_worker_continues_where_it_stopped(write_spec, tmp_path, monkeypatch):
-    spec = write_spec("stopped", space="aux_weight = [0.0]", sweep="seeds = [0, 1]", steps=30)
+    spec = write_spec("stopped", space="aux_weight = [0.0]", sweep="seeds = [0, 1]", steps=18)
     folder = tmp_path / "sweeps" / "stopped"
     worker = Worker(tmp_path, spec)
     wait_for(lambda: any((folder / "trials" / "0000" / "seed-0").glob("metrics.jsonl")), "the first run's first update", worker)
