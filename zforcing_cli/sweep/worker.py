@@ -198,12 +198,13 @@ class SweepWorker:
             attrs = trial.user_attrs
             if HOST_ATTR not in attrs and not self.journal:
                 continue  # on a database: another machine's, which the heartbeat watches
-            if attrs.get(HOST_ATTR, self.host) != self.host or (PID_ATTR in attrs and process_alive(attrs[PID_ATTR], attrs.get(STARTED_ATTR))):
+            alive = PID_ATTR in attrs and process_alive(attrs[PID_ATTR], attrs.get(STARTED_ATTR))
+            if attrs.get(HOST_ATTR, self.host) != self.host or alive:
                 continue
             storage.set_trial_user_attr(trial._trial_id, REAPED_ATTR, True)
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            self.callback(SweepEvent("reaped", self.counts(), trial=trial.number, params=trial.params,
-                                     message=f"trial {trial.number}'s worker (pid {attrs.get(PID_ATTR, '?')}) is gone: failed it and queued it again"))
+            message = f"trial {trial.number}'s worker (pid {attrs.get(PID_ATTR, '?')}) is gone: failed it and queued it again"
+            self.callback(SweepEvent("reaped", self.counts(), trial=trial.number, params=trial.params, message=message))
         trials = self.study.get_trials(deepcopy=False)
         retried = {trial.user_attrs.get(RETRY_ATTR) for trial in trials}
         for trial in trials:
