@@ -91,10 +91,12 @@ def test_a_bad_spec_is_one_error_and_no_folder(write_spec, in_tmp, space, sweep,
     ("postgresql://nobody@127.0.0.1:9/zforcing", "Cannot reach the storage postgresql://nobody@127.0.0.1:9/zforcing"),
     ("sqlite:///sweep.db", "SQLite cannot hold a sweep"),
     ("redis://localhost", "is not a postgresql:// or mysql:// URL"),
+    ("postgresql://user:secret@[bad", "Cannot reach the storage postgresql://"),
 ])
 def test_a_storage_that_cannot_serve_is_one_error_and_no_folder(write_spec, in_tmp, url, fragment):
     result = invoke("sweep", write_spec(), "--storage", url, "--device", "cpu")
     assert_clean_error(result, 1, fragment)
+    assert "secret" not in plain(result.output)  # a password is never shown
     assert not (in_tmp / "sweeps").exists() and not (in_tmp / "sweep.db").exists()
 
 

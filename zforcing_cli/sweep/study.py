@@ -48,8 +48,12 @@ def storage_label(url: str | None) -> str:
     if url is None:
         return "journal"
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # not a URL at all: its scheme is enough to say what it is
+        return url.split("://", 1)[0] + "://..."
 
 
 def open_database(url: str) -> RDBStorage:
