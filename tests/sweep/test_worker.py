@@ -37,7 +37,8 @@ def wait_for(condition, what: str, worker: Worker) -> None:
 
 
 def test_two_workers_join_one_study_and_stop_at_its_total(write_spec, tmp_path):
-    spec = write_spec("pair", space="aux_weight = [0.0, 0.001, 0.002, 0.003]", sweep="seeds = [0]")
+    # 12 updates a run: long enough that both workers, started together, are up before the trials run out
+    spec = write_spec("pair", space="aux_weight = [0.0, 0.001, 0.002, 0.003]", sweep="seeds = [0]", steps=12)
     workers = [Worker(tmp_path, spec), Worker(tmp_path, spec)]
     for worker in workers:
         assert worker.finish(TIMEOUT) == 0, worker.stderr()
