@@ -11,7 +11,7 @@ import typer
 from ..allocator import keep_freed_memory
 from ..console import CommandGroup, handle_errors, stdout
 from ..version import __version__
-from . import bench, compare, evaluate, interpolate, prepare, sample, train
+from . import bench, compare, evaluate, interpolate, prepare, sample, sweep, train
 from .common import exit_on_signal
 
 app = typer.Typer(
@@ -56,6 +56,7 @@ COMMANDS = {
     "interpolate": Command(interpolate.interpolate_cli, interpolate.EPILOG, "--points or --length"),
     "compare": Command(compare.compare_cli, compare.EPILOG, ""),
     "bench": Command(bench.bench_cli, bench.EPILOG, "--batch-size (or take --size small)"),
+    "sweep": Command(sweep.sweep_cli, sweep.EPILOG, "batch_size in the spec's [base]"),
 }
 for name, command in COMMANDS.items():
     app.command(name, epilog=command.epilog)(handle_errors(command.function, command.memory_options))

@@ -1,0 +1,67 @@
+"""The report's picture: each configuration's validation curve (the mean over its seeds at each
+validation) with a band of ± one standard deviation over the seeds, drawn as plots.py draws
+(Agg, no pyplot), as PNG and SVG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import write_bytes
+from ..plots import CURVE_FORMATS, figure_bytes, metric_points, new_figure, read_metrics
+from ..runfolder import METRICS_FILE
+from .report import Configuration, describe_params
+
+CURVES_STEM = "curves"  # <sweep>/curves.png and .svg
+
+
+def seed_curves(config: Configuration, key: str) -> dict[int, dict[int, float]]:
+    """{seed: {update: validation value}} of a configuration's run folders that are here."""
+    curves = {}
+    for seed in config.values:
+        records = read_metrics(config.runs / f"seed-{seed}" / METRICS_FILE) if config.runs else []
+        steps, values = metric_points(records, "valid", key)
+        if steps:
+            curves[seed] = dict(zip(steps, values))
+    return curves
+
+
+def band(curves: dict[int, dict[int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(updates, mean, SD) at the validations every seed made (SD 0 with one seed)."""
+    steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
+    values = np.array([[curve[step] for step in steps] for curve in curves.values()])  # (seeds, validations)
+    spread = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(steps))
+    return np.array(steps), values.mean(axis=0), spread
+
+
+def curves_figure(configs: list[Configuration], key: str, ylabel: str, varying: list[str]):
+    figure = new_figure(9, 5.5)
+    axes = figure.subplots()
+    colours = [f"C{index % 10}" for index in range(len(configs))]
+    for config, colour in zip(configs, colours):
+        curves = seed_curves(config, key)
+        if not curves:
+            continue
+        steps, mean, spread = band(curves)
+        label = f"{describe_params(config.params, varying)} ({len(curves)} seed{'' if len(curves) == 1 else 's'})"
+        axes.plot(steps, mean, "-o", color=colour, markersize=3, linewidth=1.4, label=label)
+        axes.fill_between(steps, mean - spread, mean + spread, color=colour, alpha=0.2, linewidth=0)
+        axes.errorbar(steps, mean, yerr=spread, fmt="none", ecolor=colour, alpha=0.6, capsize=3)  # seen with one validation too
+    axes.set(xlabel="updates", ylabel=ylabel, title="validation curves: mean over seeds, band ± 1 SD")
+    axes.grid(True, alpha=0.3)
+    if axes.has_data():
+        axes.legend(loc="best", fontsize=8)
+    return figure
+
+
+def write_sweep_curves(configs: list[Configuration], key: str, ylabel: str, out_stem: Path) -> list[Path]:
+    """out_stem.png and .svg; returns their paths (none when no run folder of the sweep is here)."""
+    varying = [name for name in configs[0].params if len({repr(config.params.get(name)) for config in configs}) > 1] if configs else []
+    if not any(seed_curves(config, key) for config in configs):
+        return []
+    figure = curves_figure(configs, key, ylabel, varying or None)
+    paths = [Path(f"{out_stem}.{fmt}") for fmt in CURVE_FORMATS]
+    for path, fmt in zip(paths, CURVE_FORMATS):
+        write_bytes(path, figure_bytes(figure, fmt))
+    return paths
