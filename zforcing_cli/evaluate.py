@@ -21,6 +21,21 @@ def bound_unit(modality: str) -> str:
     return {"binary": "nats per image", "tokens": "nats per sentence"}.get(modality, "nats per sequence")
 
 
+def bound_sign(modality: str) -> tuple[str, float]:
+    """How the paper's tables state a bound for the data kind, and the factor that turns the
+    ELBO (a lower bound on log p) into the figure: audio as log-likelihood ≥ the bound (Table 1,
+    higher is better), images and text as NLL ≤ minus the bound (Tables 2 and 3, lower is
+    better; text with its perplexity beside it)."""
+    return ("log-likelihood ≥", 1.0) if modality == "frames" else ("NLL ≤", -1.0)
+
+
+def stated_bound(modality: str, bound: float, unit: str) -> str:
+    """A bound on log p(y) as bound_sign states it: 'log-likelihood ≥ -356.46 nats per sequence',
+    'NLL ≤ 92.10 nats per image'."""
+    label, sign = bound_sign(modality)
+    return f"{label} {sign * bound:,.2f} {unit}"
+
+
 def perplexity(bound_per_sequence: float, sequences: int, tokens: int) -> float:
     """Word perplexity exp(-Σ bound / #target tokens) from a bound averaged per sequence."""
     return math.exp(-bound_per_sequence * sequences / tokens)

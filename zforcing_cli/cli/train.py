@@ -23,7 +23,7 @@ from ..data import EMBEDDED, PreparedDataset, open_dataset
 from ..device import check_precision, resolve_device
 from ..distributed import Group, from_main, joined
 from ..errors import DataError, TrainingError
-from ..evaluate import bound_unit
+from ..evaluate import bound_unit, stated_bound
 from ..humanize import duration
 from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
 from ..runconfig import RunConfig, TrainConfig, data_description, dataset_differences, load_run_config
@@ -265,7 +265,7 @@ def train_cli(
         result = run_training(run_dir, run_config, dataset, torch_device, group, resume=resume, force=force,
                               tensorboard=tensorboard, threads=threads, device_spec=device)
         if main:
-            report_result(result, run_dir, bound_unit(dataset.meta.modality))
+            report_result(result, run_dir, dataset.meta.modality)
 
 
 def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, precision: str | None,
@@ -314,7 +314,7 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
     stop = StopRequest()
     with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
             stop_on_signals(stop, progress.console if main else None, group is not None):
-        reporter = TrainReporter(progress, policy, bound_unit(dataset.meta.modality)) if main else None
+        reporter = TrainReporter(progress, policy, dataset.meta.modality) if main else None
         try:
             return train(run_dir, run_config, dataset, device, reporter, resume=resume, force=force, stop=stop,
                          latest_link=RUNS_ROOT, tensorboard=tensorboard, group=group)
@@ -352,14 +352,15 @@ def continue_command(run_dir: Path, options: list[str], group: Group | None) -> 
     return f"the same torchrun command on every machine, with: -m zforcing_cli {shlex.join(arguments)}"
 
 
-def report_result(result, run_dir: Path, unit: str) -> None:
+def report_result(result, run_dir: Path, modality: str) -> None:
     best = result.state.best_seen
     if best is None:
         raise TrainingError(
             f"Training ended without a finite validation bound, so {run_dir} has no best checkpoint.",
             "The run diverged; start a new one with a lower --lr.",
         )
-    stdout.print(escape(f"Best validation bound: NLL ≤ {-best:.2f} {unit}; checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
+    stdout.print(escape(f"Best validation bound: {stated_bound(modality, best, bound_unit(modality))}; "
+                        f"checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
     quoted = shlex.quote(str(run_dir))
     stdout.print(escape(f"Next: zforcing evaluate {quoted}  or  zforcing sample {quoted}"), soft_wrap=True)
 
@@ -526,10 +527,10 @@ class TrainReporter:
     LOG_SECONDS = 30.0
     MEASURE_SECONDS = 20.0  # of training, before the estimate of what is left is trusted
 
-    def __init__(self, progress, policy: ThreadPolicy, unit: str):
+    def __init__(self, progress, policy: ThreadPolicy, modality: str):
         self.progress = progress
         self.policy = policy
-        self.unit = unit
+        self.modality, self.unit = modality, bound_unit(modality)
         self.task = None
         self.started = time.perf_counter()
         self.last_line = self.started
@@ -610,7 +611,11 @@ class TrainReporter:
 
     def on_validation(self, event: TrainEvent) -> None:
         m = event.metrics
-        bound = f"{m['nll_bound']:.2f} {self.unit}" if math.isfinite(m["nll_bound"]) else f"not finite ({m['nll_bound']}); no best checkpoint"
+        if math.isfinite(m["elbo"]):
+            bound = stated_bound(self.modality, m["elbo"], self.unit)
+            bound = f"perplexity ≤ {m['perplexity']:,.2f} ({bound})" if "perplexity" in m else bound
+        else:
+            bound = f"bound not finite ({m['elbo']}); no best checkpoint"
         note = " [green]best[/]" if m["improved"] else ""
         note += f" [yellow]lr halved to {m['lr']:.2g}[/]" if m["lr_halved"] else ""
-        self.progress.console.print(f"epoch {event.epoch + 1} step {event.step}: valid NLL ≤ {bound}, KL {m['kl']:.2f}{note}")
+        self.progress.console.print(f"epoch {event.epoch + 1} step {event.step}: valid {escape(bound)}, KL {m['kl']:.2f}{note}")
