@@ -149,7 +149,7 @@ def audio_format_differences(recorded: dict, dataset: PreparedDataset) -> list[s
     if not model_audio or not data_audio:
         return []
     return [
-        f"{name} {data_audio[key]:,} {unit} instead of the model's {model_audio[key]:,}"
+        f"{name} {data_audio[key]:,} {unit} instead of the model's {model_audio[key]:,} {unit}"
         for key, name, unit in (("sample_rate", "sample rate", "Hz"), ("frame_size", "frame size", "samples"))
         if data_audio.get(key) != model_audio.get(key)
     ]

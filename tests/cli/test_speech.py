@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from zforcing_cli.data import open_dataset
 from zforcing_cli.evaluate import evaluate_split, evaluation_batches
 from zforcing_cli.presets import preset_configs
 
-from conftest import invoke, plain
+from conftest import assert_clean_error, invoke, plain
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,18 @@ def test_a_trained_checkpoint_samples_finite_audio_of_the_asked_length(timit_run
         assert rate == 16000 and samples.shape == (20 * 200,)
         assert np.isfinite(samples.astype(np.float64)).all() and samples.any()
         assert (tmp_path / name).with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize(("options", "difference"), [
+    (("--sample-rate", 8000), "sample rate 8,000 Hz instead of the model's 16,000 Hz"),
+    (("--frame-size", 100), "frame size 100 samples instead of the model's 200 samples"),
+])
+def test_evaluate_refuses_audio_framed_otherwise_than_the_model(timit_run, timit_tree, tmp_path, options, difference):
+    work, _ = timit_run
+    for index, wav in enumerate(sorted(timit_tree[0].rglob("*.WAV"))[:6]):
+        shutil.copy(wav, tmp_path / f"{index}.wav")
+    prepared = invoke("prepare", "wav", tmp_path, "--out", tmp_path / "other", "--sequence-length", 4, *options)
+    assert prepared.exit_code == 0, plain(prepared.output)
+    result = invoke("evaluate", work / "run", "--data", tmp_path / "other", "--device", "cpu")
+    assert_clean_error(result, 1, difference)
+    assert "--sample-rate 16000 --frame-size 200" in plain(result.stderr)
