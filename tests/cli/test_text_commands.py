@@ -58,6 +58,17 @@ def test_sample_option_errors(text_trained, best_checkpoint):
     assert_clean_error(invoke("sample", best_checkpoint, "--greedy"), 2, "text models only")
 
 
+@pytest.mark.parametrize(("options", "ignored"), [
+    (("--top-k", 5, "--top-p", 0.5), "--top-k and --top-p would have no effect"),
+    (("--temperature", 0.5), "--temperature would have no effect"),
+])
+def test_greedy_decoding_refuses_the_options_it_would_ignore(text_trained, cwd, options, ignored):
+    result = invoke("sample", text_trained, "--greedy", *options, "--out", "s.txt", "--device", "cpu")
+    assert_clean_error(result, 2, ignored)
+    assert "Leave out --greedy" in plain(result.stderr)
+    assert list(cwd.iterdir()) == []
+
+
 def test_interpolate_table_and_json(text_trained):
     result = invoke("interpolate", text_trained, "the film was great .", "my wife felt the music was awful .")
     assert result.exit_code == 0, plain(result.output)
