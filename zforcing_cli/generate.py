@@ -345,9 +345,11 @@ def sample_audio(
     size = min(MAX_OPEN_CLIPS, rows_per_chunk((1 + prompt_frames) * step_bytes(model.config)
                                               + audio.frames_for(PIECE_SECONDS) * audio.frame_size * 48))
     generating = Stopwatch()  # reading the prompt's frames included; not the files
+    work = ClipWork()
     report = (lambda done: progress(done, num)) if progress is not None else (lambda done: None)
-    for start, count in chunks(num, size):
+    for start, count in [(0, 1)] + [(1 + start, count) for start, count in chunks(num - 1, size)]:
         paths = numbered_paths(out, num, start, start + count)
+        share, generated = work.generating_share, generating.seconds
         with ExitStack() as stack:
             writers = [ClipWriter(path, plot_path(path), audio, prompt_samples, stack) for path in paths]
             done = 0
@@ -355,17 +357,33 @@ def sample_audio(
                 for writer, samples in zip(writers, audio.to_samples(frames.float().cpu().numpy())):
                     writer.write(samples)
                 done += frames.shape[1]
-                report(start + count * GENERATING_SHARE * done / steps)
+                report(start + count * share * done / steps)
+        plotting = time.perf_counter()
         for plotted, writer in enumerate(writers, 1):
             writer.write_plot()
-            report(start + count * GENERATING_SHARE + plotted * (1 - GENERATING_SHARE))
+            report(start + count * share + plotted * (1 - share))
+        work.add(generating.seconds - generated, time.perf_counter() - plotting)
     prompt_seconds = len(prompt_samples) / audio.sample_rate
     return AudioSamples(out, num, prompt_seconds + audio.seconds(steps), prompt_seconds, generating.seconds)
 
 
-# A clip's progress: generating it counts for this share of its work, writing its picture for the
-# rest. Either may dominate (a large model, a short clip); the first estimate is off by at most 2×.
-GENERATING_SHARE = 0.5
+class ClipWork:
+    """How a clip's work divides between generating it and writing its picture, as measured so
+    far, so that progress in clips moves at the pace of the work: either may dominate (a large
+    model, a long clip; a small model's short clips, whose pictures take most of the time).
+    The first chunk is a single clip, so that the measure exists by the time an ETA is given."""
+
+    def __init__(self):
+        self.generating = self.plotting = 0.0
+
+    def add(self, generating: float, plotting: float) -> None:
+        self.generating += generating
+        self.plotting += plotting
+
+    @property
+    def generating_share(self) -> float:
+        total = self.generating + self.plotting
+        return self.generating / total if total > 0 else 0.5
 
 
 def check_clip_names(out: Path, num: int, force: bool) -> None:
