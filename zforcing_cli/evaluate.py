@@ -45,9 +45,14 @@ def unigram_perplexity(train: PreparedSplit, split: PreparedSplit, limit: int | 
     """The perplexity of a unigram model of the train split's target tokens (each sentence's
     words and its </s>), add-one smoothed over the tokens a sentence can hold, on the first
     `limit` sentences of split (all when None): the baseline a sequence model must beat."""
+    return math.exp(unigram_nll(train, split, limit) / target_tokens(split, limit))
+
+
+def target_tokens(split: PreparedSplit, limit: int | None = None) -> int:
+    """The target tokens of the first `limit` sentences of a text split (all when None): their
+    words and one </s> each, what a perplexity is per."""
     count = sequence_count(split, limit)
-    tokens = int(split.arrays["offsets"][count]) + count  # the words and one </s> per sentence
-    return math.exp(unigram_nll(train, split, limit) / tokens)
+    return int(split.arrays["offsets"][count]) + count
 
 
 def unigram_nll(train: PreparedSplit, split: PreparedSplit, limit: int | None = None) -> float:

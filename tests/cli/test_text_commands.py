@@ -184,3 +184,13 @@ def test_evaluate_refuses_another_vocabulary(text_trained, cwd):
     write_reviews_jsonl(cwd / "other.jsonl", count=30, seed=5)
     assert invoke("prepare", "text", "other.jsonl", "--out", "other", "--vocab-size", "12").exit_code == 0
     assert_clean_error(invoke("evaluate", text_trained, "--data", "other"), 1, "another vocabulary")
+
+
+def test_training_gives_the_perplexity_evaluate_gives_on_the_valid_split(text_trained):
+    """Text's bounds as the paper's Table 2 states them, in training's validation records and in
+    evaluate alike: the same perplexity for the same sentences and seed."""
+    records = [json.loads(line) for line in (text_trained / "metrics.jsonl").read_text().splitlines()]
+    best = max((record for record in records if record.get("type") == "valid"), key=lambda record: record["elbo"])
+    result = invoke("evaluate", text_trained, "--split", "valid", "--json", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert json.loads(result.stdout)["perplexity_elbo"] == pytest.approx(best["perplexity"], rel=1e-6)

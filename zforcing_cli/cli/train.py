@@ -23,7 +23,7 @@ from ..data import EMBEDDED, PreparedDataset, open_dataset
 from ..device import check_precision, resolve_device
 from ..distributed import Group, from_main, joined
 from ..errors import DataError, TrainingError
-from ..evaluate import bound_unit, stated_bound
+from ..evaluate import bound_unit, perplexity, sequence_count, stated_bound, target_tokens
 from ..humanize import duration
 from ..presets import PRESETS, describe_model, describe_training, preset_configs, presets_table
 from ..runconfig import RunConfig, TrainConfig, data_description, dataset_differences, load_run_config
@@ -265,7 +265,7 @@ def train_cli(
         result = run_training(run_dir, run_config, dataset, torch_device, group, resume=resume, force=force,
                               tensorboard=tensorboard, threads=threads, device_spec=device)
         if main:
-            report_result(result, run_dir, dataset.meta.modality)
+            report_result(result, run_dir, dataset, run_config.train.valid_limit)
 
 
 def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, precision: str | None,
@@ -352,15 +352,19 @@ def continue_command(run_dir: Path, options: list[str], group: Group | None) -> 
     return f"the same torchrun command on every machine, with: -m zforcing_cli {shlex.join(arguments)}"
 
 
-def report_result(result, run_dir: Path, modality: str) -> None:
+def report_result(result, run_dir: Path, dataset: PreparedDataset, valid_limit: int) -> None:
     best = result.state.best_seen
     if best is None:
         raise TrainingError(
             f"Training ended without a finite validation bound, so {run_dir} has no best checkpoint.",
             "The run diverged; start a new one with a lower --lr.",
         )
-    stdout.print(escape(f"Best validation bound: {stated_bound(modality, best, bound_unit(modality))}; "
-                        f"checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
+    modality = dataset.meta.modality
+    bound = stated_bound(modality, best, bound_unit(modality))
+    if modality == "tokens":  # text's figure in the paper (Table 2), beside the bound
+        valid = dataset.split("valid")
+        bound = f"perplexity ≤ {perplexity(best, sequence_count(valid, valid_limit or None), target_tokens(valid, valid_limit or None)):,.2f} ({bound})"
+    stdout.print(escape(f"Best validation bound: {bound}; checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
     quoted = shlex.quote(str(run_dir))
     stdout.print(escape(f"Next: zforcing evaluate {quoted}  or  zforcing sample {quoted}"), soft_wrap=True)
 
