@@ -58,7 +58,7 @@ def evaluate_cli(
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT).resolve()
     model, config = load_model(folder, torch_device)
     dataset = model_dataset(model, config, data)
-    sequences = min(len(dataset.split(split)), limit) if limit else len(dataset.split(split))
+    sequences = sequence_count(dataset.split(split), limit or None)
     seed = config["train"]["seed"] if seed is None else seed
     if split == "valid":
         note = validation_difference(config, dataset, sequences, seed)
