@@ -47,7 +47,8 @@ WAV_HEADER_BYTES = 44
 MAX_WAV_BYTES = 2**32 - 1  # RIFF sizes are 32-bit
 MAX_OPEN_CLIPS = 64  # clips generated together, each an open file: far below the usual limit of 1,024
 # Generous upper estimates of what a PNG takes, to check the disk before the work is spent: a
-# clip's waveform and spectrogram picture (about 60 KiB), and a grid's 2×2 pixels per image pixel.
+# clip's waveform and spectrogram picture (about 60 KiB), and a grid's 2×2 pixels per image pixel
+# at up to 4 bytes each (uncompressed RGBA).
 PLOT_BYTES = 256 << 10
 GRID_BYTES_PER_PIXEL = 4 * 4
 
