@@ -54,6 +54,7 @@ def test_cli_figure_and_json(cwd, tiny_dataset):
     result = invoke("compare", "a", "b", "--out", "elbo.svg", "--metric", "elbo")
     assert result.exit_code == 0 and "α=β=0.01" in (cwd / "elbo.svg").read_text()
     assert "final KL" in plain(result.stdout) and "105.00" in plain(result.stdout)
+    assert "validation bounds, NLL ≤ (nats per image)" in plain(result.stdout)
 
 
 @pytest.mark.parametrize("args, code, fragment", [
@@ -118,3 +119,14 @@ def test_runs_with_sequences_of_other_lengths_are_compared_with_a_warning(cwd, t
 def test_cli_names_what_it_wrote(cwd, tiny_dataset):
     write_run(cwd / "a", tiny_dataset)
     assert "Wrote the kl curves of 1 run to compare.png" in plain(invoke("compare", "a").stderr)
+
+
+def test_audio_runs_bounds_are_log_likelihoods_as_train_and_evaluate_state_them(cwd, tiny_dataset):
+    for name in ("a", "b"):
+        write_run(cwd / name, tiny_dataset, valid_nll=(120.0, 105.0, 107.0))
+        config = json.loads((cwd / name / "config.json").read_text())
+        config["data"].update(audio_data(200, 40))
+        (cwd / name / "config.json").write_text(json.dumps(config))
+    table = plain(invoke("compare", "a", "b").stdout)
+    assert "validation bounds, log-likelihood ≥ (nats per sequence)" in table
+    assert "-107.00" in table and "-105.00" in table and "NLL" not in table

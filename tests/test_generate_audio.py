@@ -15,6 +15,7 @@ from conftest import PNG_SIGNATURE, assert_clean_error, invoke, plain
 
 from zforcing_cli.checkpoint import save_checkpoint
 from zforcing_cli.data.audio import decode_file
+import zforcing_cli.fileio as fileio
 import zforcing_cli.generate as generate_module
 from zforcing_cli.checkpoint import load_model
 from zforcing_cli.generate import AudioFormat, audio_pieces, audio_steps, numbered_paths
@@ -189,10 +190,10 @@ def test_clips_are_generated_a_chunk_at_a_time_and_streamed(audio_checkpoint, cw
     monkeypatch.setattr(ZForcing, "generate", lambda self, num, steps, **kwargs: rows.append((num, steps)) or real(self, num, steps, **kwargs))
     result = sample(audio_checkpoint, "--out", "a.wav", "--num", 3, "--length", 10)
     assert result.exit_code == 0, plain(result.output)
-    assert rows == [(2, 4), (2, 4), (2, 2), (1, 4), (1, 4), (1, 2)]
+    assert rows == [(1, 4), (1, 4), (1, 2), (2, 4), (2, 4), (2, 2)]  # the first chunk a single clip (ClipWork)
     assert all(len(read_wav(cwd / f"a-{n}.wav")) == 10 * FRAME for n in (1, 2, 3))
     assert sorted(path.name for path in cwd.iterdir()) == ["a-1.png", "a-1.wav", "a-2.png", "a-2.wav", "a-3.png", "a-3.wav"]
-    assert "Generating 3 clips of 0.125 s: 100%, 0.4 of 0.4 s of audio" in plain(result.stderr)
+    assert "Generating 3 clips of 0.125 s: 100%, 3 of 3 clips written" in plain(result.stderr)
 
 
 def test_an_interrupted_clip_leaves_no_file(audio_checkpoint, cwd, monkeypatch):
@@ -219,9 +220,52 @@ def test_a_clip_longer_than_a_wav_file_holds_is_refused_up_front(audio_checkpoin
 
 
 def test_clips_that_do_not_fit_the_disk_are_refused_up_front(audio_checkpoint, cwd, monkeypatch):
-    monkeypatch.setattr(generate_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
-    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--seconds", 60), 1, "GiB free")
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: SimpleNamespace(free=10**6))
+    line = assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--seconds", 60), 1, "976.6 KiB free", str(cwd))
+    assert "1 WAV file and their plots would take about 2.1 MiB" in line
     assert list(cwd.iterdir()) == []
+
+
+def test_their_plots_count_in_the_room_clips_need(audio_checkpoint, cwd, monkeypatch):
+    """100 clips of 0.0125 s are 43 KiB of WAV; with their pictures they need more than 1 MiB."""
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--length", 1, "--num", 100), 1, "1.0 MiB free")
+    assert list(cwd.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_sampling(audio_checkpoint, cwd, monkeypatch):
+    access = fileio.os.access
+    monkeypatch.setattr(fileio.os, "access", lambda path, mode, **kwargs: Path(path) != cwd and access(path, mode, **kwargs))
+    monkeypatch.setattr(ZForcing, "generate", lambda *args, **kwargs: pytest.fail("sampled before checking the folder"))
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav"), 1, f"The folder {cwd} cannot be written")
+
+
+def test_a_million_clips_start_at_once_with_a_warning_of_a_long_job(audio_checkpoint, cwd, monkeypatch):
+    """--num 1,000,000: no list of a million names (nor a look at each), at most MAX_OPEN_CLIPS
+    clips at a time, and as soon as the speed is measured, the warning of a long job (JobProgress's,
+    for a day and more) with the advice."""
+    from zforcing_cli.console import JobProgress
+
+    listed, rows = [], []
+    real_paths, real_generate = generate_module.numbered_paths, ZForcing.generate
+
+    def generate_twice(self, num, steps, **kwargs):
+        rows.append(num)
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        return real_generate(self, num, steps, **kwargs)
+
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**50))
+    monkeypatch.setattr(JobProgress, "MEASURE_SECONDS", 0.0)
+    monkeypatch.setattr(JobProgress, "LONG_JOB_SECONDS", 60.0)  # the tiny model's clips of one frame take minutes, not days
+    monkeypatch.setattr(generate_module, "numbered_paths", lambda *args: listed.append(len(real_paths(*args))) or listed[-1] and real_paths(*args))
+    monkeypatch.setattr(ZForcing, "generate", generate_twice)
+    result = sample(audio_checkpoint, "--out", "a.wav", "--num", 10**6, "--length", 1)
+    assert result.exit_code == 130, plain(result.output)
+    warning = next(line for line in plain(result.stderr).splitlines() if line.startswith("Warning:"))
+    assert "Generating 1,000,000 clips" in warning and "will take about" in warning and "--num" in warning, warning
+    assert max(listed) <= generate_module.MAX_CHUNK_ROWS and rows == [1, generate_module.MAX_OPEN_CLIPS]
+    assert sorted(path.name for path in cwd.iterdir()) == ["a-0000001.png", "a-0000001.wav"]  # the rest: nothing half-written
 
 
 def test_a_long_clip_is_plotted_for_its_first_seconds(audio_checkpoint, cwd, monkeypatch):
@@ -307,3 +351,36 @@ def test_audio_options_on_an_image_model_are_usage_errors(image_checkpoint, cwd,
     write_sine(cwd / "p.wav", 0.3)
     assert_clean_error(sample(image_checkpoint, "--out", "s.png", *option), 2, option[0])
     assert not (cwd / "s.png").exists()
+
+
+@pytest.mark.parametrize("existing", ["a-02.wav", "a-10.png"])
+def test_an_existing_clip_of_many_is_found_before_sampling(audio_checkpoint, cwd, existing):
+    (cwd / existing).write_bytes(b"mine")
+    (cwd / "a-11.wav").write_bytes(b"not one of the ten")
+    assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--num", 10, "--length", 1), 1, f"{existing} already exists")
+    assert sorted(path.name for path in cwd.iterdir()) == sorted([existing, "a-11.wav"])
+
+
+def test_a_grid_that_does_not_fit_the_disk_is_refused_before_sampling(image_checkpoint, cwd, monkeypatch):
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: SimpleNamespace(free=50_000))
+    monkeypatch.setattr(ZForcing, "generate", lambda *args, **kwargs: pytest.fail("sampled before checking the room"))
+    line = assert_clean_error(sample(image_checkpoint, "--out", "s.png", "--num", 10_000), 1, "48.8 KiB free", str(cwd))
+    assert "A PNG grid of 10,000 images would take about" in line
+    assert list(cwd.iterdir()) == []
+
+
+def test_clip_progress_moves_at_the_measured_pace_of_the_work(audio_checkpoint, cwd, monkeypatch):
+    """Generating a clip counts for the share of the time generation has taken so far (half until
+    measured), its picture for the rest: progress in clips, never backwards, ending at --num."""
+    work = generate_module.ClipWork()
+    assert work.generating_share == 0.5
+    work.add(1.0, 3.0)
+    assert work.generating_share == 0.25
+    model, config = load_model(audio_checkpoint)
+    monkeypatch.setattr(generate_module, "write_audio_plot", lambda *args, **kwargs: None)
+    reports = []
+    generate_module.sample_audio(model, config["data"], cwd / "a.wav", num=5, steps=3,
+                                 progress=lambda done, total: reports.append((done, total)))
+    done = [report[0] for report in reports]
+    assert done == sorted(done) and reports[-1] == (5, 5) and {total for _, total in reports} == {5}
+    assert 1 in done  # the first chunk, one clip, complete before the others start

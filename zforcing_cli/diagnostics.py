@@ -163,8 +163,8 @@ def diagnose_split(
     """The diagnostics over the split's first `limit` sequences (all when None)."""
     totals = Accumulator(model.config.latent_size, model.config.hidden_size, model.config.latent_clamp)
     count = sequence_count(split, limit)
-    for batch, generator in evaluation_batches(model, split, count, batch_size, device, seed, progress):
-        terms = model.step_terms(batch.targets, batch.mask, generator=generator, first_input=batch.first_input)
+    for batch, noise in evaluation_batches(model, split, count, batch_size, device, seed, progress):
+        terms = model.step_terms(batch.targets, batch.mask, noise=noise, first_input=batch.first_input)
         totals.add(terms.kl, terms.aux, terms.posterior_mean, terms.mask, terms.backward, terms.aux_at_floor)
     return totals.result()
 

@@ -7,6 +7,8 @@ import errno
 import os
 import re
 
+from .humanize import byte_size
+
 
 class ZForcingError(Exception):
     """An expected failure with a message for the user and a hint on what to do instead."""
@@ -87,6 +89,6 @@ def is_out_of_memory(error: BaseException) -> bool:
 def out_of_memory_error(error: BaseException, options: str) -> ZForcingError:
     """The one-line description of running out of memory, naming the options that size the work."""
     requested = REQUESTED_BYTES.search(str(error))
-    detail = f": it asked for {int(requested.group(1)) / 2**30:,.1f} GiB at once" if requested else ""
+    detail = f": it asked for {byte_size(int(requested.group(1)))} at once" if requested else ""
     lower = f"Lower {options}, or" if options else "Use"
     return ZForcingError(f"Out of memory{detail}.", f"{lower} a machine (or device) with more free memory.")

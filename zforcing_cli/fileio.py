@@ -17,7 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import ZForcingError
+from .errors import FileSystemError, ZForcingError
+from .humanize import byte_size
 
 
 class OutputExistsError(ZForcingError):
@@ -50,6 +51,18 @@ def check_can_write(target: Path, force: bool, what: str = "file", is_ours: Reco
         raise OutputExistsError(f"{target} already exists.", "Choose another --out, or pass --force to replace it.")
     if wants_folder:
         check_replaceable_folder(target, what, is_ours)
+
+
+def check_room(folder: Path, needed: int, what: str, hint: str) -> None:
+    """Refuse, before any work is spent, to write `what` (about `needed` bytes, estimated
+    generously) into a folder that cannot be written or lacks the room: the path and its free
+    space are named, with hint (how to ask for less)."""
+    folder = Path(folder).absolute()
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FileSystemError(f"The folder {folder} cannot be written (no permission).", "Choose another --out, or fix the folder's permissions.")
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise FileSystemError(f"{what} would take about {byte_size(needed)}; {folder} has {byte_size(free)} free.", hint)
 
 
 def check_parent(target: Path, creates_parents: bool) -> None:

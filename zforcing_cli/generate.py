@@ -4,13 +4,15 @@ continue a prompt: the model reads it with posterior latents, then runs free fro
 
 Memory is bounded whatever is asked for: samples are generated a chunk of rows at a time (about
 GENERATION_BYTES each), audio a piece of PIECE_SECONDS at a time, streamed to its file (written
-whole or not at all), and progress(done, total) follows every chunk and piece.
+whole or not at all), and progress(done, total) follows every chunk and piece. Whether the
+outputs can be written, and fit the disk, is known before anything is generated.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -24,12 +26,13 @@ import torch
 from .data.audio import decode_file, to_int16
 from .data.prepared import SAMPLE_SCALE, normalise_samples
 from .errors import DataError, UsageError, ZForcingError
-from .fileio import atomic_file, check_can_write
+from .fileio import atomic_file, check_can_write, check_room
+from .humanize import byte_size, plural
 from .model import ZForcing, ZForcingConfig
 from .plots import image_grid, write_audio_plot, write_png
 
-# progress(done, total): samples (images, sentences) or frames generated so far, of all asked for
-Progress = Callable[[int, int], None]
+# progress(done, total): samples (images, sentences, audio clips) done so far, of all asked for
+Progress = Callable[[float, int], None]
 
 OUTPUT_SUFFIXES = {"binary": ".png", "frames": ".wav", "tokens": ".txt"}
 WHAT = {"binary": "binary images (PNG grid)", "frames": "audio (WAV)", "tokens": "text (lines of text)"}
@@ -42,6 +45,12 @@ PLOT_SECONDS = 20.0  # the waveform and spectrogram picture shows a clip's first
 MAX_GRID_IMAGES = 10_000  # a 100 × 100 grid: more is not a picture one can look at
 WAV_HEADER_BYTES = 44
 MAX_WAV_BYTES = 2**32 - 1  # RIFF sizes are 32-bit
+MAX_OPEN_CLIPS = 64  # clips generated together, each an open file: far below the usual limit of 1,024
+# Generous upper estimates of what a PNG takes, to check the disk before the work is spent: a
+# clip's waveform and spectrogram picture (about 60 KiB), and a grid's 2×2 pixels per image pixel
+# at up to 4 bytes each (uncompressed RGBA).
+PLOT_BYTES = 256 << 10
+GRID_BYTES_PER_PIXEL = 4 * 4
 
 
 class SampleError(ZForcingError):
@@ -105,6 +114,8 @@ def sample_images(
     check_output_suffix(out, data["modality"])
     check_image_count(num)
     height, width = data["image_shape"]
+    check_room(Path(out).absolute().parent, num * height * width * GRID_BYTES_PER_PIXEL + PLOT_BYTES,
+               f"A PNG grid of {num:,} images", "Ask for fewer with --num, or write elsewhere with --out.")
     generator = generator_for(model, seed)
     model.train(False)
     images = np.empty((num, height, width), dtype=np.float32)
@@ -163,16 +174,20 @@ class AudioFormat:
 class AudioSamples:
     """What sample_audio wrote, and how fast it generated."""
 
-    paths: list[Path]  # the WAV files, one per sample
-    plots: list[Path]  # the waveform and spectrogram PNG beside each
+    out: Path  # the --out the WAV files are named after (numbered_paths)
+    clips: int
     seconds: float  # the length of each file
     prompt_seconds: float  # of which the prompt (0 without one)
     wall_seconds: float  # generating, reading the prompt's frames included; not the files
 
+    def paths(self, start: int = 0, stop: int | None = None) -> list[Path]:
+        """The WAV files of clips start .. stop - 1 (all by default)."""
+        return numbered_paths(self.out, self.clips, start, stop)
+
     @property
     def generated_seconds(self) -> float:
         """Seconds of audio the model generated, all samples together."""
-        return len(self.paths) * (self.seconds - self.prompt_seconds)
+        return self.clips * (self.seconds - self.prompt_seconds)
 
     @property
     def real_time_factor(self) -> float:
@@ -180,14 +195,15 @@ class AudioSamples:
         return self.generated_seconds / max(self.wall_seconds, 1e-9)
 
 
-def numbered_paths(out: Path, count: int) -> list[Path]:
+def numbered_paths(out: Path, count: int, start: int = 0, stop: int | None = None) -> list[Path]:
     """out itself for one sample; name-1.wav .. name-N.wav for more, the numbers zero-padded to
-    the width of N (name-01.wav .. name-12.wav), so that they sort in order."""
+    the width of N (name-01.wav .. name-12.wav), so that they sort in order. Only those of
+    clips start .. stop - 1 (all by default): a million names are not held at once."""
     out = Path(out)
     if count == 1:
         return [out]
     width = len(str(count))
-    return [out.with_name(f"{out.stem}-{index:0{width}d}{out.suffix}") for index in range(1, count + 1)]
+    return [out.with_name(f"{out.stem}-{index + 1:0{width}d}{out.suffix}") for index in range(start, count if stop is None else stop)]
 
 
 def plot_path(wav: Path) -> Path:
@@ -275,21 +291,18 @@ class ClipWriter:
 
 
 def check_wav_size(audio: AudioFormat, samples: int, files: int, folder: Path) -> None:
-    """A clip must fit a WAV file (4 GiB), and all of them the free space where they go."""
+    """A clip must fit a WAV file (4 GiB), and all of them, with their plots, the free space
+    where they go (the folder must be writable)."""
     size = WAV_HEADER_BYTES + 2 * samples
     if size > MAX_WAV_BYTES:
         longest = (MAX_WAV_BYTES - WAV_HEADER_BYTES) // 2 / audio.sample_rate
         raise UsageError(
-            f"Each clip would be {samples / audio.sample_rate:,.0f} s of audio, a WAV file of {size / 2**30:,.1f} GiB; "
+            f"Each clip would be {samples / audio.sample_rate:,.0f} s of audio, a WAV file of {byte_size(size)}; "
             f"a WAV file holds at most 4 GiB, {longest / 3600:.1f} h at {audio.sample_rate} Hz.",
             "Ask for less with --seconds (or --length), and for more clips with --num.",
         )
-    free = shutil.disk_usage(folder).free
-    if files * size > free:
-        raise ZForcingError(
-            f"The {files:,} WAV file(s) would take {files * size / 2**30:,.1f} GiB; {folder} has {free / 2**30:,.1f} GiB free.",
-            "Ask for less with --seconds or --num, or write elsewhere with --out.",
-        )
+    check_room(folder, files * (size + PLOT_BYTES), f"{plural(files, 'WAV file')} and their plots",
+               "Ask for less with --seconds or --num, or write elsewhere with --out.")
 
 
 def sample_audio(
@@ -321,10 +334,7 @@ def sample_audio(
             "Use another checkpoint of the run, or train again.",
         )
     steps = audio_steps(audio) if steps is None else steps
-    paths = numbered_paths(out, num)
-    plots = [plot_path(path) for path in paths]
-    for path in paths + plots:
-        check_can_write(path, force)
+    check_clip_names(out, num, force)
     prompt_samples = read_prompt(prompt, audio) if prompt is not None else np.zeros(0, np.int16)
     check_wav_size(audio, len(prompt_samples) + steps * audio.frame_size, num, out.absolute().parent)
 
@@ -333,22 +343,65 @@ def sample_audio(
     # a piece's frames as float32 in the model, float64 and int16 on their way to the file; the
     # prompt's frames, all read at once (the backward LSTM runs over the whole prompt)
     prompt_frames = len(prompt_samples) // audio.frame_size
-    size = rows_per_chunk((1 + prompt_frames) * step_bytes(model.config) + audio.frames_for(PIECE_SECONDS) * audio.frame_size * 48)
+    size = min(MAX_OPEN_CLIPS, rows_per_chunk((1 + prompt_frames) * step_bytes(model.config)
+                                              + audio.frames_for(PIECE_SECONDS) * audio.frame_size * 48))
     generating = Stopwatch()  # reading the prompt's frames included; not the files
-    for start, count in chunks(num, size):
+    work = ClipWork()
+    report = (lambda done: progress(done, num)) if progress is not None else (lambda done: None)
+    for start, count in [(0, 1)] + [(1 + start, count) for start, count in chunks(num - 1, size)]:
+        paths = numbered_paths(out, num, start, start + count)
+        share, generated = work.generating_share, generating.seconds
         with ExitStack() as stack:
-            writers = [ClipWriter(paths[index], plots[index], audio, prompt_samples, stack) for index in range(start, start + count)]
+            writers = [ClipWriter(path, plot_path(path), audio, prompt_samples, stack) for path in paths]
             done = 0
             for frames in generating.timed(audio_pieces(model, audio, count, steps, temperature, generator, prompt_samples)):
                 for writer, samples in zip(writers, audio.to_samples(frames.float().cpu().numpy())):
                     writer.write(samples)
                 done += frames.shape[1]
-                if progress is not None:
-                    progress(start * steps + count * done, num * steps)
-        for writer in writers:
+                report(start + count * share * done / steps)
+        plotting = time.perf_counter()
+        for plotted, writer in enumerate(writers, 1):
             writer.write_plot()
+            report(start + count * share + plotted * (1 - share))
+        work.add(generating.seconds - generated, time.perf_counter() - plotting)
     prompt_seconds = len(prompt_samples) / audio.sample_rate
-    return AudioSamples(paths, plots, prompt_seconds + audio.seconds(steps), prompt_seconds, generating.seconds)
+    return AudioSamples(out, num, prompt_seconds + audio.seconds(steps), prompt_seconds, generating.seconds)
+
+
+class ClipWork:
+    """How a clip's work divides between generating it and writing its picture, as measured so
+    far, so that progress in clips moves at the pace of the work: either may dominate (a large
+    model, a long clip; a small model's short clips, whose pictures take most of the time).
+    The first chunk is a single clip, so that the measure exists by the time an ETA is given."""
+
+    def __init__(self):
+        self.generating = self.plotting = 0.0
+
+    def add(self, generating: float, plotting: float) -> None:
+        self.generating += generating
+        self.plotting += plotting
+
+    @property
+    def generating_share(self) -> float:
+        total = self.generating + self.plotting
+        return self.generating / total if total > 0 else 0.5
+
+
+def check_clip_names(out: Path, num: int, force: bool) -> None:
+    """check_can_write for every clip's WAV and PNG, from one listing of their folder: what
+    is there is matched against numbered_paths' pattern, instead of a look at each of (perhaps)
+    a million names."""
+    first = numbered_paths(out, num, 0, 1)[0]
+    check_can_write(first, force)
+    check_can_write(plot_path(first), force)
+    if num == 1:
+        return
+    folder = first.absolute().parent
+    ours = re.compile(rf"{re.escape(out.stem)}-(\d{{{len(str(num))}}})(?:{re.escape(out.suffix)}|\.png)")
+    for entry in os.scandir(folder):
+        number = ours.fullmatch(entry.name)
+        if number and 1 <= int(number[1]) <= num and (entry.is_dir() or not force):
+            check_can_write(folder / entry.name, force)  # its error: a folder, or a file without --force
 
 
 class Stopwatch:

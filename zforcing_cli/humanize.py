@@ -1,4 +1,4 @@
-"""How figures read in messages, for the core and the command line alike: counts and durations."""
+"""How figures read in messages, for the core and the command line alike: counts, durations and sizes."""
 
 from __future__ import annotations
 
@@ -18,3 +18,11 @@ def duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s"
+
+
+def byte_size(count: float) -> str:
+    """'512 bytes', '61.3 KiB', '5.0 MiB' or '1.2 GiB': a size in the unit that shows it, never '0.0 GiB'."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return plural(int(count), "byte")

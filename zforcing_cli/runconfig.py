@@ -145,3 +145,17 @@ def dataset_differences(recorded: dict, dataset: PreparedDataset) -> list[str]:
         for name in ("kind", "protocol", "counts", "fingerprint")
         if recorded.get(name) and current.get(name) and recorded[name] != current[name]
     ]
+
+
+def audio_format_differences(recorded: dict, dataset: PreparedDataset) -> list[str]:
+    """How a dataset's audio framing differs from the one a model was trained on (its sample
+    rate and frame size): a model reads nothing meaningful from other frames. Empty when they
+    agree, or for data that is not audio."""
+    model_audio, data_audio = recorded.get("audio") or {}, dataset.meta.audio or {}
+    if not model_audio or not data_audio:
+        return []
+    return [
+        f"{name} {data_audio[key]:,} {unit} instead of the model's {model_audio[key]:,} {unit}"
+        for key, name, unit in (("sample_rate", "sample rate", "Hz"), ("frame_size", "frame size", "samples"))
+        if data_audio.get(key) != model_audio.get(key)
+    ]

@@ -44,6 +44,13 @@ class Decoding:
             raise UsageError(f"--top-k must be 0 (off) or more, not {self.top_k}.", "For example --top-k 10.")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"--top-p must be in (0, 1], not {self.top_p:g}.", "For example --top-p 0.9.")
+        ignored = [option for option, is_set in (("--temperature", self.temperature != 1.0), ("--top-k", self.top_k != 0),
+                                                 ("--top-p", self.top_p != 1.0)) if is_set]
+        if self.greedy and ignored:  # greedy takes the argmax: they would change nothing, in silence
+            raise UsageError(
+                f"--greedy takes the most likely token, so {' and '.join(ignored)} would have no effect.",
+                f"Leave out --greedy to sample with {' and '.join(ignored)}, or leave {'it' if len(ignored) == 1 else 'them'} out.",
+            )
 
     def chooser(self, generator: torch.Generator | None, offset: int = 0):
         """choose(logits (num, 1, V), t) -> token ids (num, 1), for ZForcing.generate. offset is

@@ -34,7 +34,7 @@ from .device import tensor_float32
 from .diagnostics import collapse_warning
 from .distributed import Group, from_main, rank_seed
 from .errors import TrainingError
-from .evaluate import bound_unit, evaluate_split
+from .evaluate import bound_unit, evaluate_split, perplexity
 from .model import ZForcing, count_parameters
 from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
@@ -421,6 +421,8 @@ class Trainer:
         if halved:
             self.updater.set_lr(state.lr)
         metrics = {"elbo": result.elbo, "kl": result.kl, "nll_bound": -result.elbo, "lr": state.lr, "lr_halved": halved, "improved": improved}
+        if self.dataset.meta.modality == "tokens":  # text's figure in the paper (Table 2)
+            metrics["perplexity"] = perplexity(result.elbo, result.sequences, result.steps)
         self.log({"type": "valid", "step": state.step, "epoch": state.epoch, **metrics})
         if self.is_main:
             self.folder.log_samples(self.model, state.step)

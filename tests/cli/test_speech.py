@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,10 +14,10 @@ import torch
 
 from zforcing_cli.checkpoint import load_model
 from zforcing_cli.data import open_dataset
-from zforcing_cli.evaluate import evaluate_split
+from zforcing_cli.evaluate import evaluate_split, evaluation_batches
 from zforcing_cli.presets import preset_configs
 
-from conftest import invoke, plain
+from conftest import assert_clean_error, invoke, plain
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,19 @@ def timit_run(timit_tree, tmp_path_factory):
 def test_training_on_audio_reports_nats_per_sequence(timit_run):
     _, trained = timit_run
     assert "nats per sequence" in plain(trained.stdout) and "per image" not in plain(trained.output)
+
+
+def test_training_and_evaluate_state_the_bound_in_one_sign(timit_run, monkeypatch):
+    """Audio's bounds are log-likelihoods (the paper's Table 1) in every command: training's
+    validation lines, its best bound, and evaluate's figure on the valid split, the same figure."""
+    work, trained = timit_run
+    best = re.search(r"Best validation bound: log-likelihood ≥ (-[\d,]+\.\d\d) nats per sequence", plain(trained.stdout))
+    assert best, plain(trained.stdout)
+    assert re.search(r"valid log-likelihood ≥ -[\d,]+\.\d\d nats per sequence", plain(trained.stderr)), plain(trained.stderr)
+    assert "NLL" not in plain(trained.output)
+    monkeypatch.chdir(work)
+    valid = plain(invoke("evaluate", "run", "--device", "cpu", "--split", "valid").stdout)
+    assert re.search(rf"log-likelihood ≥ \(ELBO\), nats per sequence\s*│\s*{best.group(1)} │", valid), valid
 
 
 def test_the_run_uses_the_speech_preset_and_records_the_framing(timit_run):
@@ -78,7 +92,8 @@ def test_the_global_gaussian_baseline_and_the_iwae_bound_per_sample(timit_run, m
     assert report["baseline_nll"] == pytest.approx(expected * report["samples_per_sequence"], rel=1e-9)
     assert report["nll_iwae_per_sample"] == pytest.approx(-report["iwae"] / report["samples_per_sequence"])
     table = plain(invoke("evaluate", "run", "--device", "cpu", "--iwae", 2).stdout)
-    assert "NLL ≤ (IWAE, K=2), nats per sample" in table and f"{expected:.4f}" in table
+    assert "log-likelihood ≥ (IWAE, K=2), nats per sample" in table and f"{-expected:.4f}" in table
+    assert "NLL" not in table  # one sign for audio: every figure a log-likelihood
 
 
 def test_the_gaussian_baseline_on_the_train_split_is_half_log_two_pi_e(timit_run):
@@ -143,8 +158,7 @@ def test_the_whole_utterance_bound_matches_each_utterance_alone(timit_run):
     test = open_dataset(work / "timit").split("test")
     result = evaluate_split(model, test, batch_size=len(test), seed=7)
     batch = test.batch(np.arange(len(test)))
-    generator = torch.Generator().manual_seed(7)
-    noise = torch.randn(len(test), batch.targets.shape[1], model.config.latent_size, generator=generator)
+    _, noise = next(evaluation_batches(model, test, len(test), len(test), "cpu", 7, None))  # evaluate_split's
     padded = model(batch.targets, batch.mask, noise=noise, auxiliary=False, first_input=batch.first_input).elbo
     assert result.elbo == pytest.approx(padded.double().mean().item(), rel=1e-6)
     for row in range(len(test)):
@@ -163,3 +177,18 @@ def test_a_trained_checkpoint_samples_finite_audio_of_the_asked_length(timit_run
         assert rate == 16000 and samples.shape == (20 * 200,)
         assert np.isfinite(samples.astype(np.float64)).all() and samples.any()
         assert (tmp_path / name).with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize(("options", "difference"), [
+    (("--sample-rate", 8000), "sample rate 8,000 Hz instead of the model's 16,000 Hz"),
+    (("--frame-size", 100), "frame size 100 samples instead of the model's 200 samples"),
+])
+def test_evaluate_refuses_audio_framed_otherwise_than_the_model(timit_run, timit_tree, tmp_path, options, difference):
+    work, _ = timit_run
+    for index, wav in enumerate(sorted(timit_tree[0].rglob("*.WAV"))[:6]):
+        shutil.copy(wav, tmp_path / f"{index}.wav")
+    prepared = invoke("prepare", "wav", tmp_path, "--out", tmp_path / "other", "--sequence-length", 4, *options)
+    assert prepared.exit_code == 0, plain(prepared.output)
+    result = invoke("evaluate", work / "run", "--data", tmp_path / "other", "--device", "cpu")
+    assert_clean_error(result, 1, difference)
+    assert "--sample-rate 16000 --frame-size 200" in plain(result.stderr)

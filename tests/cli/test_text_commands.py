@@ -58,6 +58,17 @@ def test_sample_option_errors(text_trained, best_checkpoint):
     assert_clean_error(invoke("sample", best_checkpoint, "--greedy"), 2, "text models only")
 
 
+@pytest.mark.parametrize(("options", "ignored"), [
+    (("--top-k", 5, "--top-p", 0.5), "--top-k and --top-p would have no effect"),
+    (("--temperature", 0.5), "--temperature would have no effect"),
+])
+def test_greedy_decoding_refuses_the_options_it_would_ignore(text_trained, cwd, options, ignored):
+    result = invoke("sample", text_trained, "--greedy", *options, "--out", "s.txt", "--device", "cpu")
+    assert_clean_error(result, 2, ignored)
+    assert "Leave out --greedy" in plain(result.stderr)
+    assert list(cwd.iterdir()) == []
+
+
 def test_interpolate_table_and_json(text_trained):
     result = invoke("interpolate", text_trained, "the film was great .", "my wife felt the music was awful .")
     assert result.exit_code == 0, plain(result.output)
@@ -173,3 +184,13 @@ def test_evaluate_refuses_another_vocabulary(text_trained, cwd):
     write_reviews_jsonl(cwd / "other.jsonl", count=30, seed=5)
     assert invoke("prepare", "text", "other.jsonl", "--out", "other", "--vocab-size", "12").exit_code == 0
     assert_clean_error(invoke("evaluate", text_trained, "--data", "other"), 1, "another vocabulary")
+
+
+def test_training_gives_the_perplexity_evaluate_gives_on_the_valid_split(text_trained):
+    """Text's bounds as the paper's Table 2 states them, in training's validation records and in
+    evaluate alike: the same perplexity for the same sentences and seed."""
+    records = [json.loads(line) for line in (text_trained / "metrics.jsonl").read_text().splitlines()]
+    best = max((record for record in records if record.get("type") == "valid"), key=lambda record: record["elbo"])
+    result = invoke("evaluate", text_trained, "--split", "valid", "--json", "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    assert json.loads(result.stdout)["perplexity_elbo"] == pytest.approx(best["perplexity"], rel=1e-6)

@@ -45,24 +45,29 @@ def compare_cli(
     differing = label_runs(summaries)
     from ..evaluate import bound_unit  # loads torch: the runs and options are checked
 
-    unit = bound_unit(modalities.pop())
+    modality = modalities.pop()
+    unit = bound_unit(modality)
     write_comparison(summaries, metric, unit, out)
     rows = [json_record(run.summary(differing)) for run in summaries]
     if as_json:
         stdout.print_json(json.dumps(rows, allow_nan=False))
     else:
-        stdout.print(bounds_table(rows, summaries, unit))
+        stdout.print(bounds_table(rows, summaries, modality))
     stderr.print(escape(f"Wrote the {metric} curves of {plural(len(summaries), 'run')} to {out}"), soft_wrap=True)
 
 
-def bounds_table(rows: list[dict], runs: list[RunSummary], unit: str) -> Table:
+def bounds_table(rows: list[dict], runs: list[RunSummary], modality: str) -> Table:
     """One row per run; its label one part per line, so that a narrow table never breaks a
-    label after a comma."""
-    table = Table(title=f"validation bounds, NLL ≤ ({unit})", title_justify="left", show_lines=True)
+    label after a comma. The bounds in the sign the paper's tables use for the data (bound_sign)."""
+    from ..evaluate import bound_sign, bound_unit
+
+    label, sign = bound_sign(modality)
+    table = Table(title=f"validation bounds, {label} ({bound_unit(modality)})", title_justify="left", show_lines=True)
     for name, justify in (("run", "left"), ("label", "left"), ("updates", "right"), ("final", "right"),
                           ("best", "right"), ("final KL", "right")):
         table.add_column(name, justify=justify)
     for row, run in zip(rows, runs):
-        figures = [f"{row[key]:.2f}" if row[key] is not None else "—" for key in ("final_valid_nll", "best_valid_nll", "final_valid_kl")]
+        bounds = [f"{-sign * row[key]:.2f}" if row[key] is not None else "—" for key in ("final_valid_nll", "best_valid_nll")]
+        figures = [*bounds, "—" if row["final_valid_kl"] is None else f"{row['final_valid_kl']:.2f}"]
         table.add_row(escape(Path(row["run"]).name), escape("\n".join(run.parts)), f"{row['steps']:,}", *figures)
     return table

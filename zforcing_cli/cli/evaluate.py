@@ -14,7 +14,7 @@ from ..console import JobProgress, plural, results_table, stderr, stdout
 from ..data import EMBEDDED, check_prepared_folder, open_dataset
 from ..errors import DataError, ZForcingError
 from ..fileio import check_can_write, json_record
-from .common import RUNS_ROOT, CheckpointArgument, DeviceOption, SeedOption, ThreadsOption, announce_loop_builds, usage_error
+from .common import MAX_SEED, RUNS_ROOT, CheckpointArgument, DeviceOption, ThreadsOption, announce_loop_builds, usage_error
 
 if TYPE_CHECKING:  # the core is imported once the options and paths are checked: it loads torch
     from ..data import PreparedDataset
@@ -38,7 +38,7 @@ def evaluate_cli(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --diagnostics: write a heat map of KL over time × latent dimension and the KL per step (.png or .svg).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
     device: DeviceOption = "auto",
-    seed: SeedOption = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the posterior samples; with the run's seed, --split valid gives training's validation figure.", show_default="the run's training seed")] = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats."""
@@ -49,12 +49,18 @@ def evaluate_cli(
     announce_loop_builds()
     from ..device import resolve_device
     from ..diagnostics import diagnose_split, write_diagnostics_plot
+    from ..evaluate import sequence_count
     from ..threads import ThreadPolicy
 
     torch_device = resolve_device(device)
     model, config = load_model(folder, torch_device)
     dataset = model_dataset(model, config, data)
-    sequences = min(len(dataset.split(split)), limit) if limit else len(dataset.split(split))
+    sequences = sequence_count(dataset.split(split), limit or None)
+    seed = config["train"]["seed"] if seed is None else seed
+    if split == "valid":
+        note = validation_difference(config, dataset, sequences, seed)
+        if note:
+            stderr.print(escape(note), soft_wrap=True)
     with ThreadPolicy(threads), JobProgress(f"Evaluating {split}", shorten=SHORTEN) as progress:
         result = evaluate_split(
             model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,
@@ -68,7 +74,7 @@ def evaluate_cli(
         if plot is not None:
             write_diagnostics_plot(found, plot, f"KL(q ‖ p) per step and latent dimension: {dataset.meta.kind}, {split} split")
     text = text_figures(result, dataset, split, limit) if dataset.meta.modality == "tokens" else {}
-    report = evaluation_report(folder, dataset, split, limit, result, text, found)
+    report = evaluation_report(folder, dataset, split, limit, seed, result, text, found)
     print_report(report, as_json, folder, dataset, split, result, text, found)
     if plot is not None:
         stderr.print(escape(f"Wrote the KL heat map to {plot}"), soft_wrap=True)
@@ -100,11 +106,21 @@ def check_options(split: str, diagnostics: bool, plot: Path | None, force: bool)
 def model_dataset(model: ZForcing, config: dict, data: str | None) -> PreparedDataset:
     """The dataset to evaluate on (--data, else the one the model was trained on), refused when
     its data are not what the model models."""
+    from ..runconfig import audio_format_differences
+
     dataset = open_training_data(config) if data is None else open_dataset(data)
     if dataset.meta.modality != model.config.modality:
         raise ZForcingError(
             f"The dataset holds {dataset.meta.modality} data but the model models {model.config.modality} data.",
             "Pass the --data the model was trained on.",
+        )
+    differences = audio_format_differences(config["data"], dataset)
+    if differences:
+        audio = config["data"]["audio"]
+        raise ZForcingError(
+            f"The dataset at {dataset.location} is not audio as the model reads it: {'; '.join(differences)}.",
+            f"Prepare the audio at the model's framing (zforcing prepare wav SOURCE --sample-rate {audio['sample_rate']} "
+            f"--frame-size {audio['frame_size']}) and pass that with --data.",
         )
     if dataset.meta.text and dataset.meta.text["vocabulary"] != (config["data"].get("text") or {}).get("vocabulary"):
         raise ZForcingError(
@@ -114,15 +130,38 @@ def model_dataset(model: ZForcing, config: dict, data: str | None) -> PreparedDa
     return dataset
 
 
-def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit: int, result: EvalResult, text: dict,
-                      found: Diagnostics | None) -> dict:
+def validation_difference(config: dict, dataset: PreparedDataset, sequences: int, seed: int) -> str:
+    """Why this evaluation of the valid split cannot give training's validation figure (its
+    sequences, its seed or its data differ), or "" when it does the same."""
+    from ..evaluate import sequence_count
+    from ..runconfig import dataset_differences
+
+    trained = config["train"]
+    validated = sequence_count(dataset.split("valid"), trained.get("valid_limit") or None)
+    reasons = []
+    if validated != sequences:
+        whole = len(dataset.split("valid"))
+        taken = f"all {whole:,}" if sequences == whole else f"the first {sequences:,}"
+        reasons.append(f"training validated on the first {validated:,} valid sequences; this is {taken} "
+                       f"(--limit {validated} takes the same)")
+    if seed != trained["seed"]:
+        reasons.append(f"training drew its samples with --seed {trained['seed']}, this with --seed {seed}")
+    if dataset_differences(config["data"], dataset):
+        reasons.append("training validated on other data")
+    if not reasons:
+        return ""
+    return f"Note: not training's validation figure: {'; '.join(reasons)}."
+
+
+def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit: int, seed: int, result: EvalResult,
+                      text: dict, found: Diagnostics | None) -> dict:
     """Every figure of the evaluation, as --json prints it; text: text_figures' (empty unless text)."""
     from ..evaluate import BASELINES, baseline_nll, bound_unit
 
     per_sample = samples_per_sequence(result, dataset.meta)
     baseline = {"baseline": BASELINES[dataset.meta.modality], "baseline_nll": baseline_nll(dataset, split, limit or None)}
     return json_record({
-        "checkpoint": str(folder), "split": split, "data": dataset.location, "unit": bound_unit(dataset.meta.modality),
+        "checkpoint": str(folder), "split": split, "data": dataset.location, "seed": seed, "unit": bound_unit(dataset.meta.modality),
         **result.to_dict(), "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae, **baseline,
         **({} if per_sample is None else per_sample_figures(result, per_sample, baseline["baseline_nll"])),
         **text,
@@ -169,16 +208,17 @@ def count(value: float) -> str:
 
 def audio_rows(result: EvalResult, report: dict) -> list[tuple[str, str]]:
     """The paper's Table 1 sign and unit (average log-likelihood ≥ bound, per sequence), and the
-    bounds per waveform sample, which compare across sequence lengths, beside the baseline's."""
+    bounds per waveform sample, which compare across sequence lengths, beside the baseline's:
+    every figure a log-likelihood, higher is better (bound_sign)."""
     rows = [("sequences", count(result.sequences)), ("waveform samples per sequence", count(report["samples_per_sequence"])),
             ("log-likelihood ≥ (ELBO), nats per sequence", f"{result.elbo:,.2f}")]
     if result.iwae is not None:
         rows.append((f"log-likelihood ≥ (IWAE, K={result.iwae_samples}), nats per sequence", f"{result.iwae:,.2f}"))
-    rows.append(("NLL ≤ (ELBO), nats per sample", f"{report['nll_elbo_per_sample']:.4f}"))
+    rows.append(("log-likelihood ≥ (ELBO), nats per sample", f"{-report['nll_elbo_per_sample']:.4f}"))
     if result.iwae is not None:
-        rows.append((f"NLL ≤ (IWAE, K={result.iwae_samples}), nats per sample", f"{report['nll_iwae_per_sample']:.4f}"))
+        rows.append((f"log-likelihood ≥ (IWAE, K={result.iwae_samples}), nats per sample", f"{-report['nll_iwae_per_sample']:.4f}"))
     return rows + [("KL, nats per sequence", f"{result.kl:.2f}"),
-                   ("baseline NLL (global Gaussian), nats per sample", f"{report['baseline_nll_per_sample']:.4f}")]
+                   ("baseline log-likelihood (global Gaussian), nats per sample", f"{-report['baseline_nll_per_sample']:.4f}")]
 
 
 def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:

@@ -88,7 +88,7 @@ def sample_cli(
         what = f"{plural(num, 'clip')} of {audio.seconds(steps):g} s" + (" after the prompt" if prompt else "")
         with ThreadPolicy(threads), JobProgress(f"Generating {what}", shorten=SHORTEN_AUDIO) as progress:
             result = sample_audio(model, data, out, num=num, steps=steps, temperature=temperature, seed=seed,
-                                  prompt=audio_prompt(prompt), force=force, progress=audio_progress(progress, audio))
+                                  prompt=audio_prompt(prompt), force=force, progress=audio_progress(progress))
         report_audio(result)
         return
     check_image_options(prompt, seconds, length)
@@ -103,9 +103,10 @@ def sample_cli(
 SHORTEN_AUDIO = "ask for less with --seconds or --num"
 
 
-def audio_progress(progress: JobProgress, audio: AudioFormat) -> Callable[[int, int], None]:
-    """sample_audio's progress in frames, shown as seconds of audio."""
-    return lambda done, total: progress(done, total, f"{audio.seconds(done):,.1f} of {audio.seconds(total):,.1f} s of audio")
+def audio_progress(progress: JobProgress) -> Callable[[float, int], None]:
+    """sample_audio's progress in clips (a clip being generated counts in part), shown as the
+    clips written whole."""
+    return lambda done, total: progress(done, total, f"{int(done):,} of {total:,} clips written")
 
 
 def check_text_options(seconds: float | None, prompt: str | None) -> None:
@@ -199,16 +200,27 @@ def check_image_options(prompt: Path | None, seconds: float | None, length: int 
 
 def report_audio(result: AudioSamples) -> None:
     each = f"{result.seconds:g} s each" + (f", the first {result.prompt_seconds:g} s the prompt" if result.prompt_seconds else "")
-    stdout.print(escape(f"Wrote {plural(len(result.paths), 'sample')} ({each}) to {list_files(result.paths)}"), soft_wrap=True)
-    stdout.print(escape(f"Waveform and spectrogram beside each: {list_files(result.plots)}"), soft_wrap=True)
+    from ..generate import plot_path
+
+    shown = listed_paths(result)
+    stdout.print(escape(f"Wrote {plural(result.clips, 'sample')} ({each}) to {list_files(shown, result.clips)}"), soft_wrap=True)
+    plots = [plot_path(path) for path in shown]
+    stdout.print(escape(f"Waveform and spectrogram beside each: {list_files(plots, result.clips)}"), soft_wrap=True)
     stderr.print(
         f"Generated {result.generated_seconds:.3g} s of audio in {result.wall_seconds:.3g} s: "
         f"{result.real_time_factor:.3g}× real time", soft_wrap=True,
     )
 
 
-def list_files(paths: list[Path]) -> str:
-    """'a.wav', 'a-1.wav, a-2.wav, a-3.wav' or, for many, 'a-01.wav … a-64.wav'."""
-    if len(paths) <= LISTED_FILES:
+def listed_paths(result: AudioSamples) -> list[Path]:
+    """The clips list_files names: all of a few, or the first and the last."""
+    if result.clips <= LISTED_FILES:
+        return result.paths()
+    return result.paths(0, 1) + result.paths(result.clips - 1)
+
+
+def list_files(paths: list[Path], count: int) -> str:
+    """'a.wav', 'a-1.wav, a-2.wav, a-3.wav' or, for many, 'a-01.wav … a-64.wav' (paths: listed_paths')."""
+    if count <= LISTED_FILES:
         return ", ".join(str(path) for path in paths)
     return f"{paths[0]} … {paths[-1]}"

@@ -277,7 +277,6 @@ def train_cli(
     announce_loop_builds()
     from ..device import check_precision, resolve_device
     from ..distributed import joined
-    from ..evaluate import bound_unit
 
     if precision is not None:
         check_precision(precision)
@@ -290,7 +289,7 @@ def train_cli(
         result = run_training(run_dir, run_config, dataset, torch_device, group, resume=resume, force=force,
                               tensorboard=tensorboard, threads=threads, device_spec=device)
         if main:
-            report_result(result, run_dir, bound_unit(dataset.meta.modality))
+            report_result(result, run_dir, dataset, run_config.train.valid_limit)
 
 
 def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, preset: str | None,
@@ -346,7 +345,6 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
                  resume: bool, force: bool, tensorboard: bool, threads: int | None, device_spec: str) -> TrainResult:
     """train(), its progress shown by rank 0, stopped after an update by the first Ctrl-C or
     SIGTERM: then rank 0 says how to continue, and every rank exits with the signal's code."""
-    from ..evaluate import bound_unit
     from ..threads import ThreadPolicy
     from ..train import StopRequest, TrainingStopped, train
 
@@ -354,7 +352,7 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
     stop = StopRequest()
     with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
             stop_on_signals(stop, progress.console if main else None, group is not None):
-        reporter = TrainReporter(progress, policy, bound_unit(dataset.meta.modality)) if main else None
+        reporter = TrainReporter(progress, policy, dataset.meta.modality) if main else None
         try:
             return train(run_dir, run_config, dataset, device, reporter, resume=resume, force=force, stop=stop,
                          latest_link=RUNS_ROOT, tensorboard=tensorboard, group=group)
@@ -392,14 +390,21 @@ def continue_command(run_dir: Path, options: list[str], group: Group | None) -> 
     return f"the same torchrun command on every machine, with: -m zforcing_cli {shlex.join(arguments)}"
 
 
-def report_result(result, run_dir: Path, unit: str) -> None:
+def report_result(result, run_dir: Path, dataset: PreparedDataset, valid_limit: int) -> None:
+    from ..evaluate import bound_unit, perplexity, sequence_count, stated_bound, target_tokens
+
     best = result.state.best_seen
     if best is None:
         raise TrainingError(
             f"Training ended without a finite validation bound, so {run_dir} has no best checkpoint.",
             "The run diverged; start a new one with a lower --lr.",
         )
-    stdout.print(escape(f"Best validation bound: NLL ≤ {-best:.2f} {unit}; checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
+    modality = dataset.meta.modality
+    bound = stated_bound(modality, best, bound_unit(modality))
+    if modality == "tokens":  # text's figure in the paper (Table 2), beside the bound
+        valid = dataset.split("valid")
+        bound = f"perplexity ≤ {perplexity(best, sequence_count(valid, valid_limit or None), target_tokens(valid, valid_limit or None)):,.2f} ({bound})"
+    stdout.print(escape(f"Best validation bound: {bound}; checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
     quoted = shlex.quote(str(run_dir))
     stdout.print(escape(f"Next: zforcing evaluate {quoted}  or  zforcing sample {quoted}"), soft_wrap=True)
 
@@ -568,10 +573,12 @@ class TrainReporter:
     LOG_SECONDS = 30.0
     MEASURE_SECONDS = 20.0  # of training, before the estimate of what is left is trusted
 
-    def __init__(self, progress, policy: ThreadPolicy, unit: str):
+    def __init__(self, progress, policy: ThreadPolicy, modality: str):
+        from ..evaluate import bound_unit
+
         self.progress = progress
         self.policy = policy
-        self.unit = unit
+        self.modality, self.unit = modality, bound_unit(modality)
         self.task = None
         self.started = time.perf_counter()
         self.last_line = self.started
@@ -662,8 +669,14 @@ class TrainReporter:
         self.progress.console.print(f"[yellow]step {event.step}: non-finite loss, update skipped ({plural(skipped, 'skipped update')} so far)")
 
     def on_validation(self, event: TrainEvent) -> None:
+        from ..evaluate import stated_bound
+
         m = event.metrics
-        bound = f"{m['nll_bound']:.2f} {self.unit}" if math.isfinite(m["nll_bound"]) else f"not finite ({m['nll_bound']}); no best checkpoint"
+        if math.isfinite(m["elbo"]):
+            bound = stated_bound(self.modality, m["elbo"], self.unit)
+            bound = f"perplexity ≤ {m['perplexity']:,.2f} ({bound})" if "perplexity" in m else bound
+        else:
+            bound = f"bound not finite ({m['elbo']}); no best checkpoint"
         note = " [green]best[/]" if m["improved"] else ""
         note += f" [yellow]lr halved to {m['lr']:.2g}[/]" if m["lr_halved"] else ""
-        self.progress.console.print(f"epoch {event.epoch + 1} step {event.step}: valid NLL ≤ {bound}, KL {m['kl']:.2f}{note}")
+        self.progress.console.print(f"epoch {event.epoch + 1} step {event.step}: valid {escape(bound)}, KL {m['kl']:.2f}{note}")
