@@ -18,13 +18,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..console import stderr, stdout
-from ..data import open_dataset
-from ..device import resolve_device
 from ..errors import ZForcingError
-from ..evaluate import bound_unit
 from ..humanize import duration, plural
-from ..stats import number
-from ..train import StopRequest
 from .common import DeviceOption
 from .train import SIGNAL_EXIT_CODES, stop_on_signals
 
@@ -57,8 +52,12 @@ def sweep_cli(
 ) -> None:
     """Run a sweep: configurations from a grid or TPE (Optuna), each trained with every seed of the spec, pruned only by a paired test across seeds; then report each configuration's mean ± SD and 95% CI and its paired differences against the reference."""
     require_sweep_packages()
+    from ..data import open_dataset
+    from ..device import resolve_device
+    from ..evaluate import bound_unit
     from ..sweep import SweepStopped, SweepWorker, default_folder, load_study, open_study, read_spec
     from ..sweep.study import storage_label
+    from ..train import StopRequest
 
     sweep_spec = read_spec(spec)
     folder = out or default_folder(sweep_spec)
@@ -161,6 +160,7 @@ def print_report(spec, study, folder: Path, unit: str, as_json: bool) -> None:
 
 
 def report_table(result: dict) -> Table:
+    from ..stats import number
     from ..sweep.report import describe_params
 
     table = Table(title=f"{result['metric']} ({result['unit']}), over seeds", title_justify="left", header_style="bold")
