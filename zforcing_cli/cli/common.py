@@ -7,16 +7,32 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
+from ..console import stderr
 from ..errors import UsageError
 
 RUNS_ROOT = Path("runs")
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
+def cap_threads(requested: int | None) -> int | None:
+    """--threads, at most one per core, with a warning when it was more."""
+    if requested is None:
+        return None
+    from ..threads import capped_threads  # here: threads.py imports torch, which an option's parsing need not wait for
+
+    threads, warning = capped_threads(requested)
+    if warning:
+        stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
+    return threads
+
+
 ThreadsOption = Annotated[
     Optional[int],
     typer.Option(
-        "--threads", min=1, envvar="ZFORCING_THREADS",
-        help="CPU threads for torch. Default: all cores when this is the only zforcing process, a fair share while others run (docs/performance.md).",
+        "--threads", min=1, envvar="ZFORCING_THREADS", callback=cap_threads,
+        help="CPU threads for torch, at most one per core (more are lowered to the cores, with a warning). Default: all cores when this is the only zforcing process, a fair share while others run (docs/performance.md).",
         show_default="auto",
     ),
 ]
