@@ -270,11 +270,12 @@ def write_token_split(staging: Path, split: str, store: SentenceStore, starts: n
 
 def prepare_text(
     source: str, out: Path, kind: str = "text", protocol: TextProtocol = IMDB_PROTOCOL, text_column: str | None = None,
-    force: bool = False, progress: ProgressCallback | None = None,
+    force: bool = False, progress: ProgressCallback | None = None, encoding: str | None = None,
 ) -> PreparedDataset:
-    """Tokenize a corpus (see the module's docstring) into a prepared dataset at out."""
+    """Tokenize a corpus (see the module's docstring) into a prepared dataset at out; plain text
+    and CSV are decoded with encoding (default UTF-8)."""
     protocol.check()
-    documents = open_documents(source, text_column)
+    documents = open_documents(source, text_column, encoding)
     with prepared_staging(out, force) as staging:
         with closing(SentenceStore(staging / SENTENCE_FILE)) as store:
             read = read_sentences(documents, protocol, store, progress)
