@@ -48,8 +48,8 @@ class TrainEvent:
     """What the trainer reports.
 
     kind: stale_lock (message: whose lock was taken over) | resume (path: the checkpoint, None
-    when restarting from step 0) | warning (message) | start (metrics: parameters, finished:
-    True when nothing is left to do) | step (an update's metrics) | skip (metrics:
+    when restarting from step 0) | warning (message) | start (metrics: parameters, loops:
+    which loops run the recurrence, finished: True when nothing is left to do) | step (an update's metrics) | skip (metrics:
     skipped_steps) | progress (an update taken whose metrics are not read yet, on a GPU: its
     step and skip events follow when they are, several at once) | validation (metrics) |
     checkpoint (path) | end (metrics: best_valid_elbo, skipped_steps). A run starts with
@@ -254,7 +254,8 @@ class Trainer:
         state, train_config = self.state, self.run_config.train
         self.updater.start(state.step - state.skipped_steps)  # distributed: DDP, once every rank has its state
         finished = state.step >= self.total_steps and not self.validation_due()
-        self.emit("start", {"parameters": count_parameters(self.model), "finished": finished})
+        self.emit("start", {"parameters": count_parameters(self.model), "finished": finished,
+                            "loops": self.model.recurrence_loops()})
         # tf32: the run's float32 products (validation's too) on the GPU's TensorFloat-32 tensor cores.
         with tensor_float32(train_config.precision == "tf32"):
             try:

@@ -70,6 +70,7 @@ def main(prog_name: str | None = None) -> None:
     signal.signal(signal.SIGTERM, exit_on_signal)
     keep_freed_memory()  # each training update reuses what the last one freed (allocator.py)
     fused_cpu.build_notice = lambda text: stderr.print(escape(text), style="dim", soft_wrap=True)
+    fused_cpu.warning_notice = lambda text: stderr.print(f"[yellow]Warning:[/] {escape(text)}", soft_wrap=True)
     app(prog_name=prog_name)
 
 
