@@ -1,4 +1,5 @@
-"""How figures read in messages, for the core and the command line alike: counts and durations."""
+"""How figures read in messages, for the core and the command line alike: counts, durations
+and sizes."""
 
 from __future__ import annotations
 
@@ -18,3 +19,15 @@ def duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.1f} min"
     return f"{seconds:.1f} s"
+
+
+def size(count: float) -> str:
+    """'512 bytes', '3.1 MiB', '1.50 GiB': bytes in the largest binary unit they fill, never
+    '0.0 GiB' for a few megabytes."""
+    if count < 1024:
+        return f"{count:,.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024 or unit == "TiB":
+            return f"{count:,.{2 if count < 10 else 1}f} {unit}"
+    raise AssertionError("unreachable")
