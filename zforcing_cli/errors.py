@@ -80,12 +80,14 @@ def file_system_error(error: OSError) -> FileSystemError:
 
 def free_bytes(path: Path) -> int | None:
     """The free space of the file system that holds path (or would: its nearest existing
-    folder), for this user; None where it cannot be told."""
+    folder), for this user; None where it cannot be told (a pseudo file system such as /proc
+    says it has no size at all)."""
     folder = next((parent for parent in [path, *path.absolute().parents] if parent.is_dir()), None)
     try:
-        return None if folder is None else shutil.disk_usage(folder).free
+        usage = shutil.disk_usage(folder) if folder is not None else None
     except OSError:
         return None
+    return usage.free if usage is not None and usage.total > 0 else None
 
 
 # How an error that wraps an OS error names it: safetensors' SafetensorError carries Rust's

@@ -116,7 +116,8 @@ def atomic_directory(target: Path, force: bool = False, what: str = "folder", is
         shutil.rmtree(staging, ignore_errors=True)
         remove_made(made)
         os_error = wrapped_os_error(error) if isinstance(error, Exception) else None
-        if os_error is not None and (os_error.filename is None or str(os_error.filename).startswith(str(staging))):
+        if os_error is not None and os_error.errno is not None and (
+                os_error.filename is None or str(os_error.filename).startswith(str(staging))):
             raise OSError(os_error.errno, os_error.strerror, str(target)) from None
         raise
 

@@ -232,7 +232,7 @@ class Trainer:
 
     def open_folder(self, resume: bool, force: bool, latest_link: Path | None, tensorboard: bool) -> dict | None:
         """Rank 0's part of open(); returns the state the other ranks take (distributed)."""
-        space_warning = self.check_disk_space()
+        space_warning = check_disk_space(self.folder, self.model, self.run_config.train.keep_checkpoints)
         took_over = self.folder.open(resume, force)
         if took_over is not None:
             self.emit("stale_lock", message=took_over)
@@ -249,25 +249,6 @@ class Trainer:
         if tensorboard:
             self.folder.open_tensorboard(self.run_config.data, self.run_config.train.seed, self.state.step if resume else None)
         return self.state_dict() if self.group is not None else None
-
-    def check_disk_space(self) -> str | None:
-        """A checkpoint that cannot be written, found before the updates are spent: refused when
-        the run folder's disk cannot take one training checkpoint; a warning (returned) when
-        it cannot take all that the run keeps."""
-        weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in self.model.state_dict().values())
-        keep = self.run_config.train.keep_checkpoints
-        one, needed = self.folder.checkpoint_space(weight_bytes, keep)
-        free = free_bytes(self.folder.path)
-        if free is None or free >= needed:
-            return None
-        where = f"{self.folder.path} has {size(free)} free"
-        if free < one:
-            raise FileSystemError(f"{where}; one training checkpoint of this model takes about {size(one)} "
-                                  "(its weights and Adam's two moments of each).",
-                                  "Free some space on that disk, or write the run to another disk (--out elsewhere).")
-        return (f"{where}; the run's checkpoints may need about {size(needed)} ({keep + 1} training checkpoints of "
-                f"{size(one)} while the newest is written, and the best model twice while it is replaced). A checkpoint "
-                "that does not fit ends the run at its last complete one; free some space, or use --out on another disk.")
 
     def run(self) -> TrainResult:
         """Train to total_steps. Validation comes at each epoch's end and at the last update; a
@@ -499,6 +480,25 @@ def train(
         return trainer.run()
     finally:
         trainer.close()
+
+
+def check_disk_space(folder: RunFolder, model: ZForcing, keep: int) -> str | None:
+    """A checkpoint that cannot be written, found before the updates are spent: refused when
+    the run folder's disk cannot take one training checkpoint; a warning (returned) when it
+    cannot take all that the run keeps."""
+    weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    one, needed = folder.checkpoint_space(weight_bytes, keep)
+    free = free_bytes(folder.path)
+    if free is None or free >= needed:
+        return None
+    where = f"{folder.path} has {size(free)} free"
+    if free < one:
+        raise FileSystemError(f"{where}; one training checkpoint of this model takes about {size(one)} "
+                              "(its weights and Adam's two moments of each).",
+                              "Free some space on that disk, or write the run to another disk (--out elsewhere).")
+    return (f"{where}; the run's checkpoints may need about {size(needed)} ({keep + 1} training checkpoints of "
+            f"{size(one)} while the newest is written, and the best model twice while it is replaced). A checkpoint "
+            "that does not fit ends the run at its last complete one; free some space, or use --out on another disk.")
 
 
 __all__ = ["TrainEvent", "TrainResult", "Trainer", "StopRequest", "TrainingStopped", "train"]
