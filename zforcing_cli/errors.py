@@ -94,13 +94,18 @@ def free_bytes(path: Path) -> int | None:
 # io::Error, "I/O error: No space left on device (os error 28)" (or, debug-printed,
 # "Os { code: 28, kind: StorageFull, ... }").
 WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
+# numpy's tofile (np.save) says only "4900000 requested and 1048448 written": a short write to
+# a file, which is a full disk (or quota).
+SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
 
 
 def wrapped_os_error(error: BaseException, path: Path | str | None = None) -> OSError | None:
-    """error itself when it is an OSError; the OS error another error wraps (safetensors'), as
-    an OSError naming path; else None."""
-    if isinstance(error, OSError):
+    """error itself when it is an OSError (numpy's short write as the full disk it is); the OS
+    error another error wraps (safetensors'), as an OSError naming path; else None."""
+    if isinstance(error, OSError) and not (error.errno is None and SHORT_WRITE.match(str(error))):
         return error
+    if isinstance(error, OSError):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else str(path))
     found = WRAPPED_OS_ERROR.search(str(error))
     if found is None:
         return None

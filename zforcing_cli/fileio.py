@@ -116,7 +116,7 @@ def atomic_directory(target: Path, force: bool = False, what: str = "folder", is
         shutil.rmtree(staging, ignore_errors=True)
         remove_made(made)
         os_error = wrapped_os_error(error) if isinstance(error, Exception) else None
-        if os_error is not None and os_error.errno is not None and (
+        if os_error is not None and os_error.errno is not None and (  # numpy's short write included
                 os_error.filename is None or str(os_error.filename).startswith(str(staging))):
             raise OSError(os_error.errno, os_error.strerror, str(target)) from None
         raise
@@ -200,6 +200,19 @@ def naming(path: Path) -> Iterator[None]:
         if error.filename is not None:
             raise
         raise OSError(error.errno, error.strerror, str(path)) from None
+
+
+def reserve(path: Path) -> None:
+    """Allocate the blocks of a file made sparse (a memory-mapped output) now: a full disk is
+    then an OSError here, not a SIGBUS that kills the process when the map is written."""
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: as before
+                raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def write_bytes(path: Path, data: bytes) -> None:

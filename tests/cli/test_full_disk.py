@@ -15,11 +15,12 @@ import pytest
 from safetensors import SafetensorError
 
 import zforcing_cli.checkpoint as checkpoint_module
+import zforcing_cli.data.prepared as prepared_module
 import zforcing_cli.runfolder as runfolder_module
 from zforcing_cli.checkpoint import read_training_checkpoint
 from zforcing_cli.errors import file_system_error, wrapped_os_error
 
-from conftest import assert_clean_error, invoke, plain
+from conftest import assert_clean_error, invoke, plain, write_reviews_jsonl
 
 train_module = importlib.import_module("zforcing_cli.train")  # the package's `train` is its function
 
@@ -185,3 +186,27 @@ def test_a_real_full_disk_during_training_then_resume(cwd, tiny_data, small_disk
     assert read_training_checkpoint(run / "checkpoints" / kept[-1])["state"]["step"] == int(kept[-1][5:])
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
     assert_resumes_to(run, 12)
+
+
+def test_numpy_short_write_is_a_full_disk(tmp_path):
+    error = wrapped_os_error(OSError("4900000 requested and 1048448 written"), tmp_path / "x.npy")
+    assert (error.errno, error.filename) == (errno.ENOSPC, str(tmp_path / "x.npy"))
+    assert wrapped_os_error(OSError("4900000 requested")).errno is None  # any other OSError: as it is
+
+
+def test_prepare_on_a_full_disk_names_the_output_and_leaves_nothing(cwd, monkeypatch):
+    """np.save's short write (mnist), and the token file's reservation (text), on a full disk."""
+    def short_write(file, array):
+        raise OSError(f"{array.nbytes} requested and 10 written")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepared_module.np, "save", short_write)
+        assert_no_space_error(invoke("prepare", "mnist", "embedded", "--out", "mnist"), Path("mnist"))
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    write_reviews_jsonl(cwd / "reviews.jsonl", count=60)
+    assert_no_space_error(invoke("prepare", "imdb", "reviews.jsonl", "--out", "text"), Path("text"))
+    assert sorted(path.name for path in cwd.iterdir()) == ["reviews.jsonl"]
