@@ -9,7 +9,13 @@ skipped; where one is and the build fails, they fail.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,20 +201,97 @@ def test_without_a_compiler_the_recurrence_runs_its_python_loops(fresh_build, mo
     assert all(x.grad is not None for x in inputs)
 
 
+def stand_in_compiler(folder, script: str) -> str:
+    """A shell script in the compiler's place, named by CXX: it answers --version at once and
+    runs script for a build."""
+    path = folder / "stand-in-c++"
+    path.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo stand-in; exit 0; fi\n' + script)
+    path.chmod(0o755)
+    return str(path)
+
+
 @fallback
 def test_a_failed_build_warns_once_and_is_not_retried(fresh_build, monkeypatch, tmp_path):
-    failing = tmp_path / "failing-c++"
-    failing.write_text("#!/bin/sh\necho 'no such header' >&2\nexit 1\n")
-    failing.chmod(0o755)
-    monkeypatch.setenv("CXX", str(failing))
-    with pytest.warns(RuntimeWarning, match="could not build fused_cpu.cpp.*ZFORCING_COMPILED_LOOPS=0"):
+    failing = stand_in_compiler(tmp_path, "echo 'no such header' >&2\nexit 1\n")
+    monkeypatch.setenv("CXX", failing)
+    with pytest.warns(RuntimeWarning, match="Could not build fused_cpu.cpp.*build_loops --rebuild.*ZFORCING_COMPILED_LOOPS=0"):
         reason = fused_cpu.load()
     assert "exit status 1" in reason and fused_cpu.load() == reason  # once per process
-    log = fused_cpu.library_path(str(failing)).with_name("build.log")
+    log = fused_cpu.library_path(failing).with_name("build.log")
     assert "no such header" in log.read_text()
+    assert fused_cpu.failure_file(fused_cpu.library_path(failing)).read_text() == reason
     monkeypatch.setattr(fused_cpu, "_status", {})  # the next process: reads the failure, builds nothing
     monkeypatch.setattr(fused_cpu, "build", lambda *args: pytest.fail("built again"))
-    assert fused_cpu.load() == reason
+    with pytest.warns(RuntimeWarning, match="failed to build earlier"):
+        assert fused_cpu.load() == reason
+
+
+@fallback
+def test_a_remembered_failure_is_said_once_per_process_with_the_retry_command(fresh_build, monkeypatch, tmp_path):
+    cxx = stand_in_compiler(tmp_path, "exit 1\n")
+    monkeypatch.setenv("CXX", cxx)
+    failed = fused_cpu.failure_file(fused_cpu.library_path(cxx))
+    failed.parent.mkdir(parents=True)
+    failed.write_text("could not build fused_cpu.cpp: stand-in-c++ failed (exit status 1)")
+    heard = []
+    monkeypatch.setattr(fused_cpu, "warning_notice", heard.append)
+    small = torch.zeros(4, 4)
+    assert fused_cpu.loops(small, small) is None and fused_cpu.loops(small, small) is None and fused_cpu.load() is not None
+    assert len(heard) == 1
+    assert "failed to build earlier (could not build" in heard[0] and "`python -m zforcing_cli.build_loops --rebuild`" in heard[0]
+
+
+@fallback
+@pytest.mark.parametrize("script", ["kill -INT $$\n", "exec sleep 30\n"], ids=["killed by SIGINT", "signalled while sleeping"])
+def test_a_build_stopped_by_a_signal_is_not_remembered(fresh_build, monkeypatch, tmp_path, script):
+    """Ctrl-C reaches the whole process group, the compiler too: such a build is tried again
+    by the next process instead of failing for good."""
+    cxx = stand_in_compiler(tmp_path, script)
+    monkeypatch.setenv("CXX", cxx)
+    if script.startswith("exec sleep"):  # the stand-in is signalled from outside, as a Ctrl-C would
+        started = subprocess.Popen
+        def run_and_interrupt(*args, **kwargs):
+            process = started(*args, **kwargs)
+            if args[0][0] == cxx and args[0][1] != "--version":
+                threading.Timer(0.5, process.send_signal, (signal.SIGINT,)).start()
+            return process
+        monkeypatch.setattr(subprocess, "Popen", run_and_interrupt)
+    heard = []
+    monkeypatch.setattr(fused_cpu, "warning_notice", heard.append)
+    reason = fused_cpu.load()
+    assert "interrupted" in reason and "SIGINT" in reason
+    library = fused_cpu.library_path(cxx)
+    assert not fused_cpu.failure_file(library).exists() and not library.exists()
+    assert [path.name for path in library.parent.iterdir()] == ["build.log"]  # no partial library left
+    assert len(heard) == 1 and "the next one builds again" in heard[0]
+
+
+@fallback
+def test_a_build_past_its_time_limit_is_not_remembered(fresh_build, monkeypatch, tmp_path):
+    cxx = stand_in_compiler(tmp_path, "exec sleep 30\n")
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setattr(fused_cpu, "BUILD_SECONDS", 0.5)
+    monkeypatch.setattr(fused_cpu, "warning_notice", lambda text: None)
+    assert "took more than 0.5 s" in fused_cpu.load()
+    assert not fused_cpu.failure_file(fused_cpu.library_path(cxx)).exists()
+
+
+@fallback
+def test_rebuild_forgets_a_remembered_failure_and_builds_again(fresh_build, monkeypatch, tmp_path, capsys):
+    cxx = stand_in_compiler(tmp_path, "exit 1\n")
+    monkeypatch.setenv("CXX", cxx)
+    library = fused_cpu.library_path(cxx)
+    library.parent.mkdir(parents=True)
+    fused_cpu.failure_file(library).write_text("could not build fused_cpu.cpp: an old failure")
+    assert fused_cpu.main([]) == 1
+    assert "an old failure" in capsys.readouterr().out  # without --rebuild: remembered, not built
+    built = []
+    monkeypatch.setattr(fused_cpu, "build", lambda cxx, output: built.append(output) or output.write_bytes(b""))
+    monkeypatch.setattr(fused_cpu.torch.ops, "load_library", lambda path: None)
+    monkeypatch.setattr(fused_cpu, "_status", {})
+    assert fused_cpu.main(["--rebuild"]) == 0
+    assert built == [library] and not fused_cpu.failure_file(library).exists()
+    assert capsys.readouterr().out == f"ready: {library}\n"
 
 
 @fallback
@@ -238,6 +321,26 @@ def test_the_cache_folder_and_the_switch(monkeypatch, tmp_path):
 @fallback
 def test_main_says_where_the_library_is_or_why_not(fresh_build, monkeypatch, capsys):
     monkeypatch.setattr(fused_cpu, "compiler", lambda: None)
-    assert fused_cpu.main() == 1 and "no C++ compiler" in capsys.readouterr().out
+    assert fused_cpu.main([]) == 1 and "no C++ compiler" in capsys.readouterr().out
     monkeypatch.setenv(fused_cpu.SWITCH, "off")
-    assert fused_cpu.main() == 0 and "off" in capsys.readouterr().out
+    assert fused_cpu.main([]) == 0 and "off" in capsys.readouterr().out
+
+
+@fallback
+def test_train_says_a_remembered_failure_once_and_which_loops_run(tmp_path, tiny_data):
+    """The whole chain, as a user meets it: a new process finds the failure, warns once on
+    stderr with the retry command, and its start line says the Python loops run, and why."""
+    cxx = stand_in_compiler(tmp_path, "exit 1\n")
+    env = {**os.environ, "CXX": cxx, "ZFORCING_CACHE_DIR": str(tmp_path / "cache"), fused_cpu.SWITCH: "1",
+           "PYTHONPATH": str(Path(fused_cpu.__file__).parents[1])}
+    failed = fused_cpu.failure_file(fused_cpu.library_path(cxx)).relative_to(fused_cpu.cache_dir())
+    (tmp_path / "cache" / "fused_cpu" / failed).parent.mkdir(parents=True)
+    (tmp_path / "cache" / "fused_cpu" / failed).write_text("could not build fused_cpu.cpp: stand-in-c++ failed (exit status 1)")
+    result = subprocess.run([sys.executable, "-m", "zforcing_cli", "train", "--data", str(tiny_data), "--max-steps", "2",
+                             "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1 and "failed to build earlier" in warnings[0], result.stderr
+    assert "`python -m zforcing_cli.build_loops --rebuild`" in warnings[0]
+    assert "; Python loops (could not build fused_cpu.cpp)" in result.stderr

@@ -30,7 +30,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from .launch import PeerFailed, launched_rank
-from .errors import UsageError, ZForcingError, file_system_error, is_out_of_memory, out_of_memory_error
+from .errors import UsageError, ZForcingError, file_system_error, is_out_of_memory, out_of_memory_error, wrapped_os_error
 from .humanize import duration, plural  # noqa: F401 - the command modules take them from here too
 
 stderr = Console(stderr=True, highlight=False)
@@ -79,6 +79,8 @@ def handle_errors(command: F, memory_options: str = "") -> F:
         except Exception as error:  # noqa: BLE001 - the last line of defence for the user
             if is_out_of_memory(error):
                 fail(out_of_memory_error(error, memory_options))
+            if (os_error := wrapped_os_error(error)) is not None:  # a library's wrapping of a full disk, say
+                fail(file_system_error(os_error))
             if debug_enabled():
                 raise
             print_error(

@@ -6,6 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
+from pathlib import Path
+
 
 from .humanize import byte_size
 
@@ -48,8 +51,8 @@ OS_ERROR_ADVICE = {
     errno.EACCES: ("permission denied", "Choose a location you may write to, or change its permissions."),
     errno.EPERM: ("operation not permitted", "Choose a location you may write to, or change its permissions."),
     errno.EROFS: ("the file system is read-only", "Choose a location on a writable file system."),
-    errno.ENOSPC: ("no space left on the device", "Free some space, or choose a location on another disk."),
-    errno.EDQUOT: ("the disk quota is exceeded", "Free some space, or choose a location on another disk."),
+    errno.ENOSPC: ("no space left on the device", "Free some space on that disk, or write to another disk (--out elsewhere)."),
+    errno.EDQUOT: ("the disk quota is exceeded", "Free some space within your quota, or write to another disk (--out elsewhere)."),
     errno.EISDIR: ("it is a folder where a file was expected", "Give a file name, not a folder."),
     errno.ENOTDIR: ("a part of the path is a file where a folder was expected", "Check the path, or choose another one."),
     errno.ENOENT: ("no such file or folder", "Check the path; create the missing folder first."),
@@ -70,7 +73,45 @@ def file_system_error(error: OSError) -> FileSystemError:
     reason, hint = OS_ERROR_ADVICE.get(error.errno, (error.strerror or str(error), "Check the path and run again."))
     path = error.filename2 if error.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST) and error.filename2 else error.filename
     where = f"{path}: " if path is not None else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT) and path is not None:
+        free = free_bytes(Path(path))
+        reason += "" if free is None else f" ({byte_size(free)} free there)"
     return FileSystemError(f"{where}{reason}.", hint)
+
+
+def free_bytes(path: Path) -> int | None:
+    """The free space of the file system that holds path (or would: its nearest existing
+    folder), for this user; None where it cannot be told (a pseudo file system such as /proc
+    says it has no size at all)."""
+    folder = next((parent for parent in [path, *path.absolute().parents] if parent.is_dir()), None)
+    try:
+        usage = shutil.disk_usage(folder) if folder is not None else None
+    except OSError:
+        return None
+    return usage.free if usage is not None and usage.total > 0 else None
+
+
+# How an error that wraps an OS error names it: safetensors' SafetensorError carries Rust's
+# io::Error, "I/O error: No space left on device (os error 28)" (or, debug-printed,
+# "Os { code: 28, kind: StorageFull, ... }").
+WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
+# numpy's tofile (np.save) says only "4900000 requested and 1048448 written": a short write to
+# a file, which is a full disk (or quota).
+SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+def wrapped_os_error(error: BaseException, path: Path | str | None = None) -> OSError | None:
+    """error itself when it is an OSError (numpy's short write as the full disk it is); the OS
+    error another error wraps (safetensors'), as an OSError naming path; else None."""
+    if isinstance(error, OSError) and not (error.errno is None and SHORT_WRITE.match(str(error))):
+        return error
+    if isinstance(error, OSError):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else str(path))
+    found = WRAPPED_OS_ERROR.search(str(error))
+    if found is None:
+        return None
+    number = int(found.group(1) or found.group(2))
+    return OSError(number, os.strerror(number), None if path is None else str(path))
 
 
 # How torch's CPU allocator, CUDA and numpy say that memory ran out (torch's CPU allocator raises

@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import FileSystemError, ZForcingError
+from .errors import FileSystemError, ZForcingError, wrapped_os_error
 from .humanize import byte_size
 
 
@@ -109,7 +109,8 @@ def atomic_directory(target: Path, force: bool = False, what: str = "folder", is
 
     On any exception the temporary folder (and any parent folder made for it) is removed and
     target is left as it was. With force, an existing target that `is_ours` recognises is
-    replaced only once the new folder is complete.
+    replaced only once the new folder is complete. An OS error writing inside the temporary
+    folder (a full disk, say, however the writer wraps it) is raised as an OSError naming target.
     """
     target = Path(target)
     check_can_write(target, force, what, is_ours)
@@ -124,9 +125,13 @@ def atomic_directory(target: Path, force: bool = False, what: str = "folder", is
         yield staging
         _sync_tree(staging)
         replace_folder(staging, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         remove_made(made)
+        os_error = wrapped_os_error(error) if isinstance(error, Exception) else None
+        if os_error is not None and os_error.errno is not None and (  # numpy's short write included
+                os_error.filename is None or str(os_error.filename).startswith(str(staging))):
+            raise OSError(os_error.errno, os_error.strerror, str(target)) from None
         raise
 
 
@@ -197,6 +202,30 @@ def about_output(error: OSError, path: Path) -> OSError:
     when the folder exists but refuses new files (/proc), where "no such file" would be false."""
     refused_folder = error.errno == errno.ENOENT and path.parent.is_dir()
     return OSError(error.errno, error.strerror, str(path.parent if refused_folder else path))
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError in the block that names no file (a write() on a full disk) is raised naming path."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
+
+
+def reserve(path: Path) -> None:
+    """Allocate the blocks of a file made sparse (a memory-mapped output) now: a full disk is
+    then an OSError here, not a SIGBUS that kills the process when the map is written."""
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot: as before
+                raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -16,17 +16,25 @@ recurrence.StepProduct would hand them to oneDNN, the products dominate a step a
 loop's overhead is a few percent). Anything else, and wherever the library cannot be built or
 loaded, runs the Python loops: the same results to rounding.
 
+A build that fails is remembered (failed.txt beside where the library would be), so that not
+every process waits for the compiler to fail again; each process that finds it says so once,
+with the command that retries it. A build stopped from outside (a signal such as Ctrl-C, or
+the time limit) is not the source's fault and is not remembered: the next process builds again.
+
 ZFORCING_COMPILED_LOOPS=0 turns it off; ZFORCING_CACHE_DIR moves the cache (default
 $XDG_CACHE_HOME/zforcing or ~/.cache/zforcing); CXX names the compiler. `python -m
-zforcing_cli.build_loops` builds it and says where it is, or why not.
+zforcing_cli.build_loops` builds it and says where it is, or why not; with --rebuild it forgets
+a remembered failure (and the library) and builds again.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +58,8 @@ FLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-ffp-contract=off", "-fno-mat
 # at 64 units); the cache key holds the processor's features, so another machine builds its own.
 NATIVE = ("-march=native",) if platform.machine().lower() in ("x86_64", "amd64") else ()
 BUILD_SECONDS = 600  # a build that takes longer than this has gone wrong
+RETRY_COMMAND = "python -m zforcing_cli.build_loops --rebuild"
+SLOWER = "the recurrence runs its Python loops (slower on a CPU at small widths)"
 
 _status: dict[str, str] = {}  # "ready" -> the library's path, or "failed" -> why
 
@@ -111,6 +121,10 @@ def library_path(cxx: str) -> Path:
     return cache_dir() / key.hexdigest()[:20] / "fused_cpu.so"
 
 
+class BuildInterrupted(Exception):
+    """A build stopped from outside (a signal, the time limit): not remembered as a failure."""
+
+
 def build(cxx: str, output: Path) -> None:
     """Compile into a temporary file beside output, then rename it: a process that loads the
     library never sees half of it, and two processes building at once both succeed."""
@@ -120,8 +134,13 @@ def build(cxx: str, output: Path) -> None:
     os.close(handle)
     try:
         command = build_command(cxx, SOURCE, Path(partial))
-        result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise BuildInterrupted(f"{Path(cxx).name} took more than {BUILD_SECONDS} s") from None
         log.write_text(" ".join(command) + "\n\n" + result.stdout + result.stderr)
+        if result.returncode < 0:  # killed by a signal: a Ctrl-C to the process group, say
+            raise BuildInterrupted(f"{Path(cxx).name} was stopped by {signal_name(-result.returncode)}")
         if result.returncode != 0:
             raise RuntimeError(f"{Path(cxx).name} failed (exit status {result.returncode}); its output is in {log}")
         os.replace(partial, output)
@@ -130,15 +149,33 @@ def build(cxx: str, output: Path) -> None:
             os.unlink(partial)
 
 
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 # Told, when set, just before the library is compiled (a CLI says so on the terminal: the build
 # takes tens of seconds, once).
 build_notice: Callable[[str], None] | None = None
+# Told, when set, why this process runs the Python loops where the compiled ones were wanted
+# (a CLI prints it as a warning); unset, the reason is a RuntimeWarning.
+warning_notice: Callable[[str], None] | None = None
+
+
+def warn(text: str) -> None:
+    if warning_notice is not None:
+        warning_notice(text)
+    else:
+        warnings.warn(text, RuntimeWarning, stacklevel=4)
 
 
 def load() -> str | None:
     """Build (once per cache) and load the library (once per process). Returns None when the
     operators are ready, else why they are not. A failed build is not retried by every process:
-    its reason is kept beside where the library would be (delete the folder to retry)."""
+    its reason is kept beside where the library would be, and said once per process with the
+    command that retries it (RETRY_COMMAND)."""
     if "ready" in _status:
         return None
     if "failed" in _status:
@@ -159,20 +196,27 @@ def _load() -> str | None:
         return "no C++ compiler found (set CXX, or install g++ or clang++)"
     try:
         output = library_path(cxx)
-        failed = output.with_name("failed.txt")
+        failed = failure_file(output)
         if failed.exists():
-            return failed.read_text()
+            reason = failed.read_text()
+            warn(f"The compiled loops failed to build earlier ({reason}), so {SLOWER}. Once the cause is fixed, "
+                 f"`{RETRY_COMMAND}` tries again; {SWITCH}=0 stops trying.")
+            return reason
         if not output.exists():
             if build_notice is not None:
                 build_notice(f"Compiling the recurrence's loops for this machine with {Path(cxx).name}, once: about 20 s.")
             try:
                 build(cxx, output)
+            except BuildInterrupted as error:
+                reason = f"the build of {SOURCE.name} was interrupted: {error}"
+                warn(f"The build of {SOURCE.name} was interrupted ({error}), so {SLOWER} in this process; the next one builds again.")
+                return reason
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 reason = f"could not build {SOURCE.name}: {error}"
                 with suppress(OSError):  # a cache that cannot be written: every process tries again
                     failed.write_text(reason)
-                warnings.warn(f"{reason}. The recurrence runs its Python loops (slower on a CPU at small widths); "
-                              f"{SWITCH}=0 skips the build.", RuntimeWarning, stacklevel=3)
+                warn(f"Could not build {SOURCE.name} ({error}), so {SLOWER}. Once the cause is fixed, `{RETRY_COMMAND}` tries again; "
+                     f"{SWITCH}=0 skips the build.")
                 return reason
         torch.ops.load_library(str(output))
     except (OSError, RuntimeError) as error:
@@ -180,11 +224,34 @@ def _load() -> str | None:
     return None
 
 
+def failure_file(library: Path) -> Path:
+    """Where a failed build of library keeps its reason."""
+    return library.with_name("failed.txt")
+
+
+def unsuited(reference: Tensor, *weights: Tensor) -> str | None:
+    """Why the compiled loops do not take this call, or None when they do (once built): they
+    take a CPU, float32 or float64, products small enough for the plain product, not switched off."""
+    if reference.device.type != "cpu":
+        return f"the compiled loops are for a CPU; this runs on {reference.device.type}"
+    if reference.dtype not in (torch.float32, torch.float64):
+        return f"the compiled loops take float32 and float64, not {str(reference.dtype).removeprefix('torch.')}"
+    if not enabled():
+        return f"{SWITCH}={os.environ[SWITCH]}"
+    if any(onednn_ready(weight) for weight in weights):
+        return "at these widths oneDNN's products take most of a step, and the Python loops hand them to it"
+    return None
+
+
 def suits(reference: Tensor, *weights: Tensor) -> bool:
-    """Whether the compiled loops take this call: a CPU, float32 or float64, products small
-    enough for the plain product, not switched off."""
-    return (reference.device.type == "cpu" and reference.dtype in (torch.float32, torch.float64) and enabled()
-            and not any(onednn_ready(weight) for weight in weights))
+    """Whether the compiled loops take this call (see unsuited)."""
+    return unsuited(reference, *weights) is None
+
+
+def why_not(reference: Tensor, *weights: Tensor) -> str | None:
+    """Why the compiled loops do not run this call (building them first where they suit it),
+    or None when they do."""
+    return unsuited(reference, *weights) or load()
 
 
 def rollout(inputs: tuple[Tensor, ...], clamp: float) -> tuple[Tensor, ...]:
@@ -206,19 +273,38 @@ def backpropagate(inputs: tuple[Tensor, ...], clamp: float) -> tuple[Tensor, ...
 
 def loops(reference: Tensor, *weights: Tensor) -> tuple | None:
     """(rollout, backpropagate) compiled, when they suit this call and can be built; else None."""
-    if not suits(reference, *weights) or load() is not None:
-        return None
-    return rollout, backpropagate
+    return None if why_not(reference, *weights) is not None else (rollout, backpropagate)
 
 
-def main() -> int:
-    """`python -m zforcing_cli.build_loops`: build the compiled loops now and say where they are."""
+def forget_build() -> None:
+    """Remove this machine's library, or its remembered failure, so that the next load builds."""
+    cxx = compiler()
+    if cxx is not None:
+        library = library_path(cxx)
+        for path in (library, failure_file(library), library.with_name("build.log")):
+            path.unlink(missing_ok=True)
+    _status.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m zforcing_cli.build_loops [--rebuild]`: build the compiled loops now and say
+    where they are, or why not."""
+    parser = argparse.ArgumentParser(prog="python -m zforcing_cli.build_loops",
+                                     description="Build the recurrence's compiled CPU loops now; say where they are, or why not.")
+    parser.add_argument("--rebuild", action="store_true", help="forget a failed build (or the built library) and build again")
+    options = parser.parse_args(argv)
     if not enabled():
         print(f"off: {SWITCH} is {os.environ[SWITCH]!r}")
         return 0
-    reason = load()
+    if options.rebuild:
+        forget_build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reason is printed below
+        reason = load()
     if reason is not None:
-        print(f"not available: {reason}")
+        cxx = compiler()
+        remembered = cxx is not None and failure_file(library_path(cxx)).exists()
+        print(f"not available: {reason}" + (f"\n(remembered: once the cause is fixed, `{RETRY_COMMAND}` tries again)" if remembered else ""))
         return 1
     print(f"ready: {library_path(compiler())}")  # type: ignore[arg-type]
     return 0

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .modelconfig import ZForcingConfig
-from .recurrence import clipped_leaky_relu, posterior_recurrence
+from .recurrence import clipped_leaky_relu, loops_in_use, posterior_recurrence
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -418,18 +418,31 @@ class ZForcing(nn.Module):
         fused_recurrence off, in autograd_rollout (the reference the tests hold it to).
         """
         cell, post = self.forward_cell, self.posterior
-        size = self.config.hidden_size
         input_gates = cell.input_gates(embedded_u)  # (B, T, 4H)
         # The posterior's first layer on [h_{t-1}, b_t] splits into an h part and a b part.
-        post_w_h, post_w_b = post.hidden.weight[:, :size], post.hidden.weight[:, size:]
+        post_w_b = post.hidden.weight[:, self.config.hidden_size:]
         post_from_b = F.linear(backward, post_w_b, post.hidden.bias)  # (B, T, M)
-        # One matmul per step serves both the LSTM gates and the posterior: stack their h weights.
-        from_h_weight = torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0)  # (4H+M, H)
-        z_weight = cell.latent_to_gates_weight()  # (4H, Z)
+        from_h_weight, z_weight, out_weight = self.recurrence_weights()
         if self.fused_recurrence:
             return posterior_recurrence(input_gates, post_from_b, noise, from_h_weight, z_weight,
-                                        post.out.weight, post.out.bias, post.clamp)
+                                        out_weight, post.out.bias, post.clamp)
         return self.autograd_rollout(input_gates, post_from_b, noise, from_h_weight, z_weight)
+
+    def recurrence_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The loop's weights: the LSTM's and the posterior's h weights stacked, so that one
+        matmul per step serves both (4H+M, H); the latent's gate weights (4H, Z); the
+        posterior's output weight (2Z, M)."""
+        cell, post = self.forward_cell, self.posterior
+        post_w_h = post.hidden.weight[:, :self.config.hidden_size]
+        return torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0), cell.latent_to_gates_weight(), post.out.weight
+
+    def recurrence_loops(self) -> str:
+        """Which loops posterior_rollout runs on this model's device, in words (recurrence.loops_in_use)."""
+        if not self.fused_recurrence:
+            return "autograd reference loop"
+        with torch.no_grad():  # as posterior_recurrence: at least float32
+            weights = [weight.to(torch.promote_types(weight.dtype, torch.float32)) for weight in self.recurrence_weights()]
+        return loops_in_use(weights[0], *weights)
 
     def autograd_rollout(
         self, input_gates: Tensor, post_from_b: Tensor, noise: Tensor, from_h_weight: Tensor, z_weight: Tensor

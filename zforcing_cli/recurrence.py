@@ -266,6 +266,18 @@ def loops_for(reference: Tensor, *weights: Tensor) -> tuple:
     return fused_cpu.loops(reference, *weights) or fused_gpu.loops(reference, *weights) or (rollout, backpropagate)
 
 
+def loops_in_use(reference: Tensor, *weights: Tensor) -> str:
+    """Which loops loops_for gives such a call, in words for a start line: the compiled ones,
+    Triton's, or the Python ones and why."""
+    if fused_gpu.loops(reference, *weights):
+        return "Triton loops"
+    if reference.is_cuda:
+        return "Python loops" + (" replayed as CUDA graphs" if CUDA_GRAPHS else "")
+    why = fused_cpu.why_not(reference, *weights)
+    # A build's failure in its first clause ("could not build fused_cpu.cpp"): its warning said the rest.
+    return "compiled loops" if why is None else f"Python loops ({why.split(': ', 1)[0]})"
+
+
 class PosteriorRecurrence(torch.autograd.Function):
     """h_0..h_T, z_1..z_T, q's mean and log-variance, and c_T, with a hand-written backward."""
 

@@ -10,7 +10,9 @@ run only rank 0 calls its writing methods.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from .checkpoint import (
     save_checkpoint,
     write_checkpoint,
 )
-from .fileio import check_can_write, json_record, make_parents, write_bytes, write_json
+from .fileio import check_can_write, json_record, make_parents, naming, write_bytes, write_json
 from .plots import write_training_curves
 from .runconfig import RunConfig, TrainerState
 from .runlock import RunLock, RunLockedError
@@ -109,9 +111,19 @@ class RunFolder:
         self.tensorboard = TensorBoardLog(self.path, data, seed, resumed_at=resumed_at)
 
     def log(self, record: dict) -> None:
-        """One record of metrics.jsonl (and TensorBoard's scalars)."""
-        with open(self.metrics_file, "a") as handle:
-            handle.write(json.dumps(json_record(record), allow_nan=False) + "\n")
+        """One record of metrics.jsonl (and TensorBoard's scalars); a record that cannot be
+        written whole (a full disk) is taken back, and the error names the file."""
+        line = memoryview((json.dumps(json_record(record), allow_nan=False) + "\n").encode())
+        # Unbuffered: each write() reaches the file system here, where its error can be caught.
+        with naming(self.metrics_file), open(self.metrics_file, "ab", buffering=0) as handle:
+            start = handle.seek(0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[handle.write(line):]
+            except OSError:
+                with suppress(OSError):
+                    handle.truncate(start)
+                raise
         if self.tensorboard is not None:
             self.tensorboard.record(record)
 
@@ -137,6 +149,20 @@ class RunFolder:
         folder = save_checkpoint(self.checkpoint("best", step), model, config.to_dict(), asdict(state))
         prune_checkpoints(self.path, "best", 1)
         return folder
+
+    def checkpoint_space(self, weight_bytes: int, keep: int) -> tuple[int, int]:
+        """(the bytes of one training checkpoint, the bytes the run's checkpoints may take beyond
+        what its folder holds now) for a model of weight_bytes keeping `keep` training
+        checkpoints. At the peak the disk holds keep + 1 training checkpoints (the oldest goes
+        once the new one is complete) and two best ones (likewise); what the folder holds now
+        is replaced by them (resumed) or removed (--force)."""
+        one = 3 * weight_bytes  # the weights and Adam's two moments of each
+        peak = (keep + 1) * one + 2 * weight_bytes
+        return one, max(0, peak - self.checkpoints_bytes())
+
+    def checkpoints_bytes(self) -> int:
+        root = self.path / CHECKPOINTS_DIR
+        return sum(file.stat().st_size for file in root.rglob("*") if file.is_file()) if root.is_dir() else 0
 
     def newest(self, kind: str) -> Path | None:
         return newest_checkpoint(self.path, kind)

@@ -33,8 +33,9 @@ from .data import Batch, PreparedDataset
 from .device import tensor_float32
 from .diagnostics import collapse_warning
 from .distributed import Group, from_main, rank_seed
-from .errors import TrainingError
+from .errors import FileSystemError, TrainingError, free_bytes
 from .evaluate import bound_unit, evaluate_split, perplexity
+from .humanize import byte_size
 from .model import ZForcing, count_parameters
 from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
@@ -48,8 +49,8 @@ class TrainEvent:
     """What the trainer reports.
 
     kind: stale_lock (message: whose lock was taken over) | resume (path: the checkpoint, None
-    when restarting from step 0) | warning (message) | start (metrics: parameters, finished:
-    True when nothing is left to do) | step (an update's metrics) | skip (metrics:
+    when restarting from step 0) | warning (message) | start (metrics: parameters, loops:
+    which loops run the recurrence, finished: True when nothing is left to do) | step (an update's metrics) | skip (metrics:
     skipped_steps) | progress (an update taken whose metrics are not read yet, on a GPU: its
     step and skip events follow when they are, several at once) | validation (metrics) |
     checkpoint (path) | end (metrics: best_valid_elbo, skipped_steps). A run starts with
@@ -231,6 +232,7 @@ class Trainer:
 
     def open_folder(self, resume: bool, force: bool, latest_link: Path | None, tensorboard: bool) -> dict | None:
         """Rank 0's part of open(); returns the state the other ranks take (distributed)."""
+        space_warning = check_disk_space(self.folder, self.model, self.run_config.train.keep_checkpoints)
         took_over = self.folder.open(resume, force)
         if took_over is not None:
             self.emit("stale_lock", message=took_over)
@@ -241,8 +243,9 @@ class Trainer:
             self.emit("resume", path=None if restored is None else restored[0])
         self.folder.write_config(self.run_config)
         warning = None if latest_link is None else self.folder.link_latest(latest_link)
-        if warning is not None:
-            self.emit("warning", message=warning)
+        for message in (space_warning, warning):
+            if message is not None:
+                self.emit("warning", message=message)
         if tensorboard:
             self.folder.open_tensorboard(self.run_config.data, self.run_config.train.seed, self.state.step if resume else None)
         return self.state_dict() if self.group is not None else None
@@ -254,7 +257,8 @@ class Trainer:
         state, train_config = self.state, self.run_config.train
         self.updater.start(state.step - state.skipped_steps)  # distributed: DDP, once every rank has its state
         finished = state.step >= self.total_steps and not self.validation_due()
-        self.emit("start", {"parameters": count_parameters(self.model), "finished": finished})
+        self.emit("start", {"parameters": count_parameters(self.model), "finished": finished,
+                            "loops": self.model.recurrence_loops()})
         # tf32: the run's float32 products (validation's too) on the GPU's TensorFloat-32 tensor cores.
         with tensor_float32(train_config.precision == "tf32"):
             try:
@@ -478,6 +482,25 @@ def train(
         return trainer.run()
     finally:
         trainer.close()
+
+
+def check_disk_space(folder: RunFolder, model: ZForcing, keep: int) -> str | None:
+    """A checkpoint that cannot be written, found before the updates are spent: refused when
+    the run folder's disk cannot take one training checkpoint; a warning (returned) when it
+    cannot take all that the run keeps."""
+    weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    one, needed = folder.checkpoint_space(weight_bytes, keep)
+    free = free_bytes(folder.path)
+    if free is None or free >= needed:
+        return None
+    where = f"{folder.path} has {byte_size(free)} free"
+    if free < one:
+        raise FileSystemError(f"{where}; one training checkpoint of this model takes about {byte_size(one)} "
+                              "(its weights and Adam's two moments of each).",
+                              "Free some space on that disk, or write the run to another disk (--out elsewhere).")
+    return (f"{where}; the run's checkpoints may need about {byte_size(needed)} ({keep + 1} training checkpoints of "
+            f"{byte_size(one)} while the newest is written, and the best model twice while it is replaced). A checkpoint "
+            "that does not fit ends the run at its last complete one; free some space, or use --out on another disk.")
 
 
 __all__ = ["TrainEvent", "TrainResult", "Trainer", "StopRequest", "TrainingStopped", "train"]

@@ -54,3 +54,12 @@ def test_the_table_puts_the_three_updates_side_by_side(tmp_path):
     text = plain(result.stdout)
     for row in ("fused recurrence", "autograd reference", "fused LSTM pair", "× real time", "memory-mapped", "peak memory"):
         assert row in text, row
+    assert "the fused update's recurrence" in text
+
+
+def test_the_bench_says_which_loops_ran_and_why_python(tmp_path, monkeypatch):
+    common = ("--size", "tiny", "--updates", "1", "--device", "cpu", "--dir", tmp_path)
+    compiled = bench_json(*common)["loops"]
+    assert compiled == "compiled loops" or compiled.startswith("Python loops (no C++ compiler")
+    monkeypatch.setenv("ZFORCING_COMPILED_LOOPS", "0")
+    assert bench_json(*common)["loops"] == "Python loops (ZFORCING_COMPILED_LOOPS=0)"

@@ -229,7 +229,7 @@ def test_a_training_that_would_take_days_says_so_once(monkeypatch, total_steps, 
     monkeypatch.setattr(train_cli_module.TrainReporter, "MEASURE_SECONDS", 20.0)
     out = StringIO()
     reporter = train_cli_module.TrainReporter(Progress(console=Console(file=out, width=300)), OneThread(), "nats")
-    reporter(TrainEvent("start", 0, total_steps, 0, metrics={"parameters": 10, "finished": False}))
+    reporter(TrainEvent("start", 0, total_steps, 0, metrics={"parameters": 10, "finished": False, "loops": "compiled loops"}))
     for step in range(1, 40):
         reporter(TrainEvent("progress", step, total_steps, 0))
     text = out.getvalue()

@@ -267,7 +267,10 @@ def test_files_shorter_than_a_sequence_come_with_the_length_that_keeps_them(tmp_
 @pytest.mark.parametrize(
     "options, fragment",
     [({"split": "90,10"}, "--split"), ({"split": "a,b,c"}, "--split"), ({"split": "90,10,0"}, "--split"),
-     ({"frame_size": 0}, "--frame-size"), ({"sequence_length": -1}, "--sequence-length")],
+     ({"frame_size": 0}, "--frame-size"), ({"sequence_length": -1}, "--sequence-length"),
+     ({"sample_rate": 10**12}, "--sample-rate 1,000,000,000,000 Hz is outside 1,000 to 384,000 Hz"),
+     ({"sample_rate": 999}, "--sample-rate 999 Hz is outside"),
+     ({"sample_rate": 8000, "frame_size": 8001}, "--frame-size 8,001 is more than one second of audio at 8,000 Hz")],
 )
 def test_bad_wav_options_are_usage_errors(tmp_path, options, fragment):
     with pytest.raises(UsageError, match=fragment):
@@ -294,6 +297,13 @@ def test_cli_prepare_wav(cwd):
 def test_cli_bad_split_is_a_usage_error(cwd):
     write_corpus(cwd / "raw", with_mp3=False)
     assert_clean_error(invoke("prepare", "wav", "raw", "--split", "50,50"), 2, "--split")
+
+
+def test_cli_an_absurd_sample_rate_is_named_before_any_work(cwd, monkeypatch):
+    write_corpus(cwd / "raw", with_mp3=False)
+    monkeypatch.setattr("zforcing_cli.data.audio.find_audio_files", lambda folder: pytest.fail("read the folder"))
+    line = assert_clean_error(invoke("prepare", "wav", "raw", "--sample-rate", "1000000000000"), 2, "--sample-rate 1,000,000,000,000 Hz")
+    assert "memory" not in line and not (cwd / "data").exists()
 
 
 def test_cli_skips_an_unreadable_file_unless_strict(cwd):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import socket
 import time
@@ -237,7 +238,7 @@ def test_malformed_json_lines(tmp_path):
     ("blank.jsonl", "\n\n", "blank.jsonl holds no records."),
     ("late.jsonl", '{"text": "a fine film indeed ."}\n' * 3000 + '{"text": "cut', "late.jsonl, line 3,001: not valid JSON"),
     ("list.jsonl", '{"text": "a"}\n["text"]\n', "list.jsonl, line 2: a JSON list where an object"),
-    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "latin1.jsonl, line 1: it is not UTF-8 text"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "latin1.jsonl, line 1: byte 0xE9 is not UTF-8 text"),
     ("lines.json", '{"text": "fine"}\n{"text": \n', "lines.json, line 2: not valid JSON"),
     ("array.json", '[{"text": "fine"},\n {"text": ', "array.json, line 2: "),
 ])
@@ -277,6 +278,73 @@ def test_streaming_reads_a_file_without_blank_lines_in_bounded_pieces(tmp_path, 
     (tmp_path / "a.txt").write_text("".join(f"Line number {i} of a long file.\n" for i in range(50)))
     pieces = list(corpus.text_file_paragraphs(tmp_path / "a.txt"))
     assert len(pieces) > 10 and max(len(piece) for piece in pieces) < 200
+
+
+# -- encodings and files that are not text -------------------------------------------------------------
+
+FRENCH = ["Le film est tr\u00e8s long mais il reste bon du d\u00e9but \u00e0 la fin.",
+          "Une autre phrase ici pour le test du corpus fran\u00e7ais.", "Le caf\u00e9 du coin sert un th\u00e9 tr\u00e8s chaud ce matin."]
+
+
+def write_latin1(path, repeat: int = 4) -> None:
+    """Latin-1 bytes (0xE8 for \u00e8, ...), the first bad one for UTF-8 on line 3."""
+    path.write_bytes(("Plain words come first here.\n\n" + "\n\n".join(FRENCH * repeat) + "\n").encode("latin-1"))
+
+
+def test_latin1_text_is_refused_naming_the_line_and_the_byte(cwd):
+    write_latin1(cwd / "latin1.txt")
+    result = invoke("prepare", "text", "latin1.txt", "--out", "out")
+    assert_clean_error(result, 1, "latin1.txt, line 3: byte 0xE8 is not UTF-8 text")
+    assert "--encoding latin-1" in plain(result.stderr) and not (cwd / "out").exists()
+
+
+def test_latin1_text_is_read_with_its_encoding(cwd):
+    write_latin1(cwd / "latin1.txt")
+    result = invoke("prepare", "text", "latin1.txt", "--out", "out", "--encoding", "latin-1", "--min-tokens", "3")
+    assert result.exit_code == 0, plain(result.output)
+    vocabulary = json.loads((cwd / "out" / "meta.json").read_text())["text"]["vocabulary"]
+    assert "tr\u00e8s" in vocabulary and not any("\ufffd" in word for word in vocabulary)
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (b"RIFF\x24\x08\x00\x00WAVEfmt \x10\x00\x00\x00", "is not a text file: it starts like a RIFF file (WAV audio"),
+    (b"some words\x00\x01\x02 and then", "is not a text file: it starts like binary data: it holds NUL bytes"),
+    (codecs.BOM_UTF16_LE + "Hello there.".encode("utf-16-le"), "is UTF-16 text"),
+])
+def test_a_file_that_is_not_text_is_refused(cwd, head, expected):
+    (cwd / "speech.txt").write_bytes(head + bytes(range(256)) * 4)
+    result = invoke("prepare", "text", "speech.txt", "--out", "out")
+    assert_clean_error(result, 1, "speech.txt", expected)
+    assert not (cwd / "out").exists()
+
+
+def test_a_binary_file_in_a_folder_of_text_files_is_named(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(" ".join(FRENCH) + "\n")
+    (tmp_path / "corpus" / "b.txt").write_bytes(b"RIFF\x00\x00\x00\x00WAVE")
+    with pytest.raises(DataError, match="b.txt is not a text file"):
+        prepare("text", str(tmp_path / "corpus"), tmp_path / "out")
+
+
+def test_a_csv_with_bad_bytes_names_the_line_and_gives_the_csv_hint(cwd):
+    rows = "".join(f'"{sentence}",{label}\n' for label, sentence in enumerate(FRENCH * 3))
+    (cwd / "reviews.csv").write_bytes(("text,label\n" + rows).encode("latin-1"))
+    result = invoke("prepare", "imdb", "reviews.csv", "--out", "out")
+    assert_clean_error(result, 1, "reviews.csv, line 2: byte 0xE8 is not UTF-8 text")
+    hint = next(line for line in plain(result.stderr).splitlines() if line.startswith("Hint:"))
+    assert "CSV" in hint and "--encoding" in hint and "JSON" not in hint
+    result = invoke("prepare", "text", "reviews.csv", "--out", "out", "--encoding", "cp1252", "--min-tokens", "3")
+    assert result.exit_code == 0, plain(result.output)
+
+
+def test_the_encoding_is_checked_and_applies_only_where_files_have_one(cwd):
+    write_latin1(cwd / "latin1.txt")
+    assert_clean_error(invoke("prepare", "text", "latin1.txt", "--encoding", "klingon"), 2, "--encoding 'klingon' is not a text encoding")
+    assert_clean_error(invoke("prepare", "text", "latin1.txt", "--encoding", "base64"), 2, "--encoding 'base64'")
+    write_reviews_jsonl(cwd / "r.jsonl", count=5)
+    assert_clean_error(invoke("prepare", "imdb", "r.jsonl", "--encoding", "latin-1"), 2, "--encoding does not apply to JSON")
+    assert_clean_error(invoke("prepare", "mnist", "embedded", "--encoding", "latin-1"), 2, "--encoding applies only to")
+    assert not (cwd / "data").exists()
 
 
 # -- the command line ---------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def run_speed(preset: str = "mnist", size: str | None = None, device_spec: str =
         say(f"Writing the {preset} benchmark dataset")
         dataset = bench_dataset(preset, Path(temporary))
         model, train_config, batch = training_setup(dataset, size, device, resize)
+        loops = model.recurrence_loops()  # the fused update's
         torch.manual_seed(0)
         pair = FusedLSTMPair(model.config).to(device)
         model.train(True)
@@ -95,6 +96,7 @@ def run_speed(preset: str = "mnist", size: str | None = None, device_spec: str =
         "steps": dataset.meta.sequence_length,
         "input_size": dataset.meta.input_size,
         "parameters": count_parameters(model),
+        "loops": loops,
         "fused_lstm_pair_parameters": count_parameters(pair),
         "updates": updates,
         **{f"update_ms_{name}": timed[name]["seconds"] * 1e3 for name in IMPLEMENTATIONS},

@@ -257,7 +257,8 @@ def speed_tables(result: dict) -> list[Table]:
         ms = result[f"update_ms_{name}"]
         memory = [megabytes(result[f"update_memory_bytes_{name}"])] if cuda else []
         table.add_row(NAMES[name], f"{ms:,.1f}", f"{result['batch_size'] / ms * 1e3:,.1f}", f"{ms / floor:.2f}", *memory)
-    rows = [("reference ÷ fused", f"{result['ratio_reference_vs_fused']:.2f}"),
+    rows = [("the fused update's recurrence", result["loops"]),
+            ("reference ÷ fused", f"{result['ratio_reference_vs_fused']:.2f}"),
             (f"sampling {result['sample_sequences']} at once, sequences/s", f"{result['sample_sequences_per_s']:,.1f}")]
     if result["sample_x_real_time"] is not None:
         rows.append(("sampling, × real time", f"{result['sample_x_real_time']:,.1f}"))

@@ -14,11 +14,25 @@ from ..errors import UsageError
 
 RUNS_ROOT = Path("runs")
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
+def cap_threads(requested: int | None) -> int | None:
+    """--threads, at most one per core, with a warning when it was more."""
+    if requested is None:
+        return None
+    from ..threads import capped_threads  # here: threads.py imports torch, which an option's parsing need not wait for
+
+    threads, warning = capped_threads(requested)
+    if warning:
+        stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
+    return threads
+
+
 ThreadsOption = Annotated[
     Optional[int],
     typer.Option(
-        "--threads", min=1, envvar="ZFORCING_THREADS",
-        help="CPU threads for torch. Default: all cores when this is the only zforcing process, a fair share while others run (docs/performance.md).",
+        "--threads", min=1, envvar="ZFORCING_THREADS", callback=cap_threads,
+        help="CPU threads for torch, at most one per core (more are lowered to the cores, with a warning). Default: all cores when this is the only zforcing process, a fair share while others run (docs/performance.md).",
         show_default="auto",
     ),
 ]
@@ -48,12 +62,14 @@ def exit_on_signal(number, frame) -> None:
 
 
 def announce_loop_builds() -> None:
-    """Say on stderr when the compiled loops are built (about 20 s, once per machine). The
+    """Say on stderr when the compiled loops are built (about 20 s, once per machine), or why they
+    cannot be (a build that failed before, once per process, with the command that retries it). The
     commands that run the model call it once their options and paths have passed their checks:
     it loads torch."""
     from .. import fused_cpu
 
     fused_cpu.build_notice = lambda text: stderr.print(escape(text), style="dim", soft_wrap=True)
+    fused_cpu.warning_notice = lambda text: stderr.print(f"[yellow]Warning:[/] {escape(text)}", soft_wrap=True)
 
 
 def usage_error(message: str, hint: str = "") -> UsageError:

@@ -38,11 +38,12 @@ def prepare_cli(
     source: Annotated[str, typer.Argument(help=SOURCE_HELP)],
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write. Default: data/KIND.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
-    sample_rate: Annotated[Optional[int], typer.Option("--sample-rate", help="wav only: resample to this rate in Hz. Default: 16000.")] = None,
-    frame_size: Annotated[Optional[int], typer.Option("--frame-size", help="wav only: samples per frame. Default: 200.")] = None,
+    sample_rate: Annotated[Optional[int], typer.Option("--sample-rate", help="wav only: resample to this rate in Hz, 1000 to 384000. Default: 16000.")] = None,
+    frame_size: Annotated[Optional[int], typer.Option("--frame-size", help="wav only: samples per frame, at most one second's (--sample-rate). Default: 200.")] = None,
     sequence_length: Annotated[Optional[int], typer.Option("--sequence-length", help="wav only: frames per training sequence. Default: 40.")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="wav and text: train,valid,test percentages. wav: of the sequences, in order (default 90,5,5); text: of the sentences, shuffled (default 85,5,10).")] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="imdb and text: the column that holds the text in a CSV, JSON or parquet file. Default: text, review, content, ... or the only text column.")] = None,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="imdb and text: the encoding of a plain text, CSV or TSV file, e.g. latin-1 or cp1252 (JSON is UTF-8). Default: utf-8.")] = None,
     min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="text only: keep sentences of at least this many word tokens. Default: 5.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="text only: keep sentences of at most this many word tokens. Default: 15.")] = None,
     vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="text only: the most frequent train words kept; the rest become `<unk>`. Default: 16000.")] = None,
@@ -53,7 +54,7 @@ def prepare_cli(
     """Read a raw corpus once into a prepared dataset folder (meta.json + memory-mapped arrays)."""
     out = out or Path("data") / kind
     options = {"sample_rate": sample_rate, "frame_size": frame_size, "sequence_length": sequence_length, "split": split,
-               "text_column": text_column, "min_tokens": min_tokens, "max_tokens": max_tokens, "vocab_size": vocab_size,
+               "text_column": text_column, "encoding": encoding, "min_tokens": min_tokens, "max_tokens": max_tokens, "vocab_size": vocab_size,
                "case": case, "seed": seed, "strict": strict or None}
     started = time.perf_counter()
     if kind in AUDIO_KINDS:

@@ -609,7 +609,7 @@ class TrainReporter:
     def on_start(self, event: TrainEvent) -> None:
         self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
         self.first_step = self.done = event.step
-        self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.policy.threads, 'thread')}")
+        self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.policy.threads, 'thread')}; {event.metrics['loops']}")
         if event.metrics["finished"]:
             self.say(
                 f"The run already took its {plural(event.total_steps, 'update')}; "

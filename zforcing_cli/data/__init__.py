@@ -17,8 +17,8 @@ TEXT_KINDS = ("imdb", "text")
 KIND_OPTIONS = {
     "wav": ("sample_rate", "frame_size", "sequence_length", "split", "strict"),
     "blizzard": ("strict",),
-    "text": ("min_tokens", "max_tokens", "vocab_size", "case", "split", "seed", "text_column"),
-    "imdb": ("text_column",),
+    "text": ("min_tokens", "max_tokens", "vocab_size", "case", "split", "seed", "text_column", "encoding"),
+    "imdb": ("text_column", "encoding"),
 }
 ALL_OPTIONS = sorted({name for names in KIND_OPTIONS.values() for name in names})
 CASES = ("lower", "keep")
@@ -33,7 +33,7 @@ def prepare(
     text kinds (documents_read, sentences_kept, fraction_done or None). Options: sample_rate,
     frame_size, sequence_length, split and strict (stop at the first unreadable file instead of
     skipping it) for `wav`, strict for `blizzard`; min_tokens, max_tokens, vocab_size, case
-    (lower|keep), split, seed and text_column for `text`; text_column for `imdb`. The returned
+    (lower|keep), split, seed, text_column and encoding for `text`; text_column and encoding for `imdb`. The returned
     dataset's `warnings` say what preparing noticed (a partial TIMIT, skipped or upsampled files).
     """
     if kind not in AVAILABLE_KINDS:
@@ -48,8 +48,8 @@ def prepare(
     if kind in ("blizzard", "wav"):
         return prepare_audio_folder(Path(source), out, kind=kind, force=force, progress=progress, **options)
     if kind in TEXT_KINDS:
-        column = options.pop("text_column", None)
-        return prepare_text(source, out, kind, text_protocol(options), column, force=force, progress=progress)
+        column, encoding = options.pop("text_column", None), options.pop("encoding", None)
+        return prepare_text(source, out, kind, text_protocol(options), column, force=force, progress=progress, encoding=encoding)
     return prepare_mnist(source, out, force)
 
 

@@ -52,6 +52,9 @@ BLIZZARD_PROTOCOL = "blizzard-16k-0.5s-90-5-5"
 BLIZZARD_ATTRIBUTION = "Blizzard Challenge 2013 audiobook speech (Lessac Technologies); used under its own licence"
 DEFAULT_SPLIT = (90.0, 5.0, 5.0)
 UNREADABLE_HINT = "Check that the file is complete and in a format libsndfile reads (WAV, FLAC, MP3, OGG, SPHERE, ...), or remove it."
+# The rates --sample-rate takes, in Hz: from telephone speech's 8 kHz down to 1 kHz, and up to
+# 384 kHz, the highest rate audio interfaces record at. Beyond them lies a typo, not audio.
+SAMPLE_RATES = (1_000, 384_000)
 LISTED_UNREADABLE = 5  # in the error when no file at all can be read; a warning lists every one
 
 
@@ -82,6 +85,15 @@ class Framing:
                             ("--sequence-length", self.sequence_frames)):
             if value < 1:
                 raise UsageError(f"{name} must be a positive number, not {value}.")
+        low, high = SAMPLE_RATES
+        if not low <= self.sample_rate <= high:
+            raise UsageError(f"--sample-rate {self.sample_rate:,} Hz is outside {low:,} to {high:,} Hz.",
+                             "Speech is recorded at 8,000 or 16,000 Hz and music at 44,100 or 48,000; audio interfaces "
+                             f"record at {high // 1000} kHz at most, and below {low // 1000} kHz no speech is left.")
+        if self.frame_size > self.sample_rate:
+            raise UsageError(f"--frame-size {self.frame_size:,} is more than one second of audio at {self.sample_rate:,} Hz "
+                             f"(a frame is at most --sample-rate samples).",
+                             "A frame is one step's input: the paper's is 200 samples (12.5 ms at 16 kHz).")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, UsageError
+from ..fileio import reserve
 from .corpus import Documents, open_documents
 from .prepared import (
     END,
@@ -256,6 +257,7 @@ def write_token_split(staging: Path, split: str, store: SentenceStore, starts: n
     files = {"tokens": f"{split}.tokens.npy", "offsets": f"{split}.offsets.npy"}
     np.save(staging / files["offsets"], offsets)
     out = np.lib.format.open_memmap(staging / files["tokens"], mode="w+", dtype=dtype, shape=(int(offsets[-1]),))
+    reserve(staging / files["tokens"])
     tokens, unknown = store.tokens(), 0
     for chunk in range(0, len(rows), WRITE_CHUNK):
         part = rows[chunk:chunk + WRITE_CHUNK]
@@ -270,11 +272,12 @@ def write_token_split(staging: Path, split: str, store: SentenceStore, starts: n
 
 def prepare_text(
     source: str, out: Path, kind: str = "text", protocol: TextProtocol = IMDB_PROTOCOL, text_column: str | None = None,
-    force: bool = False, progress: ProgressCallback | None = None,
+    force: bool = False, progress: ProgressCallback | None = None, encoding: str | None = None,
 ) -> PreparedDataset:
-    """Tokenize a corpus (see the module's docstring) into a prepared dataset at out."""
+    """Tokenize a corpus (see the module's docstring) into a prepared dataset at out; plain text
+    and CSV are decoded with encoding (default UTF-8)."""
     protocol.check()
-    documents = open_documents(source, text_column)
+    documents = open_documents(source, text_column, encoding)
     with prepared_staging(out, force) as staging:
         with closing(SentenceStore(staging / SENTENCE_FILE)) as store:
             read = read_sentences(documents, protocol, store, progress)
