@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from zforcing_cli.errors import ZForcingError
-from zforcing_cli.threads import ThreadPolicy, auto_threads, capped_threads
+from zforcing_cli.cores import capped_threads
+from zforcing_cli.threads import ThreadPolicy, auto_threads
 
 from conftest import invoke, plain
 
@@ -151,14 +152,14 @@ def test_an_unusable_registry_falls_back_to_counting_itself_alone(tmp_path, monk
 
 
 def test_threads_beyond_the_cores_are_capped_with_a_warning(monkeypatch):
-    monkeypatch.setattr("zforcing_cli.threads.machine_cores", lambda: 2)
+    monkeypatch.setattr("zforcing_cli.cores.machine_cores", lambda: 2)
     assert capped_threads(2) == (2, None)
     threads, warning = capped_threads(1000)
     assert threads == 2 and warning == "--threads 1,000 is more than the 2 cores this process may run on: using 2."
 
 
 def test_train_caps_threads_beyond_the_cores_in_one_warning(cwd, tiny_data, monkeypatch):
-    monkeypatch.setattr("zforcing_cli.threads.machine_cores", lambda: 1)
+    monkeypatch.setattr("zforcing_cli.cores.machine_cores", lambda: 1)
     result = invoke("train", "--data", tiny_data, "--max-steps", 1, "--batch-size", 4, "--device", "cpu", "--threads", 1000)
     output = plain(result.output)
     assert result.exit_code == 0, output

@@ -136,7 +136,7 @@ def test_a_disk_that_cannot_take_every_kept_checkpoint_is_warned_of(cwd, tiny_da
     assert result.exit_code == 0, plain(result.output)
     warnings = [line for line in plain(result.stderr).splitlines() if line.startswith("Warning:")]
     assert len(warnings) == 1, plain(result.stderr)
-    assert "run has 4.88 KiB free; the run's checkpoints may need about 10.7 KiB (3 training checkpoints of 2.93 KiB" in warnings[0]
+    assert "run has 4.9 KiB free; the run's checkpoints may need about 10.7 KiB (3 training checkpoints of 2.9 KiB" in warnings[0]
 
 
 def test_the_space_checkpoints_take_at_their_peak(tmp_path):

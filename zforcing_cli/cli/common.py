@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..console import stderr
+from ..cores import capped_threads
 from ..errors import UsageError
 
 RUNS_ROOT = Path("runs")
@@ -20,8 +21,6 @@ def cap_threads(requested: int | None) -> int | None:
     """--threads, at most one per core, with a warning when it was more."""
     if requested is None:
         return None
-    from ..threads import capped_threads  # here: threads.py imports torch, which an option's parsing need not wait for
-
     threads, warning = capped_threads(requested)
     if warning:
         stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
