@@ -183,8 +183,10 @@ def test_only_cpu_float32_and_float64_small_products_are_compiled(monkeypatch):
 
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
-    """A process that has not tried to build yet, with an empty cache."""
+    """A process that has not tried to build yet, with an empty cache, and no command line that
+    took the warnings (an earlier CLI test's announce_loop_builds may have set the hook)."""
     monkeypatch.setattr(fused_cpu, "_status", {})
+    monkeypatch.setattr(fused_cpu, "warning_notice", None)
     monkeypatch.setenv("ZFORCING_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv(fused_cpu.SWITCH, "1")
 
