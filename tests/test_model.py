@@ -307,7 +307,7 @@ def reference_backward(model, seq):
 # 4. The auxiliary cost's gradient and the detached target
 
 
-def undetached_auxiliary_costs(self, y, h_prev, z, backward):
+def undetached_auxiliary_costs(self, y, h_prev, z, backward, first_input=None):
     """ZForcing.auxiliary_costs without the detach of b_t (the thing the design forbids)."""
     aux_condition = torch.cat([h_prev, z], dim=-1) if self.config.aux_on_hidden else z
     aux = self.aux_head.nll(aux_condition, backward)
