@@ -604,10 +604,10 @@ def apply_departures(config: ZForcingConfig, modality: str, options: dict) -> ZF
     if options["backward_first"] == "data" and modality != "frames":
         raise usage_error("--backward-first data is for speech: the first input of images and text is the start symbol, "
                           "which is not data, so b_1 has nothing to predict.", "Drop --backward-first, or use --backward-first skip.")
-    config = replace(config, **given(**options))
-    if config.cond_ln and options["lstm_biases"] is None:
-        config = replace(config, lstm_biases="one")
-    return config
+    values = given(**options)
+    if values.get("cond_ln") and options["lstm_biases"] is None:
+        values["lstm_biases"] = "one"
+    return replace(config, **values)
 
 
 def new_run_dir() -> Path:
