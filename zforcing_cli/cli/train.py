@@ -139,7 +139,7 @@ BwdWeightOption = Annotated[
 KlAnnealOption = Annotated[
     Optional[bool],
     typer.Option(
-        "--kl-anneal/--no-kl-anneal", show_default="off",
+        "--kl-anneal/--no-kl-anneal", show_default="speech paper presets: on; others: off",
         help="KL weight from 0.2 to 1 by 5e-5 per update.",
     ),
 ]
@@ -171,7 +171,7 @@ AUTHORS = "(the authors' code: {})"
 OutputHeadOption = Annotated[
     Optional[str],
     typer.Option(
-        "--output-head", show_default=BY_PRESET,
+        "--output-head", show_default="small: mlp; paper: linear",
         help="f(o) and the backward head: `mlp` (one hidden layer, as the paper's other MLPs) or `linear` "
              + AUTHORS.format("linear") + ".",
     ),
@@ -179,7 +179,7 @@ OutputHeadOption = Annotated[
 BackwardFirstOption = Annotated[
     Optional[str],
     typer.Option(
-        "--backward-first", show_default=BY_PRESET,
+        "--backward-first", show_default="skip; speech paper presets: data",
         help="Backward cost at t = 1: `skip`, or `data`: b_1 also predicts u_1 when it is data (speech's context "
              "frame) " + AUTHORS.format("data") + ". Speech only: u_1 of images and text is the start symbol.",
     ),
@@ -187,7 +187,7 @@ BackwardFirstOption = Annotated[
 InitOption = Annotated[
     Optional[str],
     typer.Option(
-        "--init", show_default=BY_PRESET,
+        "--init", show_default="small: torch; paper: authors",
         help="Initialisation: `torch`'s defaults, or `authors` (orthogonal recurrent weights, forward LSTM input "
              "weights uniform in ±1/√H and biases zero).",
     ),
@@ -195,7 +195,7 @@ InitOption = Annotated[
 LstmBiasesOption = Annotated[
     Optional[str],
     typer.Option(
-        "--lstm-biases", show_default=BY_PRESET,
+        "--lstm-biases", show_default="small: one; paper: two",
         help="Bias vectors of the forward LSTM's gates: `one`, or `two` summed " + AUTHORS.format("two")
              + ": the same forward pass, but Adam and the clipping norm see two parameters.",
     ),
@@ -225,14 +225,14 @@ AuxCostOption = Annotated[
 KlAnnealOnSkipOption = Annotated[
     Optional[str],
     typer.Option(
-        "--kl-anneal-on-skip", show_default=BY_PRESET,
+        "--kl-anneal-on-skip", show_default="small: freeze; paper: advance",
         help="With --kl-anneal, a skipped update: `freeze` the KL weight, or `advance` it " + AUTHORS.format("advance") + ".",
     ),
 ]
 SkipRuleOption = Annotated[
     Optional[str],
     typer.Option(
-        "--skip-rule", show_default=BY_PRESET,
+        "--skip-rule", show_default="small: loss-and-grad; paper: loss",
         help="Skip an update whose `loss-and-grad` is not finite, or only whose `loss` is not " + AUTHORS.format("loss")
              + "; with `loss`, a non-finite gradient reaches Adam and stops the run.",
     ),
