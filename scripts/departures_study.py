@@ -33,6 +33,7 @@ VARIANTS = {
     "cond_ln": ["--cond-ln"],
     "backward layers 2": ["--backward-layers", "2"],
     "aux l2": ["--aux-cost", "l2"],
+    "aux condition": ["--aux-condition", "hz"],
 }
 
 
