@@ -187,3 +187,49 @@ def test_capture_guard_passes_a_training_update(datasets, modality, precision, t
     records = torch.stack([update.record for update in trainer.pending.updates])  # the METRICS, then skipped
     assert trainer.state.step == 3 and records.shape[0] == 3
     assert torch.isfinite(records).all() and not records[:, SKIPPED].any()  # three updates taken
+
+
+# -- the authors' forms (docs/protocols.md's departures) ----------------------------------------------
+
+AUTHORS_MODEL = dict(output_head="linear", init="authors", lstm_biases="two", backward_layers=2, aux_cost="l2")
+
+
+@pytest.mark.parametrize("options", [AUTHORS_MODEL, dict(cond_ln=True, backward_layers=2)], ids=["authors", "cond_ln"])
+@pytest.mark.parametrize("modality", ["binary", "frames"])
+def test_capture_guard_passes_the_authors_forms(modality, options, guarded_loops):
+    """The options the loops run (heads, init, biases, depth, L2 aux) keep them capturable;
+    cond_ln, which bypasses them for autograd_rollout, makes no host copy either, forward or backward."""
+    torch.manual_seed(0)
+    model = ZForcing(ZForcingConfig(modality=modality, input_size=INPUTS[modality], start_index=2, **SIZES, **options))
+    y, mask = tiny_batch(modality)
+    with CaptureGuard():
+        out = model(y, mask)
+        (out.nll + out.kl + out.aux + out.bwd).mean().backward()
+    assert guarded_loops == ([] if options.get("cond_ln") else ["rollout", "backpropagate"])
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("modality", ["binary", "frames"])
+def test_capture_guard_passes_a_training_update_under_the_authors_rules(datasets, modality, tmp_path):
+    """cond_ln and the authors' training rules (skip on the loss only, a KL limit, the KL weight
+    advancing on skips) in an update as a GPU takes it."""
+    dataset = datasets[modality]
+    meta = dataset.meta
+    model = ZForcingConfig(modality=meta.modality, input_size=meta.input_size, start_index=2, cond_ln=True,
+                           backward_first="data" if modality == "frames" else "skip", **SIZES)
+    train = TrainConfig(batch_size=4, aux_weight=1e-3, bwd_weight=1e-3, kl_anneal=True, kl_anneal_on_skip="advance",
+                        skip_rule="loss", skip_kl_above=1e4, log_every=5)
+    trainer = Trainer(tmp_path / "run", RunConfig(model, train, data_description(dataset)), dataset, CPU, read_every=5)
+    guard = CaptureGuard()
+    make_inputs = trainer.step_inputs
+
+    def made_on_the_host(indices):
+        with guard.paused():
+            return make_inputs(indices)
+
+    trainer.step_inputs = made_on_the_host
+    trainer.take_step(np.arange(4))
+    with guard:
+        trainer.take_step(np.arange(4, 8))
+    records = torch.stack([update.record for update in trainer.pending.updates])
+    assert torch.isfinite(records).all() and not records[:, SKIPPED].any()

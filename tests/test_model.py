@@ -98,6 +98,9 @@ def ref_linear(layer, x):
 
 
 def ref_mlp(mlp, x):
+    """An MLP of one hidden layer, or (the authors' heads) one Linear."""
+    if isinstance(mlp, torch.nn.Linear):
+        return ref_linear(mlp, x)
     return ref_linear(mlp.out, ref_clipped_leaky_relu(ref_linear(mlp.hidden, x)))
 
 
@@ -131,7 +134,42 @@ def ref_gaussian_stats(model, mlp, x):
     return mean, logvar
 
 
-def reference_forward(model: ZForcing, y, mask, noise) -> dict:
+def ref_layer_norm(x):
+    """The authors' LayerNorm without gain and bias: the unbiased variance, eps 1e-5."""
+    centred = x - x.mean(-1, keepdim=True)
+    variance = centred.pow(2).sum(-1, keepdim=True) / (x.shape[-1] - 1)
+    return centred / torch.sqrt(variance + 1e-5)
+
+
+def ref_forward_gates(model, embedded_u, z, h_prev):
+    """The forward LSTM's gate pre-activations: Eq. 4's concatenation, or the authors' cond_ln."""
+    cell = model.forward_cell
+    if not model.config.cond_ln:
+        lstm_in = torch.cat([embedded_u, ref_linear(cell.latent_embed, z)], -1)  # Eq. 4
+        return ref_linear(cell.input_to_gates, lstm_in) + ref_linear(cell.hidden_to_gates, h_prev)
+    gain, bias = ref_mlp(cell.latent_mlp, z).clamp(-3.0, 3.0).chunk(2, dim=-1)
+    from_input = ref_layer_norm(embedded_u @ cell.input_to_gates.weight.t()) * cell.input_gain + cell.input_bias
+    return from_input + ref_layer_norm(h_prev @ cell.hidden_to_gates.weight.t()) * (1.0 + gain) + bias
+
+
+def ref_backward_sequence(model, seq):
+    """b_t of one unpadded sequence (T[, F]) -> (T, H): each layer of the backward LSTM right to left."""
+    rnn, size = model.backward_rnn, model.config.hidden_size
+    inputs = [ref_embed(model, x) for x in seq]
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+        bias = getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
+        hb = torch.zeros(size, dtype=w_ih.dtype)
+        cb = torch.zeros(size, dtype=w_ih.dtype)
+        outputs = [None] * len(inputs)
+        for t in reversed(range(len(inputs))):
+            hb, cb = ref_lstm_step(w_ih @ inputs[t] + w_hh @ hb + bias, cb)
+            outputs[t] = hb
+        inputs = outputs
+    return torch.stack(inputs)
+
+
+def reference_forward(model: ZForcing, y, mask, noise, first_input=None) -> dict:
     """Per-sequence terms of Eq. 10 computed step by step, each sequence over its own valid length."""
     c = model.config
     batch, steps = y.shape[:2]
@@ -139,26 +177,21 @@ def reference_forward(model: ZForcing, y, mask, noise) -> dict:
     lengths = [int(v) for v in mask.sum(1).tolist()]
     dtype = noise.dtype
 
-    # u_1 = start input, u_t = y_{t-1}
-    if c.modality == "frames":
+    # u_1 = start input (or the given first input), u_t = y_{t-1}
+    if first_input is not None:
+        start = first_input
+    elif c.modality == "frames":
         start = torch.zeros(batch, c.input_size, dtype=dtype)
     else:
         start = torch.full((batch,), c.start_index, dtype=torch.long)
     u = [start] + [y[:, t - 1] for t in range(1, steps)]
 
     # backward states, each row over its own valid steps only (Eq. 6)
-    rnn = model.backward_rnn
     b = torch.zeros(batch, steps, size, dtype=dtype)
     for i in range(batch):
-        hb = torch.zeros(size, dtype=dtype)
-        cb = torch.zeros(size, dtype=dtype)
-        for t in reversed(range(lengths[i])):
-            x = ref_embed(model, y[i, t])
-            gates = rnn.weight_ih_l0 @ x + rnn.bias_ih_l0 + rnn.weight_hh_l0 @ hb + rnn.bias_hh_l0
-            hb, cb = ref_lstm_step(gates, cb)
-            b[i, t] = hb
+        if lengths[i]:
+            b[i, : lengths[i]] = ref_backward_sequence(model, y[i, : lengths[i]])
 
-    cell = model.forward_cell
     h = torch.zeros(batch, size, dtype=dtype)
     cc = torch.zeros(batch, size, dtype=dtype)
     per_step = {name: [] for name in TERMS}
@@ -167,9 +200,7 @@ def reference_forward(model: ZForcing, y, mask, noise) -> dict:
         q_mean, q_logvar = ref_gaussian_stats(model, model.posterior, torch.cat([h_prev, b[:, t]], -1))  # Eq. 7
         p_mean, p_logvar = ref_gaussian_stats(model, model.prior, h_prev)  # Eq. 5
         z = q_mean + torch.exp(0.5 * q_logvar) * noise[:, t]
-        lstm_in = torch.cat([ref_embed(model, u[t]), ref_linear(cell.latent_embed, z)], -1)  # Eq. 4
-        gates = ref_linear(cell.input_to_gates, lstm_in) + ref_linear(cell.hidden_to_gates, h_prev)
-        h, cc = ref_lstm_step(gates, cc)
+        h, cc = ref_lstm_step(ref_forward_gates(model, ref_embed(model, u[t]), z, h_prev), cc)
 
         q = Normal(q_mean, torch.exp(0.5 * q_logvar))
         p = Normal(p_mean, torch.exp(0.5 * p_logvar))
@@ -179,8 +210,11 @@ def reference_forward(model: ZForcing, y, mask, noise) -> dict:
         aux_cond = torch.cat([h_prev, z], -1) if c.aux_on_hidden else z
         # The aux MLP's whole output clamped like the prior's, as in the authors' code.
         a_mean, a_logvar = ref_mlp(model.aux_head.mlp, aux_cond).clamp(-c.latent_clamp, c.latent_clamp).chunk(2, dim=-1)
-        per_step["aux"].append(-Normal(torch.tanh(a_mean), torch.exp(0.5 * a_logvar)).log_prob(b[:, t]).sum(-1))
-        if t == 0:
+        if c.aux_cost == "l2":  # the authors' use_l2: the squared error, no variance, no ½
+            per_step["aux"].append((b[:, t] - torch.tanh(a_mean)).pow(2).sum(-1))
+        else:
+            per_step["aux"].append(-Normal(torch.tanh(a_mean), torch.exp(0.5 * a_logvar)).log_prob(b[:, t]).sum(-1))
+        if t == 0 and not (c.backward_first == "data" and first_input is not None):
             per_step["bwd"].append(torch.zeros(batch, dtype=dtype))  # u_1 is not data
         else:
             per_step["bwd"].append(ref_output_nll(model, ref_mlp(model.backward_head, b[:, t]), u[t]))
@@ -307,7 +341,7 @@ def reference_backward(model, seq):
 # 4. The auxiliary cost's gradient and the detached target
 
 
-def undetached_auxiliary_costs(self, y, h_prev, z, backward):
+def undetached_auxiliary_costs(self, y, h_prev, z, backward, first_input=None):
     """ZForcing.auxiliary_costs without the detach of b_t (the thing the design forbids)."""
     aux_condition = torch.cat([h_prev, z], dim=-1) if self.config.aux_on_hidden else z
     aux = self.aux_head.nll(aux_condition, backward)
@@ -891,3 +925,196 @@ def test_encode_ends_where_the_rollout_ends():
     fresh = model.generate(2, 3, generator=torch.Generator().manual_seed(66))
     assert continued.shape == fresh.shape == (2, 3, model.config.input_size)
     assert not torch.allclose(continued, fresh)
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' forms of docs/protocols.md's departures, each against the reference above
+
+DEPARTURES = {
+    "linear heads": dict(output_head="linear"),
+    "two biases": dict(lstm_biases="two"),
+    "cond_ln": dict(cond_ln=True),
+    "backward layers": dict(backward_layers=3),
+    "aux l2": dict(aux_cost="l2"),
+    "all": dict(output_head="linear", lstm_biases="two", backward_layers=2, aux_cost="l2", init="authors"),
+}
+
+
+@pytest.mark.parametrize("loops", ["compiled", "python", "autograd"])
+@pytest.mark.parametrize("departure", DEPARTURES)
+@pytest.mark.parametrize("modality", ["binary", "frames"])
+def test_departures_match_the_reference(modality, departure, loops, monkeypatch):
+    """Each option computes its equations, on the hand-written loops (compiled or Python) and on
+    autograd_rollout; cond_ln, which the loops cannot run, falls back to autograd_rollout."""
+    monkeypatch.setenv("ZFORCING_COMPILED_LOOPS", "0" if loops == "python" else "1")
+    model = make_model(modality, latent_clamp=1.5, **DEPARTURES[departure])
+    model.fused_recurrence = loops != "autograd"
+    steps, lengths = 6, [6, 4, 1]
+    y = make_targets(modality, model.config, 3, steps, seed=11)
+    mask = prefix_mask(lengths, steps)
+    noise = make_noise(model, 3, steps, seed=12)
+    with torch.no_grad():
+        out = model(y, mask, noise=noise)
+        ref = reference_forward(model, y, mask, noise)
+    assert_terms_close(out, ref)
+    assert torch.all(out.kl > 0) and torch.all(out.aux != 0)
+
+
+def test_linear_heads_are_one_linear_each():
+    model = make_model("frames", output_head="linear", scale=None)
+    size, params = model.config.hidden_size, 2 * model.config.input_size
+    for head in (model.output_head, model.backward_head):
+        assert isinstance(head, torch.nn.Linear) and head.weight.shape == (params, size) and head.bias.shape == (params,)
+    h = torch.randn(2, 4, size, dtype=torch.float64)
+    torch.testing.assert_close(model.output_head(h), h @ model.output_head.weight.t() + model.output_head.bias)
+
+
+def test_two_biases_give_the_same_forward_pass_and_each_the_summed_bias_gradient():
+    two = make_model("frames", lstm_biases="two")
+    one = make_model("frames")
+    state = two.state_dict()
+    state["forward_cell.input_to_gates.bias"] = state["forward_cell.input_to_gates.bias"] + state.pop("forward_cell.hidden_to_gates.bias")
+    one.load_state_dict(state)
+    y = make_targets("frames", one.config, 3, 5, seed=3)
+    noise = make_noise(one, 3, 5, seed=4)
+    losses = [sum(model(y, noise=noise).__dict__[name].sum() for name in ("nll", "kl", "aux", "bwd")) for model in (one, two)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+    for loss in losses:
+        loss.backward()
+    summed = one.forward_cell.input_to_gates.bias.grad
+    assert summed.abs().max() > 1e-3
+    torch.testing.assert_close(two.forward_cell.input_to_gates.bias.grad, summed, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(two.forward_cell.hidden_to_gates.bias.grad, summed, rtol=1e-10, atol=1e-12)
+
+
+def test_authors_init_is_orthogonal_recurrent_uniform_input_and_zero_biases():
+    torch.manual_seed(0)
+    model = ZForcing(make_config("frames", hidden_size=16, embed_size=8, mlp_size=8, init="authors", lstm_biases="two",
+                                 backward_layers=2))
+    cell, rnn, size = model.forward_cell, model.backward_rnn, 16
+    for weight in (cell.hidden_to_gates.weight, rnn.weight_hh_l0):  # (4H, H): orthonormal columns
+        torch.testing.assert_close(weight.t() @ weight, torch.eye(size), atol=1e-5, rtol=0)
+    bound = 1 / math.sqrt(size)
+    inputs = cell.input_to_gates.weight
+    assert inputs.abs().max() <= bound and inputs.abs().max() > 0.95 * bound
+    assert abs(float(inputs.detach().pow(2).mean()) - bound**2 / 3) < 0.2 * bound**2 / 3  # the variance of U(-a, a)
+    assert not cell.input_to_gates.bias.any() and not cell.hidden_to_gates.bias.any()
+    # what their code leaves to torch: the backward LSTM's biases and upper layers
+    assert rnn.bias_ih_l0.any() and not torch.allclose(rnn.weight_hh_l1.t() @ rnn.weight_hh_l1, torch.eye(size), atol=1e-2)
+    torch.manual_seed(0)
+    default = ZForcing(make_config("frames", hidden_size=16, embed_size=8, mlp_size=8))
+    weight = default.forward_cell.hidden_to_gates.weight
+    assert not torch.allclose(weight.t() @ weight, torch.eye(size), atol=1e-2)  # torch's is not orthogonal
+
+
+def test_cond_ln_step_against_a_hand_written_reference():
+    """One step of the authors' LayerNorm-LSTM: the gates' input part normalised with its own
+    gain and bias, the recurrent part normalised with gain 1 + γ_t and bias β_t from z_t."""
+    model = make_model("binary", cond_ln=True)
+    cell, size = model.forward_cell, 6
+    assert not hasattr(cell, "latent_embed") and cell.latent_mlp.out.out_features == 8 * size
+    gen = torch.Generator().manual_seed(5)
+    x, h, z = (torch.randn(2, n, generator=gen, dtype=torch.float64) for n in (5, size, 3))
+    gates = cell.step_gates(cell.input_gates(x), h @ cell.hidden_to_gates.weight.t(), z)
+    wx, wh = x @ cell.input_to_gates.weight.t(), h @ cell.hidden_to_gates.weight.t()
+    normed_x = (wx - wx.mean(1, keepdim=True)) / torch.sqrt(wx.var(1, keepdim=True, unbiased=True) + 1e-5)
+    normed_h = (wh - wh.mean(1, keepdim=True)) / torch.sqrt(wh.var(1, keepdim=True, unbiased=True) + 1e-5)
+    conditioning = torch.clamp(ref_mlp(cell.latent_mlp, z), -3, 3)
+    expected = normed_x * cell.input_gain + cell.input_bias + normed_h * (1 + conditioning[:, : 4 * size]) + conditioning[:, 4 * size :]
+    torch.testing.assert_close(gates, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cond_ln_generates_from_the_same_cell():
+    """generate() runs the cond_ln cell: with z fixed by latents of weight 1, its first step's
+    output is the head applied to the cell's state."""
+    model = make_model("frames", cond_ln=True)
+    z = torch.randn(2, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    picked = []
+    model.generate(2, 1, latents=(z, torch.ones(2, 1, dtype=torch.float64)), choose=lambda params, t: picked.append(params) or params[..., :3])
+    cell = model.forward_cell
+    h0 = torch.zeros(2, 6, dtype=torch.float64)
+    gates = ref_forward_gates(model, ref_embed(model, torch.zeros(2, 3, dtype=torch.float64)), z[:, 0], h0)
+    h, _ = ref_lstm_step(gates, torch.zeros(2, 6, dtype=torch.float64))
+    torch.testing.assert_close(picked[0][:, 0], ref_mlp(model.output_head, h), rtol=1e-10, atol=1e-12)
+    assert cell.hidden_to_gates.bias is None
+
+
+def test_backward_lstm_depth():
+    model = make_model("tokens", backward_layers=3)
+    assert model.backward_rnn.num_layers == 3
+    y = make_targets("tokens", model.config, 2, 5, seed=1)
+    with torch.no_grad():
+        b = model.backward_states(model.embed(y), torch.tensor([5, 3]))
+    torch.testing.assert_close(b[1, :3], ref_backward_sequence(model, y[1, :3]), rtol=1e-12, atol=1e-12)
+
+
+def test_l2_aux_cost_value():
+    model = make_model("binary", aux_cost="l2")
+    h_prev, z, b = (torch.randn(2, 4, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) for n in (6, 3, 6))
+    aux, _, _ = model.auxiliary_costs(torch.zeros(2, 4, dtype=torch.float64), h_prev, z, b)
+    mean = torch.tanh(model.aux_head.mlp(z).clamp(-8, 8)[..., :6])
+    torch.testing.assert_close(aux, (b - mean).pow(2).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_backward_cost_at_t1_for_speech_with_a_first_input():
+    """backward_first 'data': b_1 predicts u_1 when it is the real frame before the sequence;
+    without a first input (u_1 the zero start frame) t = 1 stays out, as with 'skip'."""
+    data = make_model("frames", backward_first="data")
+    skip = make_model("frames")
+    y = make_targets("frames", data.config, 3, 5, seed=1)
+    first = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    noise = make_noise(data, 3, 5, seed=3)
+    with torch.no_grad():
+        with_first = data(y, noise=noise, first_input=first)
+        torch.testing.assert_close(with_first.bwd, reference_forward(data, y, torch.ones(3, 5), noise, first)["bwd"])
+        skipped = skip(y, noise=noise, first_input=first)
+        b1 = data.backward_states(data.embed(y), torch.full((3,), 5))[:, 0]
+        first_term = ref_output_nll(data, ref_mlp(data.backward_head, b1), first)
+        torch.testing.assert_close(with_first.bwd - skipped.bwd, first_term, rtol=1e-10, atol=1e-10)
+        assert first_term.abs().min() > 1e-3
+        torch.testing.assert_close(data(y, noise=noise).bwd, skip(y, noise=noise).bwd)
+
+
+def test_departure_options_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="u_1 of pixels and words is the start symbol"):
+        make_config("binary", backward_first="data")
+    with pytest.raises(ValueError, match="cond_ln has no LSTM biases"):
+        make_config("frames", cond_ln=True, lstm_biases="two")
+    with pytest.raises(ValueError, match="output_head"):
+        make_config("frames", output_head="deep")
+
+
+# A model of before these options, seeded: its parameters and terms as the code of 853db27
+# (the commit before them) computed them. A run whose config lacks the new keys rebuilds it.
+BEFORE_THE_OPTIONS = {
+    "binary": {"weights": -9.446832005880424, "nll": [5.682350802547574, 5.556692102892736, 5.45729003041583],
+               "kl": [1.3614848989872392, 1.3495415388766256, 1.3677673234953764],
+               "aux": [44.450351847344415, 45.44618160901253, 47.53347297450527],
+               "bwd": [4.948319072834428, 4.704309924190143, 4.855798464506569]},
+    "frames": {"weights": -3.2834811783541227, "nll": [37.953778142568865, 42.83593653287514, 34.5961107165908],
+               "kl": [1.6012361000318427, 1.5322010249644347, 1.6270930843842193],
+               "aux": [53.13131343428681, 49.018979648840315, 48.56106360631627],
+               "bwd": [24.943016033005286, 35.96715063729728, 27.720734659695534]},
+}
+
+
+@pytest.mark.parametrize("modality", ["binary", "frames"])
+def test_a_config_without_the_new_keys_builds_and_computes_the_model_as_before(modality):
+    old_keys = dict(modality=modality, input_size=2 if modality == "binary" else 3, start_index=2, embed_size=5, hidden_size=6,
+                    latent_size=3, mlp_size=7, aux_on_hidden=False, latent_clamp=8.0, output_logvar_min=-9.0,
+                    output_logvar_max=9.0, embed_dropout=0.0)  # config.json's model of a run of 0.1.0
+    torch.manual_seed(0)
+    model = ZForcing(ZForcingConfig.from_dict(old_keys)).double()
+    g = torch.Generator().manual_seed(1)
+    if modality == "binary":
+        y, first = torch.randint(0, 2, (3, 8), generator=g).double(), None
+    else:
+        y = torch.randn(3, 8, 3, generator=g, dtype=torch.float64)
+        first = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(3, 8, 3, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(y, noise=noise, first_input=first)
+        expected = BEFORE_THE_OPTIONS[modality]
+        assert float(sum(p.sum() for p in model.parameters())) == pytest.approx(expected["weights"], rel=1e-12)
+    for name in ("nll", "kl", "aux", "bwd"):
+        torch.testing.assert_close(getattr(out, name), torch.tensor(expected[name], dtype=torch.float64), rtol=1e-10, atol=1e-10)

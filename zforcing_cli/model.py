@@ -35,6 +35,7 @@ from .modelconfig import ZForcingConfig
 from .recurrence import clipped_leaky_relu, loops_in_use, posterior_recurrence
 
 LOG_2PI = math.log(2 * math.pi)
+LN_EPS = 1e-5  # the authors' LayerNorm epsilon
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ZForcingOutput:
     nll: Tensor  # -Σ_t log p(y_t | h_t)
     kl: Tensor  # Σ_t KL(q(z_t|h_{t-1},b_t) || p(z_t|h_{t-1})), analytic
     aux: Tensor  # -Σ_t log p(b_t | z_t)
-    bwd: Tensor  # -Σ_{t≥2} log p(u_t | b_t)
+    bwd: Tensor  # -Σ_{t≥2} log p(u_t | b_t) (from t = 1 with backward_first 'data' and a real u_1)
     log_q_minus_log_p: Tensor  # Σ_t log q(z_t) - log p(z_t) at the sampled z (for IWAE)
 
     @property
@@ -70,7 +71,7 @@ class StepTerms:
     backward: Tensor  # (B, T, H) b_t, the aux cost's target
     aux_at_floor: Tensor  # (B, T) dimensions of b_t whose aux log-variance sits at the clamp's floor
     mask: Tensor  # (B, T) valid steps
-    bwd_mask: Tensor  # (B, T) valid steps with a u_t to predict (not the start input)
+    bwd_mask: Tensor  # (B, T) valid steps with a u_t to predict (not the start symbol)
 
     def summed(self) -> ZForcingOutput:
         """Each term masked and summed over the valid steps of each sequence."""
@@ -231,26 +232,35 @@ class AuxHead(nn.Module):
         return -gaussian_log_prob(target, *self.stats(condition)).sum(-1)
 
 
+def make_head(kind: str, in_size: int, hidden_size: int, out_size: int) -> nn.Module:
+    """f(o) or the backward head: an MLP with one hidden layer, or one Linear (the authors')."""
+    return MLP(in_size, hidden_size, out_size) if kind == "mlp" else nn.Linear(in_size, out_size)
+
+
 class ForwardCell(nn.Module):
     """The forward LSTM of Eq. 4: h_t = LSTM([emb(u_t), g(z_t)], h_{t-1}), with g a Linear.
 
     Gate pre-activations are W_e emb(u_t) + W_g g(z_t) + W_h h_{t-1} + bias. Because g is linear,
-    W_g g(z) = (W_g G) z + W_g g_bias: the loop multiplies z by one folded matrix.
+    W_g g(z) = (W_g G) z + W_g g_bias: the loop multiplies z by one folded matrix. two_biases:
+    the bias is the sum of two vectors, one with each weight, as in the authors' cell (the same
+    forward pass; Adam and the gradient's norm see two parameters).
     """
 
-    def __init__(self, embed_size: int, latent_size: int, z_embed_size: int, hidden_size: int):
+    def __init__(self, embed_size: int, latent_size: int, z_embed_size: int, hidden_size: int, two_biases: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.latent_embed = nn.Linear(latent_size, z_embed_size)  # g(z_t)
         self.input_to_gates = nn.Linear(embed_size + z_embed_size, 4 * hidden_size)
-        self.hidden_to_gates = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.hidden_to_gates = nn.Linear(hidden_size, 4 * hidden_size, bias=two_biases)
         self.embed_size = embed_size
 
     def input_gates(self, embedded: Tensor) -> Tensor:
-        """Gate contribution of emb(u_t) plus both biases, for all steps at once."""
+        """Gate contribution of emb(u_t) plus every bias, for all steps at once."""
         weight = self.input_to_gates.weight[:, : self.embed_size]
-        latent_bias = self.input_to_gates.weight[:, self.embed_size :] @ self.latent_embed.bias
-        return F.linear(embedded, weight, self.input_to_gates.bias + latent_bias)
+        bias = self.input_to_gates.bias + self.input_to_gates.weight[:, self.embed_size :] @ self.latent_embed.bias
+        if self.hidden_to_gates.bias is not None:
+            bias = bias + self.hidden_to_gates.bias
+        return F.linear(embedded, weight, bias)
 
     def latent_to_gates_weight(self) -> Tensor:
         """(4H, Z): the folded matrix W_g G."""
@@ -261,6 +271,57 @@ class ForwardCell(nn.Module):
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the last dimension, with the unbiased variance (N - 1),
+    as the authors' LayerNorm computes it."""
+    mean = x.mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(x.var(-1, keepdim=True) + LN_EPS)
+
+
+class ConditionalLNCell(nn.Module):
+    """The forward LSTM of the authors' cond_ln: z_t sets the gains and biases of the layer norm
+    of the recurrent gates instead of entering as an input. No LSTM bias: the norms' take its place.
+
+        gates = LN(W_e emb(u_t)) · γ_e + β_e  +  LN(W_h h_{t-1}) · (1 + γ_t) + β_t
+        [γ_t, β_t] = clamp(MLP(z_t), ±3)          (MLP: one hidden layer, output 8H)
+    """
+
+    CLAMP = 3.0
+
+    def __init__(self, embed_size: int, latent_size: int, mlp_size: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.input_to_gates = nn.Linear(embed_size, 4 * hidden_size, bias=False)
+        self.input_gain = nn.Parameter(torch.ones(4 * hidden_size))
+        self.input_bias = nn.Parameter(torch.zeros(4 * hidden_size))
+        self.hidden_to_gates = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+        self.latent_mlp = MLP(latent_size, mlp_size, 8 * hidden_size)
+
+    def input_gates(self, embedded: Tensor) -> Tensor:  # (B, T, E) -> (B, T, 4H), all steps at once
+        return layer_norm(self.input_to_gates(embedded)) * self.input_gain + self.input_bias
+
+    def step_gates(self, gates_in: Tensor, from_h: Tensor, z: Tensor) -> Tensor:
+        """The gates of one step from its input part (B, 4H), W_h h_{t-1} (B, 4H) and z_t (B, Z)."""
+        gain, bias = self.latent_mlp(z).clamp(-self.CLAMP, self.CLAMP).chunk(2, dim=-1)
+        return gates_in + layer_norm(from_h) * (1.0 + gain) + bias
+
+
+def authors_init(model: "ZForcing") -> None:
+    """The authors' initialisation where it differs from torch's: in the forward LSTM, input
+    weights uniform in ±1/√H, recurrent weights orthogonal (one 4H × H matrix), biases zero; in
+    the backward LSTM, the first layer's recurrent weights orthogonal. Everything else keeps
+    torch's default, as in their code."""
+    cell = model.forward_cell
+    bound = 1.0 / math.sqrt(model.config.hidden_size)
+    with torch.no_grad():
+        nn.init.uniform_(cell.input_to_gates.weight, -bound, bound)
+        nn.init.orthogonal_(cell.hidden_to_gates.weight)
+        for bias in (cell.input_to_gates.bias, cell.hidden_to_gates.bias):
+            if bias is not None:
+                bias.zero_()
+        nn.init.orthogonal_(model.backward_rnn.weight_hh_l0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,14 +340,20 @@ class ZForcing(nn.Module):
         out_params = self.distribution.num_params(c.input_size)
         self.embedding = make_embedding(c)
         self.embed_dropout = nn.Dropout(c.embed_dropout)
-        self.backward_rnn = nn.LSTM(c.embed_size, c.hidden_size, batch_first=True)
-        self.forward_cell = ForwardCell(c.embed_size, c.latent_size, c.mlp_size, c.hidden_size)
+        self.backward_rnn = nn.LSTM(c.embed_size, c.hidden_size, num_layers=c.backward_layers, batch_first=True)
+        self.forward_cell: ForwardCell | ConditionalLNCell
+        if c.cond_ln:
+            self.forward_cell = ConditionalLNCell(c.embed_size, c.latent_size, c.mlp_size, c.hidden_size)
+        else:
+            self.forward_cell = ForwardCell(c.embed_size, c.latent_size, c.mlp_size, c.hidden_size, c.lstm_biases == "two")
         self.prior = Prior(c.hidden_size, c.mlp_size, c.latent_size, c.latent_clamp)
         self.posterior = Posterior(2 * c.hidden_size, c.mlp_size, c.latent_size, c.latent_clamp)
-        self.output_head = MLP(c.hidden_size, c.mlp_size, out_params)
+        self.output_head = make_head(c.output_head, c.hidden_size, c.mlp_size, out_params)
         aux_in = c.latent_size + (c.hidden_size if c.aux_on_hidden else 0)
         self.aux_head = AuxHead(aux_in, c.mlp_size, c.hidden_size, c.latent_clamp)
-        self.backward_head = MLP(c.hidden_size, c.mlp_size, out_params)
+        self.backward_head = make_head(c.output_head, c.hidden_size, c.mlp_size, out_params)
+        if c.init == "authors":
+            authors_init(self)
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -381,26 +448,40 @@ class ZForcing(nn.Module):
         kl = gaussian_kl(q_mean, q_logvar, p_mean, p_logvar)  # (B, T, Z)
         log_ratio = (gaussian_log_prob(z, q_mean, q_logvar) - gaussian_log_prob(z, p_mean, p_logvar)).sum(-1)
         if auxiliary:
-            aux, bwd, aux_logvar = self.auxiliary_costs(y, h_prev, z, backward)
+            aux, bwd, aux_logvar = self.auxiliary_costs(y, h_prev, z, backward, first_input)
             aux_at_floor = (aux_logvar.detach() <= -c.latent_clamp).sum(-1).to(nll.dtype)
+            if c.aux_cost == "l2":
+                aux_at_floor = torch.zeros_like(nll)  # the L2 cost has no variance to sit at a floor
         else:
             aux = bwd = aux_at_floor = torch.zeros_like(nll)
         bwd_mask = mask.clone()
-        bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
+        if not self.predicts_first_input(first_input):
+            bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
         return StepTerms(nll=nll, kl=kl, aux=aux, bwd=bwd, log_ratio=log_ratio, posterior_mean=q_mean, backward=backward,
                          aux_at_floor=aux_at_floor, mask=mask, bwd_mask=bwd_mask)
 
+    def predicts_first_input(self, first_input: Tensor | None) -> bool:
+        """Whether the backward cost includes t = 1: with backward_first 'data', when u_1 is a
+        real frame (first_input) rather than the start input."""
+        return self.config.backward_first == "data" and first_input is not None
+
     def auxiliary_costs(
-        self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor
+        self, y: Tensor, h_prev: Tensor, z: Tensor, backward: Tensor, first_input: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """-log p(b_t | z_t) (Eq. 8) and -log p(u_t | b_t) (Eq. 10), each (B, T), and the aux
-        head's log-variance (B, T, H)."""
+        """-log p(b_t | z_t) (Eq. 8; with aux_cost 'l2' the squared error ||b_t - tanh(μ)||², the
+        authors' use_l2) and -log p(u_t | b_t) (Eq. 10), each (B, T), and the aux head's
+        log-variance (B, T, H)."""
         aux_condition = torch.cat([h_prev, z], dim=-1) if self.config.aux_on_hidden else z
         # The target b_t is detached: the auxiliary gradient trains z_t (through the posterior
         # and prior) and the aux head, never the backward RNN's states directly (§3.4).
         target = backward.detach()
         aux_mean, aux_logvar = self.aux_head.stats(aux_condition)
-        aux = -gaussian_log_prob(target, aux_mean, aux_logvar).sum(-1)
+        if self.config.aux_cost == "l2":
+            aux = (target - aux_mean).pow(2).sum(-1)
+        else:
+            aux = -gaussian_log_prob(target, aux_mean, aux_logvar).sum(-1)
+        if self.predicts_first_input(first_input):  # u_1 is data: b_1 predicts it too
+            return aux, self.distribution.nll(self.backward_head(backward), self.shift_right(y, first_input)), aux_logvar
         # b_t predicts u_t = y_{t-1} for t ≥ 2; u_1 is the start symbol, which may lie outside the
         # output vocabulary, so step 1 is left out here and padded with a zero cost.
         bwd = self.distribution.nll(self.backward_head(backward[:, 1:]), y[:, :-1])
@@ -415,7 +496,9 @@ class ZForcing(nn.Module):
         the last cell state c_T (B, H) (to continue a sequence from where it ends).
         Everything that does not depend on h_{t-1} is computed here for all steps at once; the
         loop itself runs in recurrence.py with a hand-written backward pass, or, with
-        fused_recurrence off, in autograd_rollout (the reference the tests hold it to).
+        fused_recurrence off, in autograd_rollout (the reference the tests hold it to). The
+        loops of recurrence.py know only the concatenated input of Eq. 4: with cond_ln the
+        rollout always runs in autograd_rollout.
         """
         cell, post = self.forward_cell, self.posterior
         input_gates = cell.input_gates(embedded_u)  # (B, T, 4H)
@@ -423,31 +506,35 @@ class ZForcing(nn.Module):
         post_w_b = post.hidden.weight[:, self.config.hidden_size:]
         post_from_b = F.linear(backward, post_w_b, post.hidden.bias)  # (B, T, M)
         from_h_weight, z_weight, out_weight = self.recurrence_weights()
+        if z_weight is None:  # cond_ln: z_t acts through the layer norms, which no loop of recurrence.py has
+            return self.autograd_rollout(input_gates, post_from_b, noise, from_h_weight, None)
         if self.fused_recurrence:
             return posterior_recurrence(input_gates, post_from_b, noise, from_h_weight, z_weight,
                                         out_weight, post.out.bias, post.clamp)
         return self.autograd_rollout(input_gates, post_from_b, noise, from_h_weight, z_weight)
 
-    def recurrence_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+    def recurrence_weights(self) -> tuple[Tensor, Tensor | None, Tensor]:
         """The loop's weights: the LSTM's and the posterior's h weights stacked, so that one
-        matmul per step serves both (4H+M, H); the latent's gate weights (4H, Z); the
-        posterior's output weight (2Z, M)."""
+        matmul per step serves both (4H+M, H); the latent's gate weights (4H, Z), None with
+        cond_ln (z_t enters through the layer norms instead); the posterior's output weight (2Z, M)."""
         cell, post = self.forward_cell, self.posterior
         post_w_h = post.hidden.weight[:, :self.config.hidden_size]
-        return torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0), cell.latent_to_gates_weight(), post.out.weight
+        z_weight = None if isinstance(cell, ConditionalLNCell) else cell.latent_to_gates_weight()
+        return torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0), z_weight, post.out.weight
 
     def recurrence_loops(self) -> str:
         """Which loops posterior_rollout runs on this model's device, in words (recurrence.loops_in_use)."""
-        if not self.fused_recurrence:
-            return "autograd reference loop"
+        if not self.fused_recurrence or self.config.cond_ln:
+            return "autograd reference loop" + (" (cond_ln has no other)" if self.config.cond_ln else "")
         with torch.no_grad():  # as posterior_recurrence: at least float32
             weights = [weight.to(torch.promote_types(weight.dtype, torch.float32)) for weight in self.recurrence_weights()]
         return loops_in_use(weights[0], *weights)
 
     def autograd_rollout(
-        self, input_gates: Tensor, post_from_b: Tensor, noise: Tensor, from_h_weight: Tensor, z_weight: Tensor
+        self, input_gates: Tensor, post_from_b: Tensor, noise: Tensor, from_h_weight: Tensor, z_weight: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """posterior_rollout's loop in plain autograd operations: the reference implementation."""
+        """posterior_rollout's loop in plain autograd operations: the reference implementation,
+        and the only one of cond_ln (z_weight None)."""
         post = self.posterior
         batch, size = input_gates.shape[0], self.config.hidden_size
         h = input_gates.new_zeros(batch, size)
@@ -460,7 +547,10 @@ class ZForcing(nn.Module):
             from_h = h @ from_h_weight.t()  # (B, 4H+M)
             mean, logvar = post.stats(clipped_leaky_relu(from_h[:, 4 * size :] + post_in))
             z = mean + torch.exp(0.5 * logvar) * eps  # reparameterised sample
-            gates = torch.addmm(gates_in + from_h[:, : 4 * size], z, z_weight.t())
+            if z_weight is None:
+                gates = self.forward_cell.step_gates(gates_in, from_h[:, : 4 * size], z)  # type: ignore[union-attr]
+            else:
+                gates = torch.addmm(gates_in + from_h[:, : 4 * size], z, z_weight.t())
             h, c = ForwardCell.update(gates, c)
             states.append(h)
             zs.append(z)
@@ -524,7 +614,7 @@ class ZForcing(nn.Module):
         weight = cell.hidden_to_gates.weight
         device, dtype = weight.device, weight.dtype
         size = self.config.hidden_size
-        z_weight = cell.latent_to_gates_weight()
+        z_weight = None if isinstance(cell, ConditionalLNCell) else cell.latent_to_gates_weight()
         if state is None:
             h = torch.zeros(num, size, device=device, dtype=dtype)
             c = torch.zeros(num, size, device=device, dtype=dtype)
@@ -539,8 +629,12 @@ class ZForcing(nn.Module):
             z = mean + torch.exp(0.5 * logvar) * noise
             if latents is not None and t < latents[0].shape[1]:
                 z = latents[0][:, t] + (1.0 - latents[1][:, t : t + 1]) * z
-            gates = cell.input_gates(self.embed(u)).squeeze(1) + h @ weight.t()
-            h, c = cell.update(gates + z @ z_weight.t(), c)
+            gates_in = cell.input_gates(self.embed(u)).squeeze(1)
+            if z_weight is None:
+                gates = cell.step_gates(gates_in, h @ weight.t(), z)  # type: ignore[union-attr]
+            else:
+                gates = gates_in + h @ weight.t() + z @ z_weight.t()
+            h, c = ForwardCell.update(gates, c)
             params = self.output_head(h.unsqueeze(1))
             y = self.distribution.sample(params, temperature, generator) if choose is None else choose(params, t)
             outputs.append(y)

@@ -37,6 +37,9 @@ class TrainConfig:
     kl_anneal: bool = False  # w_kl from kl_start to 1 by kl_increment per update
     kl_start: float = 0.2
     kl_increment: float = 5e-5
+    kl_anneal_on_skip: str = "freeze"  # freeze: w_kl counts the updates taken; advance: skipped ones too (authors)
+    skip_rule: str = "loss-and-grad"  # skip an update whose loss or gradient norm is not finite; "loss": the loss only (authors)
+    skip_kl_above: float | None = None  # also skip an update whose KL per sequence reaches this (authors' Blizzard: 10,000)
     clip_norm: float = 100.0
     seed: int = 0
     eval_batch_size: int = 500
@@ -52,6 +55,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16: the arithmetic of the forward pass (device.autocast_dtype)
+
+
+KL_ANNEAL_ON_SKIP = ("freeze", "advance")  # each field's first choice is what runs written before it did
+SKIP_RULES = ("loss-and-grad", "loss")
 
 
 @dataclass

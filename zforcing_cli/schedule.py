@@ -3,8 +3,9 @@ weight α (Eq. 10), each a function of how many updates came before.
 
 Both follow the authors' schedules: a weight moves linearly by a fixed amount per update from
 a start value to its final value, then stays there. The KL weight counts the updates taken
-(skipped ones left out, as KL annealing always has here); α counts every update, skipped ones
-too, so that the host knows it without reading the device.
+(skipped ones left out, kl_anneal_on_skip "freeze"), or every update as the authors' scripts do
+("advance"); α counts every update, skipped ones too, so that the host knows it without
+reading the device.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Weights(Protocol):  # the TrainConfig fields read here
     kl_anneal: bool
     kl_start: float
     kl_increment: float
+    kl_anneal_on_skip: str
     aux_weight: float
     aux_start: float | None
     aux_increment: float
@@ -29,6 +31,11 @@ def annealed_kl_weight(config: Weights, updates: int) -> float:
     if not config.kl_anneal:
         return 1.0
     return min(1.0, config.kl_start + config.kl_increment * updates)
+
+
+def kl_anneal_updates(config: Weights, updates: int, skipped: int) -> int:
+    """The updates the KL weight counts after `updates` updates of which `skipped` were skipped."""
+    return updates if config.kl_anneal_on_skip == "advance" else updates - skipped
 
 
 def annealed_kl_weight_on_device(config: Weights, updates: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 from .data import DatasetMeta
 from .device import PRECISIONS
 from .errors import UsageError, file_system_error
-from .model import ZForcingConfig
+from .modelconfig import ZForcingConfig
 from .presets import PRESETS, preset_configs
 from .runconfig import TrainConfig
 
@@ -169,10 +169,14 @@ def resolve(settings: dict, meta: DatasetMeta, train_size: int) -> ResolvedSetti
     than the training split takes the whole split (and a note says so)."""
     preset = settings.get("preset", "small")
     model, training = preset_configs(preset, meta)
-    model = replace(model, **{name: value for name, value in settings.items() if name in MODEL_SETTINGS})
-    if "aux_weight" in settings and "aux_start" not in settings:
-        training = replace(training, aux_start=None)  # a constant α (the paper's form)
-    training = replace(training, **{name: value for name, value in settings.items() if name in TRAIN_SETTINGS})
+    try:  # the configs refuse settings that contradict each other (cond_ln with two biases, ...)
+        model = replace(model, **{name: value for name, value in settings.items() if name in MODEL_SETTINGS})
+        if "aux_weight" in settings and "aux_start" not in settings:
+            training = replace(training, aux_start=None)  # a constant α (the paper's form)
+        training = replace(training, **{name: value for name, value in settings.items() if name in TRAIN_SETTINGS})
+    except ValueError as error:
+        raise UsageError(f"These settings contradict each other: {error}.",
+                         "docs/protocols.md (\"Departures\") says which options go together.") from None
     notes = []
     if training.batch_size > train_size:
         notes.append(f"a batch of {training.batch_size:,} is more than the {train_size:,} training sequences: each update "

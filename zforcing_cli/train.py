@@ -39,7 +39,7 @@ from .humanize import byte_size
 from .model import ZForcing, count_parameters
 from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
-from .schedule import annealed_aux_weight, annealed_kl_weight
+from .schedule import annealed_aux_weight, annealed_kl_weight, kl_anneal_updates
 from .tensorboard import require_tensorboard
 from .update import PendingUpdate, PendingUpdates, Updater, batch_inputs, epoch_order
 
@@ -255,7 +255,7 @@ class Trainer:
         checkpoint taken before a due validation (by time, by step count or on a stop request)
         leaves it due, so a resumed run validates exactly where an uninterrupted one did."""
         state, train_config = self.state, self.run_config.train
-        self.updater.start(state.step - state.skipped_steps)  # distributed: DDP, once every rank has its state
+        self.updater.start(kl_anneal_updates(train_config, state.step, state.skipped_steps))  # distributed: DDP, once every rank has its state
         finished = state.step >= self.total_steps and not self.validation_due()
         self.emit("start", {"parameters": count_parameters(self.model), "finished": finished,
                             "loops": self.model.recurrence_loops()})
@@ -395,7 +395,7 @@ class Trainer:
     def record_update(self, update: PendingUpdate, metrics: dict, seconds: float) -> None:
         train_config, state = self.run_config.train, self.state
         state.consecutive_skips = 0
-        state.kl_weight = annealed_kl_weight(train_config, update.step - state.skipped_steps)
+        state.kl_weight = annealed_kl_weight(train_config, kl_anneal_updates(train_config, update.step, state.skipped_steps))
         metrics.update(kl_weight=state.kl_weight, aux_weight=annealed_aux_weight(train_config, update.step - 1), lr=update.lr,
                        seconds=seconds)
         if update.step % train_config.log_every == 0 or update.step == self.total_steps:
@@ -405,11 +405,12 @@ class Trainer:
     def record_skip(self, update: PendingUpdate, broke_weights: bool) -> None:
         """A non-finite loss or gradient: the update was skipped (divergence() says when that
         stops the run)."""
-        state = self.state
+        state, train_config = self.state, self.run_config.train
         state.skipped_steps += 1
         state.consecutive_skips += 1
+        state.kl_weight = annealed_kl_weight(train_config, kl_anneal_updates(train_config, update.step, state.skipped_steps))
         self.emit("skip", {"skipped_steps": state.skipped_steps}, update)
-        error = divergence(state, update.step, broke_weights, self.updater.skips_before_divergence(), self.run_config.train.lr)
+        error = divergence(state, update.step, broke_weights, self.updater.skips_before_divergence(), train_config.lr)
         if error is not None:
             raise error
 

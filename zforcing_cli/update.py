@@ -93,20 +93,30 @@ def in_float32(terms: StepTerms) -> StepTerms:
     return replace(terms, **{item.name: getattr(terms, item.name).float() for item in fields(terms)})
 
 
+def loss_skipped(metrics: Tensor, config: TrainConfig) -> Tensor:
+    """Whether the skip rule skips an update by its METRICS (a bool tensor on their device): a
+    loss that is not finite, or with skip_kl_above, a mean KL per sequence at least that."""
+    skipped = torch.logical_not(torch.isfinite(metrics[0]))
+    if config.skip_kl_above is not None:
+        skipped = skipped | (metrics[2] >= config.skip_kl_above)
+    return skipped
+
+
 def checked_update(
     step: TrainingStep, optimizer: torch.optim.Optimizer, batch: Batch, noise: Tensor, kl_weight: float, config: TrainConfig,
     aux_weight: float | None = None,
 ) -> Tensor:
-    """One Adam update, checked on the host: a non-finite loss is never backpropagated and a
-    non-finite gradient never reaches Adam. Returns its record (the module's docstring). Each
-    check waits for the device: device_update does not."""
+    """One Adam update, checked on the host: an update the skip rule skips by its loss is never
+    backpropagated, and (skip_rule "loss-and-grad") a non-finite gradient never reaches Adam.
+    Returns its record (the module's docstring). Each check waits for the device:
+    device_update does not."""
     loss, metrics = step(batch.targets, batch.mask, batch.first_input, noise, kl_weight, aux_weight)
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if loss_skipped(metrics, config):
         return torch.cat([metrics, metrics.new_tensor([math.nan, 1.0])])
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(step.parameters(), config.clip_norm)
-    if not torch.isfinite(grad_norm):
+    if config.skip_rule == "loss-and-grad" and not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return torch.cat([metrics, metrics.new_tensor([math.nan, 1.0])])
     optimizer.step()
@@ -123,6 +133,9 @@ def device_update(
     kernel leaves the weights and its state as they were (`found_inf`, the attribute through
     which GradScaler skips an update). scaler: fp16's gradient scaler.
 
+    The skip rule is checked_update's; with skip_rule "loss" a non-finite gradient reaches Adam,
+    as in the authors' scripts (the weights then stop being finite, and the run stops).
+
     step is a TrainingStep. With a group, it is in DistributedDataParallel, batch is this
     rank's `share` of the global batch, and the metrics are added over the ranks. DDP averages
     the ranks' gradients, so each rank weighs its loss by share × ranks: the average is then
@@ -136,7 +149,10 @@ def device_update(
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(step.parameters(), config.clip_norm)
-    skipped = torch.logical_not(torch.isfinite(metrics[0]) & torch.isfinite(grad_norm)).to(metrics.dtype)
+    skipped = loss_skipped(metrics, config)
+    if config.skip_rule == "loss-and-grad":
+        skipped = skipped | torch.logical_not(torch.isfinite(grad_norm))
+    skipped = skipped.to(metrics.dtype)
     optimizer.found_inf = skipped
     try:
         optimizer.step()
@@ -249,12 +265,12 @@ class Updater:
         self.training_step: nn.Module = TrainingStep(model, config, autocast_dtype(config.precision, device))
         self.optimizer = make_optimizer(model, config, fused=on_device)
         self.scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_SCALE) if config.precision == "fp16" else None
-        self.good_updates: Tensor | None = None  # on the device, with KL annealing: the updates not skipped
+        self.good_updates: Tensor | None = None  # on the device, with KL annealing: the updates w_kl counts
 
     def start(self, good_updates: int) -> None:
         """Before the first update, and distributed after every rank has its state (DDP's wrap
         gives every rank rank 0's weights): the step in DDP, and on the device the count of the
-        updates taken so far."""
+        updates w_kl counts so far (schedule.kl_anneal_updates)."""
         config = self.config
         if self.group is not None:
             # An update uses every parameter but the auxiliary heads' when their weight is 0.
@@ -275,7 +291,7 @@ class Updater:
         record = device_update(self.training_step, self.optimizer, batch, noise, kl_weight, config, self.scaler, self.group,
                                share, aux_weight)
         if self.good_updates is not None:
-            self.good_updates += 1 - record[SKIPPED]
+            self.good_updates += 1 if config.kl_anneal_on_skip == "advance" else 1 - record[SKIPPED]
         return record
 
     def set_lr(self, lr: float) -> None:

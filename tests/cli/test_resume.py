@@ -9,7 +9,9 @@ import shutil
 
 import pytest
 
-from zforcing_cli.data import prepare
+from zforcing_cli.cli.train import DEPARTURE_MODEL_OPTIONS, apply_departures
+from zforcing_cli.data import EMBEDDED, open_dataset, prepare
+from zforcing_cli.presets import preset_configs
 
 from conftest import assert_clean_error, invoke, plain, write_amat_folder
 
@@ -118,3 +120,63 @@ def test_next_line_is_shell_quoted_and_counts_are_singular(cwd, tiny_data):
     assert "Next: zforcing evaluate 'my run'  or  zforcing sample 'my run'" in plain(result.stdout)
     assert "; 1 update;" in plain(result.stderr)
     assert "nats per image" in plain(result.stdout) and "per sequence" not in plain(result.output)
+
+
+# -- the departures' options (docs/protocols.md): recorded, kept on --resume, and runs from before them ------
+
+NEW_MODEL_KEYS = ("output_head", "backward_first", "init", "lstm_biases", "cond_ln", "backward_layers", "aux_cost")
+NEW_TRAIN_KEYS = ("kl_anneal_on_skip", "skip_rule", "skip_kl_above")
+
+
+def test_departure_options_are_recorded_and_kept_on_resume(cwd, tiny_data):
+    options = ("--output-head", "linear", "--init", "authors", "--lstm-biases", "two", "--backward-layers", 2,
+               "--aux-cost", "l2", "--skip-rule", "loss", "--kl-anneal", "--kl-anneal-on-skip", "advance", "--skip-kl-above", 5000)
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 2, *options)
+    assert result.exit_code == 0, plain(result.output)
+    config = json.loads((cwd / "run" / "config.json").read_text())
+    assert {key: config["model"][key] for key in ("output_head", "init", "lstm_biases", "backward_layers", "aux_cost")} == dict(
+        output_head="linear", init="authors", lstm_biases="two", backward_layers=2, aux_cost="l2")
+    assert (config["train"]["skip_rule"], config["train"]["kl_anneal_on_skip"], config["train"]["skip_kl_above"]) == ("loss", "advance", 5000)
+    assert "one-Linear heads" in plain(result.stderr) and "skipping on a non-finite loss only" in plain(result.stderr)
+    result = invoke(*TRAIN, "--out", "run", "--max-steps", 3, "--resume", *options)
+    assert result.exit_code == 0, plain(result.output)
+    assert trainer_step(cwd / "run") == 3
+    line = assert_clean_error(invoke("train", "--out", "run", "--resume", "--output-head", "mlp"), 2)
+    assert "--output-head mlp differs from the run's linear" in line
+
+
+def test_a_run_from_before_the_departure_options_resumes_with_their_old_values(two_step_run):
+    """config.json of a run made before these options lacks their keys: they take the values
+    that reproduce it (the model's equations: test_model.py), and repeating them is accepted."""
+    path = two_step_run / "config.json"
+    config = json.loads(path.read_text())
+    for key in NEW_MODEL_KEYS:
+        del config["model"][key]
+    for key in NEW_TRAIN_KEYS:
+        del config["train"][key]
+    path.write_text(json.dumps(config))
+    result = invoke(*TRAIN, "--out", two_step_run, "--max-steps", 3, "--resume", "--output-head", "mlp", "--init", "torch",
+                    "--skip-rule", "loss-and-grad")
+    assert result.exit_code == 0, plain(result.output)
+    assert trainer_step(two_step_run) == 3
+    line = assert_clean_error(invoke("train", "--out", two_step_run, "--resume", "--lstm-biases", "two"), 2)
+    assert "--lstm-biases two differs from the run's one" in line
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    (("--backward-first", "data"), "--backward-first data is for speech"),
+    (("--cond-ln", "--lstm-biases", "two"), "--cond-ln has no LSTM biases"),
+    (("--output-head", "deep"), "--output-head must be one of mlp, linear"),
+    (("--skip-rule", "grad"), "--skip-rule must be one of loss-and-grad, loss"),
+    (("--skip-kl-above", "0"), "--skip-kl-above must be a finite number above 0"),
+])
+def test_departure_options_that_contradict_the_data_or_each_other_are_usage_errors(cwd, tiny_data, options, fragment):
+    assert_clean_error(invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 1, *options), 2, fragment)
+    assert not (cwd / "run").exists()
+
+
+def test_cond_ln_takes_the_paper_presets_model_without_its_two_biases():
+    model, _ = preset_configs("paper", open_dataset(EMBEDDED).meta)
+    options = dict.fromkeys(DEPARTURE_MODEL_OPTIONS) | {"cond_ln": True}
+    config = apply_departures(model, "binary", options)
+    assert model.lstm_biases == "two" and config.cond_ln and config.lstm_biases == "one" and config.init == "authors"

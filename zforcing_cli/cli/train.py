@@ -22,8 +22,10 @@ from ..data import EMBEDDED, check_prepared_folder, open_dataset
 from ..errors import DataError, TrainingError
 from ..humanize import duration
 from ..launch import launched_rank
+from ..modelconfig import AUX_COSTS, BACKWARD_FIRST, INITS, LSTM_BIASES, OUTPUT_HEADS, ZForcingConfig
 from ..presets import PRESETS, check_preset, describe_model, describe_training, preset_configs, presets_table
-from ..runconfig import RunConfig, TrainConfig, data_description, dataset_differences, load_run_config
+from ..runconfig import (KL_ANNEAL_ON_SKIP, SKIP_RULES, RunConfig, TrainConfig, data_description, dataset_differences,
+                         load_run_config)
 from ..version import __version__
 from .common import (MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, announce_loop_builds, check_real, exit_on_signal,
                      usage_error)
@@ -51,7 +53,11 @@ SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 # What a second signal does, told to whoever sent the first: a scheduler or `kill` sends SIGTERM,
 # and has no Ctrl-C to press.
 SECOND_SIGNAL = {"SIGINT": "Ctrl-C again abandons it", "SIGTERM": "a second signal abandons it"}
-NOT_TRAINING_SETTINGS = ("preset", "aux_condition", "dropout")  # train_cli's settings that are not TrainConfig fields
+# The model options that keep the authors' form one value away (docs/protocols.md, "Departures"): ZForcingConfig fields.
+DEPARTURE_MODEL_OPTIONS = ("output_head", "backward_first", "init", "lstm_biases", "cond_ln", "backward_layers", "aux_cost")
+NOT_TRAINING_SETTINGS = ("preset", "aux_condition", "dropout", *DEPARTURE_MODEL_OPTIONS)  # train_cli's settings that are not TrainConfig fields
+CHOICES = {"output_head": OUTPUT_HEADS, "backward_first": BACKWARD_FIRST, "init": INITS, "lstm_biases": LSTM_BIASES,
+           "aux_cost": AUX_COSTS, "kl_anneal_on_skip": KL_ANNEAL_ON_SKIP, "skip_rule": SKIP_RULES}
 
 
 # The options (those several commands share are common.py's).
@@ -148,7 +154,7 @@ BwdWeightOption = Annotated[
 KlAnnealOption = Annotated[
     Optional[bool],
     typer.Option(
-        "--kl-anneal/--no-kl-anneal", show_default="off",
+        "--kl-anneal/--no-kl-anneal", show_default="speech paper presets: on; others: off",
         help="KL weight from 0.2 to 1 by 5e-5 per update.",
     ),
 ]
@@ -174,6 +180,83 @@ AuxConditionOption = Annotated[
             "Condition the auxiliary head on `z` (the paper's Eq. 8) or `hz` (h_{t-1} and z_t, the original "
             "code)."
         ),
+    ),
+]
+AUTHORS = "(the authors' code: {})"
+OutputHeadOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--output-head", show_default="small: mlp; paper: linear",
+        help="f(o) and the backward head: `mlp` (one hidden layer, as the paper's other MLPs) or `linear` "
+             + AUTHORS.format("linear") + ".",
+    ),
+]
+BackwardFirstOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--backward-first", show_default="skip; speech paper presets: data",
+        help="Backward cost at t = 1: `skip`, or `data`: b_1 also predicts u_1 when it is data (speech's context "
+             "frame) " + AUTHORS.format("data") + ". Speech only: u_1 of images and text is the start symbol.",
+    ),
+]
+InitOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--init", show_default="small: torch; paper: authors",
+        help="Initialisation: `torch`'s defaults, or `authors` (orthogonal recurrent weights, forward LSTM input "
+             "weights uniform in ±1/√H and biases zero).",
+    ),
+]
+LstmBiasesOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--lstm-biases", show_default="small: one; paper: two",
+        help="Bias vectors of the forward LSTM's gates: `one`, or `two` summed " + AUTHORS.format("two")
+             + ": the same forward pass, but Adam and the clipping norm see two parameters.",
+    ),
+]
+CondLnOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--cond-ln/--no-cond-ln", show_default="off",
+        help="z_t conditions the forward LSTM through the gains and biases of a layer norm of its recurrent gates, "
+             "not as an input (the authors' cond_ln). Runs the autograd loop (slower).",
+    ),
+]
+BackwardLayersOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--backward-layers", min=1, show_default="1",
+        help="Layers of the backward LSTM (the authors' nlayers).",
+    ),
+]
+AuxCostOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--aux-cost", show_default="gaussian",
+        help="Auxiliary cost: `gaussian`, -log p(b_t|z_t), or `l2`, the squared error to its mean (the authors' use_l2).",
+    ),
+]
+KlAnnealOnSkipOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--kl-anneal-on-skip", show_default="small: freeze; paper: advance",
+        help="With --kl-anneal, a skipped update: `freeze` the KL weight, or `advance` it " + AUTHORS.format("advance") + ".",
+    ),
+]
+SkipRuleOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--skip-rule", show_default="small: loss-and-grad; paper: loss",
+        help="Skip an update whose `loss-and-grad` is not finite, or only whose `loss` is not " + AUTHORS.format("loss")
+             + "; with `loss`, a non-finite gradient reaches Adam and stops the run.",
+    ),
+]
+SkipKlAboveOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--skip-kl-above", show_default="blizzard paper preset: 10,000; others: none",
+        help="Also skip an update whose KL per sequence (batch mean) reaches this.",
     ),
 ]
 TrainSeedOption = Annotated[
@@ -256,6 +339,16 @@ def train_cli(
     dropout: DropoutOption = None,
     weight_decay: WeightDecayOption = None,
     aux_condition: AuxConditionOption = None,
+    output_head: OutputHeadOption = None,
+    backward_first: BackwardFirstOption = None,
+    init: InitOption = None,
+    lstm_biases: LstmBiasesOption = None,
+    cond_ln: CondLnOption = None,
+    backward_layers: BackwardLayersOption = None,
+    aux_cost: AuxCostOption = None,
+    kl_anneal_on_skip: KlAnnealOnSkipOption = None,
+    skip_rule: SkipRuleOption = None,
+    skip_kl_above: SkipKlAboveOption = None,
     seed: TrainSeedOption = None,
     checkpoint_every: CheckpointEveryOption = None,
     checkpoint_minutes: CheckpointMinutesOption = None,
@@ -268,9 +361,14 @@ def train_cli(
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     check_options(lr=lr, aux_increment=aux_increment, aux_weight=aux_weight, aux_start=aux_start, bwd_weight=bwd_weight,
                   checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, preset=preset)
+    departures = dict(output_head=output_head, backward_first=backward_first, init=init, lstm_biases=lstm_biases,
+                      cond_ln=cond_ln, backward_layers=backward_layers, aux_cost=aux_cost, kl_anneal_on_skip=kl_anneal_on_skip,
+                      skip_rule=skip_rule, skip_kl_above=skip_kl_above)
+    check_departures(departures)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, lr_patience=lr_patience, aux_weight=aux_weight, aux_start=aux_start,
                     aux_increment=aux_increment, bwd_weight=bwd_weight, kl_anneal=kl_anneal, seed=seed,
-                    weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision)
+                    weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision,
+                    **departures)
     lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
     if launched_rank() is None:  # under torchrun, rank 0 finds the run for all
         check_paths(resume, out, data)
@@ -314,6 +412,21 @@ def check_paths(resume: bool, out: Path | None, data: str | None) -> None:
         check_prepared_folder(data)
     if resume:
         load_run_config(out or resolve_latest(RUNS_ROOT))
+
+
+def check_departures(departures: dict) -> None:
+    """Usage errors for the options of docs/protocols.md's departures that contradict
+    themselves: an unknown choice, a KL limit that is not a positive number, --cond-ln with
+    two LSTM biases (its gates have none: the layer norms' biases take their place)."""
+    for name, choices in CHOICES.items():
+        value = departures[name]
+        if value is not None and value not in choices:
+            option = "--" + name.replace("_", "-")
+            raise usage_error(f"{option} must be one of {', '.join(choices)}, not {value!r}.", f"For example {option} {choices[-1]}.")
+    check_real("--skip-kl-above", departures["skip_kl_above"], example="10000", above=True)
+    if departures["cond_ln"] and departures["lstm_biases"] == "two":
+        raise usage_error("--cond-ln has no LSTM biases to split in two: its gates take the layer norms' biases.",
+                          "Drop --lstm-biases, or drop --cond-ln.")
 
 
 def settled_run(group: Group | None, resume: bool, out: Path | None, data: str | None, settings: dict,
@@ -479,7 +592,9 @@ def recorded_settings(run_config: RunConfig) -> dict:
         "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
         "seed": train_config.seed, "weight_decay": train_config.weight_decay,
         "aux_condition": "hz" if run_config.model.aux_on_hidden else "z", "dropout": run_config.model.embed_dropout,
-        "precision": train_config.precision,
+        "precision": train_config.precision, "kl_anneal_on_skip": train_config.kl_anneal_on_skip,
+        "skip_rule": train_config.skip_rule, "skip_kl_above": train_config.skip_kl_above,
+        **{name: getattr(run_config.model, name) for name in DEPARTURE_MODEL_OPTIONS},
     }
 
 
@@ -511,6 +626,7 @@ def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, R
     preset = settings["preset"] or "small"
     model_config, train_config = preset_configs(preset, dataset.meta)
     model_config = apply_model_options(model_config, settings["aux_condition"], settings["dropout"])
+    model_config = apply_departures(model_config, dataset.meta.modality, {name: settings[name] for name in DEPARTURE_MODEL_OPTIONS})
     if settings["aux_weight"] is not None and settings["aux_start"] is None:
         train_config = replace(train_config, aux_start=None)  # --aux-weight alone: a constant α (the paper's form)
     training_options = {name: value for name, value in settings.items() if name not in NOT_TRAINING_SETTINGS}
@@ -526,6 +642,18 @@ def apply_model_options(config, aux_condition: str | None, dropout: float | None
     if aux_condition not in ("z", "hz"):
         raise usage_error(f"--aux-condition must be z or hz, not {aux_condition!r}.", "z: p(b_t|z_t) as in the paper; hz: p(b_t|h_{t-1},z_t).")
     return replace(config, aux_on_hidden=aux_condition == "hz")
+
+
+def apply_departures(config: ZForcingConfig, modality: str, options: dict) -> ZForcingConfig:
+    """The model with the departures' options given (None: the preset's). --cond-ln takes the
+    one bias layout it has, whatever the preset's; --backward-first data is for speech only."""
+    if options["backward_first"] == "data" and modality != "frames":
+        raise usage_error("--backward-first data is for speech: the first input of images and text is the start symbol, "
+                          "which is not data, so b_1 has nothing to predict.", "Drop --backward-first, or use --backward-first skip.")
+    values = given(**options)
+    if values.get("cond_ln") and options["lstm_biases"] is None:
+        values["lstm_biases"] = "one"
+    return replace(config, **values)
 
 
 def new_run_dir() -> Path:
