@@ -94,3 +94,10 @@ def test_a_settings_file_is_flat_toml(tmp_path):
     typo.write_text("hidden = 3\n")
     with pytest.raises(UsageError, match=f"Unknown setting 'hidden' in {typo}"):
         read_settings_file(typo)
+
+
+def test_settings_that_contradict_each_other_are_a_usage_error(embedded):
+    with pytest.raises(UsageError, match="contradict each other: cond_ln has no LSTM biases"):
+        resolve(check_settings({"cond_ln": True, "lstm_biases": "two"}), embedded.meta, 1000)
+    with pytest.raises(UsageError, match="backward_first 'data' needs frames"):
+        resolve(check_settings({"backward_first": "data"}), embedded.meta, 1000)
