@@ -505,30 +505,13 @@ class ZForcing(nn.Module):
         # The posterior's first layer on [h_{t-1}, b_t] splits into an h part and a b part.
         post_w_b = post.hidden.weight[:, self.config.hidden_size:]
         post_from_b = F.linear(backward, post_w_b, post.hidden.bias)  # (B, T, M)
-        from_h_weight, z_weight, out_weight = self.recurrence_weights()
+        from_h_weight, z_weight, out_weight = recurrence_weights(self)
         if z_weight is None:  # cond_ln: z_t acts through the layer norms, which no loop of recurrence.py has
             return self.autograd_rollout(input_gates, post_from_b, noise, from_h_weight, None)
         if self.fused_recurrence:
             return posterior_recurrence(input_gates, post_from_b, noise, from_h_weight, z_weight,
                                         out_weight, post.out.bias, post.clamp)
         return self.autograd_rollout(input_gates, post_from_b, noise, from_h_weight, z_weight)
-
-    def recurrence_weights(self) -> tuple[Tensor, Tensor | None, Tensor]:
-        """The loop's weights: the LSTM's and the posterior's h weights stacked, so that one
-        matmul per step serves both (4H+M, H); the latent's gate weights (4H, Z), None with
-        cond_ln (z_t enters through the layer norms instead); the posterior's output weight (2Z, M)."""
-        cell, post = self.forward_cell, self.posterior
-        post_w_h = post.hidden.weight[:, :self.config.hidden_size]
-        z_weight = None if isinstance(cell, ConditionalLNCell) else cell.latent_to_gates_weight()
-        return torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0), z_weight, post.out.weight
-
-    def recurrence_loops(self) -> str:
-        """Which loops posterior_rollout runs on this model's device, in words (recurrence.loops_in_use)."""
-        if not self.fused_recurrence or self.config.cond_ln:
-            return "autograd reference loop" + (" (cond_ln has no other)" if self.config.cond_ln else "")
-        with torch.no_grad():  # as posterior_recurrence: at least float32
-            weights = [weight.to(torch.promote_types(weight.dtype, torch.float32)) for weight in self.recurrence_weights()]
-        return loops_in_use(weights[0], *weights)
 
     def autograd_rollout(
         self, input_gates: Tensor, post_from_b: Tensor, noise: Tensor, from_h_weight: Tensor, z_weight: Tensor | None
@@ -645,6 +628,25 @@ class ZForcing(nn.Module):
                     break
         samples = torch.cat(outputs, dim=1)
         return (samples, (h, c)) if return_state else samples
+
+
+def recurrence_weights(model: ZForcing) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The loop's weights: the LSTM's and the posterior's h weights stacked, so that one
+    matmul per step serves both (4H+M, H); the latent's gate weights (4H, Z), None with
+    cond_ln (z_t enters through the layer norms instead); the posterior's output weight (2Z, M)."""
+    cell, post = model.forward_cell, model.posterior
+    post_w_h = post.hidden.weight[:, :model.config.hidden_size]
+    z_weight = None if isinstance(cell, ConditionalLNCell) else cell.latent_to_gates_weight()
+    return torch.cat([cell.hidden_to_gates.weight, post_w_h], dim=0), z_weight, post.out.weight
+
+
+def recurrence_loops(model: ZForcing) -> str:
+    """Which loops posterior_rollout runs on the model's device, in words (recurrence.loops_in_use)."""
+    if not model.fused_recurrence or model.config.cond_ln:
+        return "autograd reference loop" + (" (cond_ln has no other)" if model.config.cond_ln else "")
+    with torch.no_grad():  # as posterior_recurrence: at least float32
+        weights = [weight.to(torch.promote_types(weight.dtype, torch.float32)) for weight in recurrence_weights(model)]
+    return loops_in_use(weights[0], *weights)
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:

@@ -36,7 +36,7 @@ from .distributed import Group, from_main, rank_seed
 from .errors import FileSystemError, TrainingError, free_bytes
 from .evaluate import bound_unit, evaluate_split, perplexity
 from .humanize import byte_size
-from .model import ZForcing, count_parameters
+from .model import ZForcing, count_parameters, recurrence_loops
 from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
 from .schedule import annealed_aux_weight, annealed_kl_weight, kl_anneal_updates
@@ -258,7 +258,7 @@ class Trainer:
         self.updater.start(kl_anneal_updates(train_config, state.step, state.skipped_steps))  # distributed: DDP, once every rank has its state
         finished = state.step >= self.total_steps and not self.validation_due()
         self.emit("start", {"parameters": count_parameters(self.model), "finished": finished,
-                            "loops": self.model.recurrence_loops()})
+                            "loops": recurrence_loops(self.model)})
         # tf32: the run's float32 products (validation's too) on the GPU's TensorFloat-32 tensor cores.
         with tensor_float32(train_config.precision == "tf32"):
             try:

@@ -25,7 +25,7 @@ import torch
 from ..data.prepared import DatasetMeta
 from ..device import resolve_device, tensor_float32
 from ..errors import UsageError
-from ..model import ZForcing, count_parameters
+from ..model import ZForcing, count_parameters, recurrence_loops
 from ..update import make_optimizer, step_generator
 from ..version import __version__
 from .defaults import DEFAULT_UPDATES
@@ -56,7 +56,7 @@ def run_speed(preset: str = "mnist", size: str | None = None, device_spec: str =
         say(f"Writing the {preset} benchmark dataset")
         dataset = bench_dataset(preset, Path(temporary))
         model, train_config, batch = training_setup(dataset, size, device, resize)
-        loops = model.recurrence_loops()  # the fused update's
+        loops = recurrence_loops(model)  # the fused update's
         torch.manual_seed(0)
         pair = FusedLSTMPair(model.config).to(device)
         model.train(True)
