@@ -175,10 +175,10 @@ def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:
     return [
         ("KL rate, nats per step", f"{found.kl_per_valid_step:.4g}"),
         (f"{in_use}, at some step", f"{found.in_use_dimensions} {of_all}"),
-        (f"{in_use}, per step", f"{found.mean_in_use_per_step:.2f} {of_all}"),
+        (f"{in_use}, per step", f"{found.mean_in_use_per_step:.2f} {of_all} on average"),
         ("(step, dimension) pairs in use", f"{found.in_use_units:,} of {len(found.kl_per_step) * found.latent_size:,}"),
         (f"{au_delta}, at some step", f"{found.au_delta_dimensions} {of_all}"),
-        (f"{au_delta}, per step", f"{found.mean_au_delta_per_step:.2f} {of_all}"),
+        (f"{au_delta}, per step", f"{found.mean_au_delta_per_step:.2f} {of_all} on average"),
         ("KL per step: largest", f"{max(found.kl_per_step, default=0.0):.3f} at step {peak + 1}"),
         ("KL per dimension: largest", f"{max(found.kl_per_dimension, default=0.0):.2f}"),
         ("auxiliary cost per sequence", f"{sum(found.aux_per_step):.2f}"),
