@@ -36,7 +36,7 @@ def evaluate_cli(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequence copies (sequences times IWAE samples) per forward pass: bounds the memory.")] = 500,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Evaluate only the first N sequences (0: all).")] = 0,
     diagnostics: Annotated[bool, typer.Option("--diagnostics", help="Also measure whether the latents are in use: the KL rate per step and per sequence, the latent dimensions in use (KL > 0.01 nats at a step), AU-Δ (Var of μ_q − μ_p > 0.01), KL per step and per dimension, auxiliary cost per step (one more pass over the data).")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --diagnostics: write a heat map of KL over time × latent dimension and the KL per step (.png or .svg).", show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --diagnostics: write a heat map of KL over time × latent dimension, and the KL and the dimensions in use per step (.png or .svg).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
