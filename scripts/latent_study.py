@@ -141,7 +141,8 @@ def main() -> None:
     split = dataset.split("test")
     found = diagnose_split(model, split, limit=args.limit)
     figures = {
-        "kl": found.kl, "mean_active_per_step": found.mean_active_per_step, "aux": float(sum(found.aux_per_step)),
+        "kl": found.kl, "kl_per_valid_step": found.kl_per_valid_step, "mean_in_use_per_step": found.mean_in_use_per_step,
+        "mean_au_delta_per_step": found.mean_au_delta_per_step, "aux": float(sum(found.aux_per_step)),
         "aux_floor_fraction": found.aux_floor_fraction, "backward_variance_median": found.backward_variance_median,
         "backward_quiet_fraction": found.backward_quiet_fraction,
         **predictability(model, split, args.limit),

@@ -1,4 +1,4 @@
-"""Posterior-collapse diagnostics: KL per step and dimension, active units, the heat map."""
+"""Is z in use: the KL rate, dimensions in use by their KL, AU-Δ, KL per step and dimension, the heat map."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import PNG_SIGNATURE, assert_clean_error, invoke, plain
-from zforcing_cli.diagnostics import ACTIVE_THRESHOLD, diagnose_split
-from zforcing_cli.evaluate import evaluate_split
-from zforcing_cli.model import ZForcing, ZForcingConfig
+from zforcing_cli.diagnostics import ACTIVE_THRESHOLD, IN_USE_KL, Accumulator, diagnose_split
+from zforcing_cli.evaluate import evaluate_split, evaluation_batches
+from zforcing_cli.model import StepTerms, ZForcing, ZForcingConfig
 
 
 def tiny_model(seed: int = 0) -> ZForcing:
@@ -31,23 +31,89 @@ def test_kl_per_step_and_per_dimension_sum_to_the_kl_per_sequence(tiny_dataset):
     assert found.sequences == len(split)
 
 
-def test_a_posterior_that_ignores_the_data_has_no_active_units(tiny_dataset):
-    model = tiny_model()
+def posterior_equal_to_the_prior(model: ZForcing) -> None:
+    """q(z_t | h_{t-1}, b_t) := p(z_t | h_{t-1}): the posterior's MLP made the prior's, reading
+    h_{t-1} with the prior's weights and b_t with none. z_t then tells the decoder nothing the
+    prior does not, whatever the data, yet its mean follows the data through h_{t-1}."""
+    hidden = model.config.hidden_size
     with torch.no_grad():
-        model.posterior.out.weight.zero_()  # q(z_t | ...) = N(bias): the same for every sequence
-    found = diagnose_split(model, tiny_dataset.split("test"))
-    assert found.active_dimensions == 0 and set(found.active_per_step) == {0}
-    assert np.max(found.posterior_mean_variance) < 1e-12
+        model.prior.out.weight.mul_(20.0)  # prior means that swing with h_{t-1}
+        model.posterior.hidden.weight[:, :hidden] = model.prior.hidden.weight
+        model.posterior.hidden.weight[:, hidden:] = 0.0
+        model.posterior.hidden.bias.copy_(model.prior.hidden.bias)
+        model.posterior.out.load_state_dict(model.prior.out.state_dict())
 
 
-def test_a_posterior_that_reads_the_data_has_active_units(tiny_dataset):
+def test_a_posterior_equal_to_a_learnt_prior_is_not_in_use_though_burdas_raw_test_counts_it(tiny_dataset):
     model = tiny_model()
-    with torch.no_grad():
-        model.posterior.out.weight.mul_(20.0)  # means that swing with the input
+    posterior_equal_to_the_prior(model)
     found = diagnose_split(model, tiny_dataset.split("test"))
-    variance = np.asarray(found.posterior_mean_variance)
-    assert found.active_dimensions == int((variance > ACTIVE_THRESHOLD).any(0).sum()) > 0
-    assert found.active_per_step == (variance > ACTIVE_THRESHOLD).sum(1).tolist()
+    assert found.kl < 1e-6 and found.kl_per_valid_step < 1e-9
+    assert found.in_use_dimensions == 0 and found.in_use_units == 0 and set(found.in_use_per_step) == {0}
+    assert found.au_delta_dimensions == 0 and set(found.au_delta_per_step) == {0}
+    assert np.max(found.mean_difference_variance) < 1e-10
+    # What the old headline measured: μ_q varies with the data (through h_{t-1}), so Burda's
+    # raw test counts units active on a z that carries nothing.
+    assert found.mean_raw_active_per_step > 1 and np.max(found.raw_posterior_mean_variance) > ACTIVE_THRESHOLD
+
+
+def every_step_terms(model: ZForcing, split, seed: int = 0) -> StepTerms:
+    """The terms of all of the split's sequences in one batch, with diagnose_split's noise."""
+    ((batch, generator),) = evaluation_batches(model, split, len(split), len(split), "cpu", seed, None)
+    with torch.no_grad():
+        return model.step_terms(batch.targets, batch.mask, generator=generator, first_input=batch.first_input)
+
+
+def test_a_posterior_that_reads_b_t_is_in_use_by_its_kl(tiny_dataset):
+    """The count and AU-Δ, checked against the definitions computed here from the terms."""
+    model = tiny_model()
+    posterior_equal_to_the_prior(model)
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        model.posterior.hidden.weight[:, hidden:] = 3.0 * torch.randn(model.config.mlp_size, hidden)  # now b_t moves q
+        model.backward_rnn.weight_ih_l0.mul_(10.0)  # and b_t moves with the pixels
+    split = tiny_dataset.split("test")
+    found = diagnose_split(model, split, batch_size=len(split))
+    terms = every_step_terms(model, split)
+    kl = terms.kl.double().mean(0)  # (T, Z): every sequence has every step
+    assert found.in_use_per_step == (kl > IN_USE_KL).sum(1).tolist()
+    assert found.in_use_units == int((kl > IN_USE_KL).sum()) > 0
+    assert found.in_use_dimensions == int((kl > IN_USE_KL).any(0).sum()) > 0
+    assert found.kl_per_valid_step == pytest.approx(float(kl.sum(1).mean()), rel=1e-9)
+    difference = (terms.posterior_mean - terms.prior_mean).double()
+    variance = difference.var(0, unbiased=False)  # (T, Z)
+    assert np.allclose(found.mean_difference_variance, variance.numpy(), rtol=1e-6, atol=1e-12)
+    assert found.au_delta_per_step == (variance > ACTIVE_THRESHOLD).sum(1).tolist()
+    assert found.mean_au_delta_per_step > 0
+
+
+def hand_made_terms(kl: list[list[float]], posterior_mean: list[list[float]], prior_mean: list[list[float]],
+                    lengths: list[int]) -> StepTerms:
+    """StepTerms of len(lengths) sequences of one latent dimension, with the given values (B, T)."""
+    batch, steps = len(lengths), len(kl[0])
+    mask = (torch.arange(steps) < torch.tensor(lengths)[:, None]).double()
+    zeros = torch.zeros(batch, steps, dtype=torch.float64)
+    column = lambda values: torch.tensor(values, dtype=torch.float64).unsqueeze(-1)  # noqa: E731
+    return StepTerms(nll=zeros, kl=column(kl), aux=zeros, bwd=zeros, log_ratio=zeros, posterior_mean=column(posterior_mean),
+                     prior_mean=column(prior_mean), backward=torch.zeros(batch, steps, 1, dtype=torch.float64),
+                     aux_at_floor=zeros, mask=mask, bwd_mask=mask)
+
+
+def test_in_use_averages_each_step_over_the_sequences_that_reach_it_and_au_delta_reads_the_difference():
+    totals = Accumulator(latent_size=1, hidden_size=1, clamp=8.0)
+    # Sequence lengths 3 and 1. Step 1: KL 0.004 and 0.012 (mean 0.008, not in use); step 3 is
+    # reached by the first sequence only: 0.015 (in use), though over both sequences it would be
+    # 0.0075. The prior's mean follows the posterior's up to a constant at steps 1 and 2, so the
+    # raw means vary (by ±1) while μ_q − μ_p does not.
+    totals.add(hand_made_terms(kl=[[0.004, 0.02, 0.015], [0.012, 9.0, 9.0]],
+                               posterior_mean=[[1.0, 0.5, 0.0], [-1.0, 0.0, 0.0]],
+                               prior_mean=[[0.8, 0.0, 0.0], [-1.2, 0.0, 0.0]], lengths=[3, 1]))
+    found = totals.result()
+    assert found.in_use_per_step == [0, 1, 1] and found.in_use_units == 2 and found.in_use_dimensions == 1
+    assert found.kl_per_valid_step == pytest.approx((0.004 + 0.02 + 0.015 + 0.012) / 4)
+    assert found.kl == pytest.approx((0.004 + 0.02 + 0.015 + 0.012) / 2)
+    assert found.raw_active_per_step == [1, 0, 0] and found.au_delta_per_step == [0, 0, 0]
+    assert found.mean_difference_variance[0][0] == pytest.approx(0.0, abs=1e-15)
 
 
 def test_per_step_figures_count_ended_sequences_as_zero(text_data):
@@ -68,12 +134,15 @@ def test_cli_diagnostics_table_json_and_plot(in_trained):
     result = invoke("evaluate", "--diagnostics", "--limit", 4, "--plot", "kl.png")
     assert result.exit_code == 0, plain(result.output)
     table = plain(result.stdout)
-    assert "active latent dimensions (Var E_q[z] > 0.01)" in table and "KL per step: largest" in table
+    assert "KL rate, nats per step" in table and "dimensions in use (KL > 0.01 nats), at some step" in table
+    assert "AU-Δ (Var(μ_q − μ_p) > 0.01), per step" in table and "E_q[z]" not in table
     assert (in_trained / "kl.png").read_bytes().startswith(PNG_SIGNATURE)
     report = json.loads(invoke("evaluate", "--diagnostics", "--limit", 4, "--json").stdout)
     diagnostics = report["diagnostics"]
     assert len(diagnostics["kl_per_step"]) == 784 and len(diagnostics["kl_per_step_and_dimension"][0]) == diagnostics["latent_size"]
     assert diagnostics["kl"] == pytest.approx(report["kl"], rel=1e-6)
+    assert diagnostics["kl_per_valid_step"] == pytest.approx(report["kl"] / 784, rel=1e-6)
+    assert len(diagnostics["in_use_per_step"]) == len(diagnostics["au_delta_per_step"]) == 784
     (in_trained / "kl.png").unlink()
 
 
@@ -106,12 +175,13 @@ def test_a_target_that_varies_is_not_quiet(tiny_dataset):
     assert len(found.backward_variance_per_step) == 784
 
 
-def test_the_collapse_warning_names_the_kl_and_its_unit():
-    from zforcing_cli.diagnostics import COLLAPSED_KL, collapse_warning
+def test_the_collapse_warning_names_the_kl_per_step_and_per_sequence():
+    from zforcing_cli.diagnostics import collapse_warning
 
-    assert collapse_warning(0.11, "nats per image") == (
-        "The latents have collapsed: the validation KL is 0.11 nats per image (under 0.5), so z_t carries almost "
-        "nothing about the data; see docs/diagnostics.md, \"Why the latents collapse\".")
-    assert collapse_warning(COLLAPSED_KL, "nats per sentence") is None
-    assert collapse_warning(3.9, "nats per sentence") is None
-    assert collapse_warning(float("nan"), "nats per sequence") is None  # no bound, no claim
+    assert collapse_warning(0.98, 784, "nats per image") == (
+        "The latents are hardly in use: the validation KL is 0.0013 nats per step (0.98 nats per image), under the "
+        "0.01 that one latent dimension must carry at a step to count as in use; see docs/diagnostics.md, "
+        "\"Why the latents collapse\".")
+    assert collapse_warning(IN_USE_KL * 20, 20, "nats per sentence") is None  # exactly the threshold per step
+    assert collapse_warning(3.3, 25, "nats per sentence") is None  # 0.13 nats per step
+    assert collapse_warning(float("nan"), 784, "nats per sequence") is None  # no bound, no claim

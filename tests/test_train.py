@@ -393,16 +393,16 @@ def test_events_report_progress(finished_run):
 
 @pytest.mark.parametrize("threshold, warnings", [(1e9, 1), (0.0, 0)])
 def test_collapsed_latents_are_told_once(tiny_dataset, tmp_path, monkeypatch, threshold, warnings):
-    """A validation KL under COLLAPSED_KL warns once, in one line that points to the docs,
+    """A validation KL per step under IN_USE_KL warns once, in one line that points to the docs,
     however many validations follow."""
-    monkeypatch.setattr(diagnostics, "COLLAPSED_KL", threshold)
+    monkeypatch.setattr(diagnostics, "IN_USE_KL", threshold)
     events = []
     train(tmp_path / "run", tiny_run_config(tiny_dataset, epochs=3), tiny_dataset, CPU, events.append)
     assert [e.kind for e in events].count("validation") == 3
     told = [e.message for e in events if e.kind == "warning"]
     assert len(told) == warnings
     if warnings:
-        assert told[0].startswith("The latents have collapsed: the validation KL is ") and "nats per image" in told[0]
+        assert told[0].startswith("The latents are hardly in use: the validation KL is ") and "nats per image" in told[0]
         assert "docs/diagnostics.md" in told[0] and "\n" not in told[0]
 
 

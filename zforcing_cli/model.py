@@ -68,6 +68,7 @@ class StepTerms:
     bwd: Tensor  # (B, T) -log p(u_t | b_t)
     log_ratio: Tensor  # (B, T) log q(z_t) - log p(z_t) at the sampled z_t
     posterior_mean: Tensor  # (B, T, Z) mean of q(z_t | h_{t-1}, b_t)
+    prior_mean: Tensor  # (B, T, Z) mean of p(z_t | h_{t-1})
     backward: Tensor  # (B, T, H) b_t, the aux cost's target
     aux_at_floor: Tensor  # (B, T) dimensions of b_t whose aux log-variance sits at the clamp's floor
     mask: Tensor  # (B, T) valid steps
@@ -458,7 +459,7 @@ class ZForcing(nn.Module):
         if not self.predicts_first_input(first_input):
             bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
         return StepTerms(nll=nll, kl=kl, aux=aux, bwd=bwd, log_ratio=log_ratio, posterior_mean=q_mean, backward=backward,
-                         aux_at_floor=aux_at_floor, mask=mask, bwd_mask=bwd_mask)
+                         aux_at_floor=aux_at_floor, mask=mask, bwd_mask=bwd_mask, prior_mean=p_mean)
 
     def predicts_first_input(self, first_input: Tensor | None) -> bool:
         """Whether the backward cost includes t = 1: with backward_first 'data', when u_1 is a

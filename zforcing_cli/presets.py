@@ -30,7 +30,7 @@ AUTHORS_TRAINING = dict(skip_rule="loss", kl_anneal_on_skip="advance")
 # small: sized so that a bare `zforcing train` on 2 CPU cores ends in minutes with a useful
 # model: 1000 updates of 0.2 s each with the compiled loops, 0.35 to 0.8 s with the Python ones,
 # depending on the processor and its load (docs/performance.md has the measurements).
-# The weights of Eq. 10 keep the latents in use (docs/diagnostics.md, "What keeps them in use"):
+# The weights of Eq. 10 keep information in the latents (docs/diagnostics.md, "What keeps information in z_t"):
 # β = 1 weighs the backward prediction as much as the likelihood, both sums over the 784 steps,
 # so that b_t carries the data; α starts at 1e-3, which puts information about b_t into z_t
 # while the decoder learns, and falls linearly to 4e-4 over the run, so that the bound is not

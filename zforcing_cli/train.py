@@ -432,7 +432,8 @@ class Trainer:
         if self.is_main:
             self.folder.log_samples(self.model, state.step)
         self.emit("validation", metrics)
-        warning = None if self.warned_collapse else collapse_warning(result.kl, bound_unit(self.dataset.meta.modality))
+        steps = result.steps / max(result.sequences, 1)  # per sequence, on average
+        warning = None if self.warned_collapse else collapse_warning(result.kl, steps, bound_unit(self.dataset.meta.modality))
         if warning is not None:
             self.warned_collapse = True
             self.emit("warning", message=warning)

@@ -84,6 +84,7 @@ class FusedLSTMPair(nn.Module):
             bwd=F.pad(bwd, (1, 0)),
             log_ratio=(gaussian_log_prob(z, q_mean, q_logvar) - gaussian_log_prob(z, p_mean, p_logvar)).sum(-1),
             posterior_mean=q_mean,
+            prior_mean=p_mean,
             backward=b,
             aux_at_floor=torch.zeros_like(mask),
             mask=mask,

@@ -34,8 +34,8 @@ def evaluate_cli(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequence copies (sequences times IWAE samples) per forward pass: bounds the memory.")] = 500,
     limit: Annotated[int, typer.Option("--limit", min=0, help="Evaluate only the first N sequences (0: all).")] = 0,
-    diagnostics: Annotated[bool, typer.Option("--diagnostics", help="Also measure whether the latents are in use: KL per step and per dimension, active units (Var of E_q[z] > 0.01), auxiliary cost per step (one more pass over the data).")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --diagnostics: write a heat map of KL over time × latent dimension and the KL per step (.png or .svg).", show_default=False)] = None,
+    diagnostics: Annotated[bool, typer.Option("--diagnostics", help="Also measure whether the latents are in use: the KL rate per step and per sequence, the latent dimensions in use (KL > 0.01 nats at a step), AU-Δ (Var of μ_q − μ_p > 0.01), KL per step and per dimension, auxiliary cost per step (one more pass over the data).")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="With --diagnostics: write a heat map of KL over time × latent dimension, and the KL and the dimensions in use per step (.png or .svg).", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
     device: DeviceOption = "auto",
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the posterior samples; with the run's seed, --split valid gives training's validation figure.", show_default="the run's training seed")] = None,
@@ -222,13 +222,20 @@ def audio_rows(result: EvalResult, report: dict) -> list[tuple[str, str]]:
 
 
 def diagnostic_rows(found: Diagnostics) -> list[tuple[str, str]]:
-    """What the diagnostics say in a few figures; --json has the arrays."""
+    """What the diagnostics say in a few figures, the KL-based ones first; --json has the arrays."""
     import numpy as np
 
     peak = int(np.argmax(found.kl_per_step)) if found.kl_per_step else 0
+    of_all = f"of {found.latent_size}"
+    in_use = f"dimensions in use (KL > {found.in_use_threshold:g} nats)"
+    au_delta = f"AU-Δ (Var(μ_q − μ_p) > {found.active_threshold:g})"
     return [
-        ("active latent dimensions (Var E_q[z] > 0.01)", f"{found.active_dimensions} of {found.latent_size}"),
-        ("active units per step, mean", f"{found.mean_active_per_step:.1f}"),
+        ("KL rate, nats per step", f"{found.kl_per_valid_step:.4g}"),
+        (f"{in_use}, at some step", f"{found.in_use_dimensions} {of_all}"),
+        (f"{in_use}, per step", f"{found.mean_in_use_per_step:.2f} {of_all} on average"),
+        ("(step, dimension) pairs in use", f"{found.in_use_units:,} of {len(found.kl_per_step) * found.latent_size:,}"),
+        (f"{au_delta}, at some step", f"{found.au_delta_dimensions} {of_all}"),
+        (f"{au_delta}, per step", f"{found.mean_au_delta_per_step:.2f} {of_all} on average"),
         ("KL per step: largest", f"{max(found.kl_per_step, default=0.0):.3f} at step {peak + 1}"),
         ("KL per dimension: largest", f"{max(found.kl_per_dimension, default=0.0):.2f}"),
         ("auxiliary cost per sequence", f"{sum(found.aux_per_step):.2f}"),
