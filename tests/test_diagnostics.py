@@ -59,9 +59,9 @@ def test_a_posterior_equal_to_a_learnt_prior_is_not_in_use_though_burdas_raw_tes
 
 def every_step_terms(model: ZForcing, split, seed: int = 0) -> StepTerms:
     """The terms of all of the split's sequences in one batch, with diagnose_split's noise."""
-    ((batch, generator),) = evaluation_batches(model, split, len(split), len(split), "cpu", seed, None)
+    ((batch, noise),) = evaluation_batches(model, split, len(split), len(split), "cpu", seed, None)
     with torch.no_grad():
-        return model.step_terms(batch.targets, batch.mask, generator=generator, first_input=batch.first_input)
+        return model.step_terms(batch.targets, batch.mask, noise=noise, first_input=batch.first_input)
 
 
 def test_a_posterior_that_reads_b_t_is_in_use_by_its_kl(tiny_dataset):
