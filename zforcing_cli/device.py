@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import UsageError, ZForcingError
+from .runconfig import PRECISION_NAMES
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -41,7 +42,7 @@ def resolve_device(spec: str) -> torch.device:
 
 # --precision: the dtype the forward pass autocasts to (None: none, float32; tf32 only lets a
 # GPU's float32 matrix products round their inputs, see tensor_float32).
-PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = dict(zip(PRECISION_NAMES, (None, None, torch.bfloat16, torch.float16)))
 GPU_ONLY = {  # the precisions a CPU refuses, with the hint
     "tf32": "Train on a GPU (--device cuda), or use --precision fp32 here: a CPU has no TensorFloat-32 arithmetic.",
     "fp16": "Train on a GPU (--device cuda), or use --precision bf16 or fp32 here.",

@@ -59,6 +59,7 @@ class TrainConfig:
 
 KL_ANNEAL_ON_SKIP = ("freeze", "advance")  # each field's first choice is what runs written before it did
 SKIP_RULES = ("loss-and-grad", "loss")
+PRECISION_NAMES = ("fp32", "tf32", "bf16", "fp16")  # --precision's choices (device.py maps them to dtypes)
 
 
 @dataclass

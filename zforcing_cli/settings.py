@@ -19,13 +19,15 @@ import sys
 import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .data import DatasetMeta
-from .device import PRECISIONS
 from .errors import UsageError, file_system_error
 from .modelconfig import ZForcingConfig
 from .presets import PRESETS, preset_configs
-from .runconfig import TrainConfig
+from .runconfig import PRECISION_NAMES, TrainConfig
+
+if TYPE_CHECKING:  # the data types bring torch; `zforcing train --config` reads a file before torch loads
+    from .data import DatasetMeta
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +47,7 @@ NON_NEGATIVE = {"seed", "valid_limit", "checkpoint_every", "checkpoint_minutes",
                 "aux_increment", "bwd_weight", "kl_increment", "lr_patience"}
 FRACTIONS = {"embed_dropout": (0.0, 1.0), "adam_beta2": (0.0, 1.0)}  # low <= value < high
 UNIT_INTERVAL = {"kl_start", "lr_decay"}  # 0 <= value <= 1
-CHOICES = {"precision": tuple(PRECISIONS), "preset": PRESETS, "aux_condition": tuple(AUX_CONDITIONS)}
+CHOICES = {"precision": PRECISION_NAMES, "preset": PRESETS, "aux_condition": tuple(AUX_CONDITIONS)}
 
 
 def config_fields(config_class: type, skip: tuple[str, ...] = ()) -> dict[str, type]:

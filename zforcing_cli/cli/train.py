@@ -9,7 +9,7 @@ import shlex
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
@@ -55,7 +55,13 @@ SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 SECOND_SIGNAL = {"SIGINT": "Ctrl-C again abandons it", "SIGTERM": "a second signal abandons it"}
 # The model options that keep the authors' form one value away (docs/protocols.md, "Departures"): ZForcingConfig fields.
 DEPARTURE_MODEL_OPTIONS = ("output_head", "backward_first", "init", "lstm_biases", "cond_ln", "backward_layers", "aux_cost")
-NOT_TRAINING_SETTINGS = ("preset", "aux_condition", "dropout", *DEPARTURE_MODEL_OPTIONS)  # train_cli's settings that are not TrainConfig fields
+# The ZForcingConfig fields set as they are (no choice to check, no option of another name): the sizes, and what
+# only a --config file sets (latent_clamp, ...).
+PLAIN_MODEL_SETTINGS = tuple(field.name for field in fields(ZForcingConfig)
+                             if field.name not in (*DEPARTURE_MODEL_OPTIONS, "modality", "input_size", "start_index",
+                                                   "embed_dropout", "aux_on_hidden"))
+TRAINING_SETTINGS = tuple(field.name for field in fields(TrainConfig))
+RUN_LENGTH_SETTINGS = ("epochs", "max_steps", "checkpoint_every", "checkpoint_minutes")  # with_lengths applies them
 CHOICES = {"output_head": OUTPUT_HEADS, "backward_first": BACKWARD_FIRST, "init": INITS, "lstm_biases": LSTM_BIASES,
            "aux_cost": AUX_COSTS, "kl_anneal_on_skip": KL_ANNEAL_ON_SKIP, "skip_rule": SKIP_RULES}
 
@@ -302,6 +308,24 @@ TensorboardOption = Annotated[
         ),
     ),
 ]
+def size_option(flag: str, what: str):
+    return Annotated[Optional[int], typer.Option(flag, min=1, show_default=BY_PRESET, help=what)]
+
+
+HiddenSizeOption = size_option("--hidden-size", "Units of the forward and of the backward LSTM.")
+LatentSizeOption = size_option("--latent-size", "Size of z_t.")
+MlpSizeOption = size_option("--mlp-size", "Hidden units of every one-hidden-layer MLP (prior, posterior, heads).")
+EmbedSizeOption = size_option("--embed-size", "Size of the input embedding.")
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--config", show_default=False,
+        help=(
+            "TOML file of settings, named as these options with underscores (`hidden_size = 128`); an option "
+            "given here replaces the file's value, and the file's replaces the preset's (docs/training.md)."
+        ),
+    ),
+]
 ResumeOption = Annotated[
     bool,
     typer.Option(
@@ -354,6 +378,11 @@ def train_cli(
     checkpoint_minutes: CheckpointMinutesOption = None,
     precision: PrecisionOption = None,
     threads: ThreadsOption = None,
+    hidden_size: HiddenSizeOption = None,
+    latent_size: LatentSizeOption = None,
+    mlp_size: MlpSizeOption = None,
+    embed_size: EmbedSizeOption = None,
+    config: ConfigOption = None,
     tensorboard: TensorboardOption = False,
     resume: ResumeOption = False,
     force: ForceOption = False,
@@ -364,12 +393,15 @@ def train_cli(
     departures = dict(output_head=output_head, backward_first=backward_first, init=init, lstm_biases=lstm_biases,
                       cond_ln=cond_ln, backward_layers=backward_layers, aux_cost=aux_cost, kl_anneal_on_skip=kl_anneal_on_skip,
                       skip_rule=skip_rule, skip_kl_above=skip_kl_above)
-    check_departures(departures)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, lr_patience=lr_patience, aux_weight=aux_weight, aux_start=aux_start,
                     aux_increment=aux_increment, bwd_weight=bwd_weight, kl_anneal=kl_anneal, seed=seed,
                     weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision,
-                    **departures)
+                    hidden_size=hidden_size, latent_size=latent_size, mlp_size=mlp_size, embed_size=embed_size, **departures)
     lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
+    if config is not None:
+        data, threads, settings, lengths = with_settings_file(config, data, threads, settings, lengths)
+        precision = settings["precision"]
+    check_departures({name: settings[name] for name in departures})
     if launched_rank() is None:  # under torchrun, rank 0 finds the run for all
         check_paths(resume, out, data)
     announce_loop_builds()
@@ -403,6 +435,24 @@ def check_options(lr: float | None, aux_increment: float | None, dropout: float 
         raise usage_error(f"--dropout must be below 1, not {dropout:g}.", "Use a probability such as --dropout 0.2.")
     if preset is not None:
         check_preset(preset)
+
+
+def with_settings_file(path: Path, data: str | None, threads: int | None, settings: dict,
+                       lengths: dict) -> tuple[str | None, int | None, dict, dict]:
+    """The options with a --config file's settings where no option was given (the file is read
+    and checked without torch: a bad file is one usage error before anything loads)."""
+    from ..settings import read_settings_file
+
+    values = read_settings_file(path)  # canonical names: embed_dropout, aux_on_hidden
+    if "embed_dropout" in values:
+        values["dropout"] = values.pop("embed_dropout")
+    if "aux_on_hidden" in values:
+        values["aux_condition"] = "hz" if values.pop("aux_on_hidden") else "z"
+    file_lengths = {name: values.pop(name) for name in RUN_LENGTH_SETTINGS if name in values}
+    file_data, file_threads = values.pop("data", None), values.pop("threads", None)
+    merged = {**values, **given(**settings)}
+    return (data if data is not None else file_data, threads if threads is not None else file_threads,
+            {name: merged.get(name) for name in {**settings, **merged}}, {name: file_lengths.get(name) if value is None else value for name, value in lengths.items()})
 
 
 def check_paths(resume: bool, out: Path | None, data: str | None) -> None:
@@ -586,6 +636,8 @@ def resumed_run(out: Path | None, data: str | None, settings: dict) -> tuple[Pat
 def recorded_settings(run_config: RunConfig) -> dict:
     train_config = run_config.train
     return {
+        **{name: getattr(train_config, name) for name in TRAINING_SETTINGS},
+        **{name: getattr(run_config.model, name) for name in PLAIN_MODEL_SETTINGS},
         "preset": run_config.preset or None, "batch_size": train_config.batch_size, "lr": train_config.lr,
         "lr_patience": train_config.lr_patience,
         "aux_weight": train_config.aux_weight, "aux_start": train_config.aux_start, "aux_increment": train_config.aux_increment,
@@ -627,10 +679,10 @@ def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, R
     model_config, train_config = preset_configs(preset, dataset.meta)
     model_config = apply_model_options(model_config, settings["aux_condition"], settings["dropout"])
     model_config = apply_departures(model_config, dataset.meta.modality, {name: settings[name] for name in DEPARTURE_MODEL_OPTIONS})
+    model_config = replace(model_config, **given(**{name: settings.get(name) for name in PLAIN_MODEL_SETTINGS}))
     if settings["aux_weight"] is not None and settings["aux_start"] is None:
         train_config = replace(train_config, aux_start=None)  # --aux-weight alone: a constant α (the paper's form)
-    training_options = {name: value for name, value in settings.items() if name not in NOT_TRAINING_SETTINGS}
-    train_config = replace(train_config, **given(**training_options))
+    train_config = replace(train_config, **given(**{name: settings.get(name) for name in TRAINING_SETTINGS}))
     return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset), preset), dataset
 
 
