@@ -51,6 +51,8 @@ def test_help_and_version_load_no_torch(arguments, tmp_path):
     (["train", "--preset", "huge"], "Error: Unknown preset 'huge'."),
     (["train", "--lr", "nan"], "Error: --lr must be a finite number above 0, not nan."),
     (["train", "--batch-size", "0"], "Error: Invalid value for '--batch-size'"),
+    (["train", "--config", "missing.toml"], "Error: missing.toml"),
+    (["train", "--hidden-size", "0"], "Error: Invalid value for '--hidden-size'"),
     (["evaluate", "--split", "train"], "Error: --split must be test or valid, not 'train'."),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_errors_about_paths_and_options_load_no_torch(arguments, error, tmp_path):

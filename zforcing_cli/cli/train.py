@@ -322,7 +322,7 @@ ConfigOption = Annotated[
         "--config", show_default=False,
         help=(
             "TOML file of settings, named as these options with underscores (`hidden_size = 128`); an option "
-            "given here replaces the file's value, and the file's replaces the preset's (docs/training.md)."
+            "given here replaces the file's value, and the file's replaces the preset's (docs/runs.md)."
         ),
     ),
 ]
