@@ -308,6 +308,8 @@ TensorboardOption = Annotated[
         ),
     ),
 ]
+
+
 def size_option(flag: str, what: str):
     return Annotated[Optional[int], typer.Option(flag, min=1, show_default=BY_PRESET, help=what)]
 
@@ -451,8 +453,9 @@ def with_settings_file(path: Path, data: str | None, threads: int | None, settin
     file_lengths = {name: values.pop(name) for name in RUN_LENGTH_SETTINGS if name in values}
     file_data, file_threads = values.pop("data", None), values.pop("threads", None)
     merged = {**values, **given(**settings)}
+    lengths = {name: file_lengths.get(name) if value is None else value for name, value in lengths.items()}
     return (data if data is not None else file_data, threads if threads is not None else file_threads,
-            {name: merged.get(name) for name in {**settings, **merged}}, {name: file_lengths.get(name) if value is None else value for name, value in lengths.items()})
+            {name: merged.get(name) for name in {**settings, **merged}}, lengths)
 
 
 def check_paths(resume: bool, out: Path | None, data: str | None) -> None:
@@ -638,14 +641,8 @@ def recorded_settings(run_config: RunConfig) -> dict:
     return {
         **{name: getattr(train_config, name) for name in TRAINING_SETTINGS},
         **{name: getattr(run_config.model, name) for name in PLAIN_MODEL_SETTINGS},
-        "preset": run_config.preset or None, "batch_size": train_config.batch_size, "lr": train_config.lr,
-        "lr_patience": train_config.lr_patience,
-        "aux_weight": train_config.aux_weight, "aux_start": train_config.aux_start, "aux_increment": train_config.aux_increment,
-        "bwd_weight": train_config.bwd_weight, "kl_anneal": train_config.kl_anneal,
-        "seed": train_config.seed, "weight_decay": train_config.weight_decay,
+        "preset": run_config.preset or None,
         "aux_condition": "hz" if run_config.model.aux_on_hidden else "z", "dropout": run_config.model.embed_dropout,
-        "precision": train_config.precision, "kl_anneal_on_skip": train_config.kl_anneal_on_skip,
-        "skip_rule": train_config.skip_rule, "skip_kl_above": train_config.skip_kl_above,
         **{name: getattr(run_config.model, name) for name in DEPARTURE_MODEL_OPTIONS},
     }
 
