@@ -142,6 +142,8 @@ def read_settings_file(path: Path) -> dict:
 def read_toml(path: Path) -> dict:
     try:
         text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist.", "Check the path of the TOML file.") from None
     except OSError as error:
         raise file_system_error(error) from None
     except UnicodeDecodeError:

@@ -61,7 +61,7 @@ def test_resume_refuses_another_hidden_size_and_accepts_the_same(cwd, tiny_data)
 
 
 @pytest.mark.parametrize(("text", "fragment"), [
-    (None, "missing.toml"),
+    (None, "missing.toml does not exist"),
     ("hidden_size = \n", "not valid TOML"),
     ("hiden_size = 12\n", "Unknown setting 'hiden_size'"),
     ('hidden_size = "big"\n', "hidden_size in"),
