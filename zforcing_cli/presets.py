@@ -68,8 +68,10 @@ MNIST_PRESETS = {
 # small: a quick model for 2 CPU cores. 40-step sequences make an update cheap (tens of
 # milliseconds), so it takes many of them. β = 1 and α = 1e-3: on the espeak corpus of
 # docs/speech.md they raised the KL (239 against 230 nats per sequence at α = β = 0) and
-# improved the test bound (826 against 1,610); the speech decoder uses z_t even at α = 0, and
-# α falling to 4e-4 as MNIST's does gave a KL of 221 (docs/results.md).
+# improved the test bound (826 against 1,610) when the lr plateau rule's patience was 1; with
+# today's patience of 3 a rerun found no gain (−583.6 against −551.6, single runs within one
+# run's noise), so whether they help needs seeds (docs/results.md). The speech decoder uses z_t
+# even at α = 0, and α falling to 4e-4 as MNIST's does gave a KL of 221.
 SPEECH_PAPER = {
     "timit": (dict(embed_size=512, hidden_size=1024, latent_size=256, mlp_size=512), dict(batch_size=32, lr=1e-3)),
     "blizzard": (dict(embed_size=1024, hidden_size=2048, latent_size=256, mlp_size=1024),
