@@ -422,19 +422,24 @@ def test_aux_head_clamps_its_whole_output_as_the_authors_code():
 # 5-6. The whole bound against the reference; padding
 
 
+def terms_and_reference(model: ZForcing, modality: str) -> tuple:
+    """The model's terms and reference_forward's on three sequences of lengths 6, 4 and 1, with
+    the same noise."""
+    steps, lengths = 6, [6, 4, 1]
+    y = make_targets(modality, model.config, 3, steps, seed=11)
+    mask = prefix_mask(lengths, steps)
+    noise = make_noise(model, 3, steps, seed=12)
+    with torch.no_grad():
+        return model(y, mask, noise=noise), reference_forward(model, y, mask, noise)
+
+
 @pytest.mark.parametrize("aux_on_hidden", [False, True])
 @pytest.mark.parametrize("modality", ["binary", "tokens", "frames"])
 def test_forward_matches_reference(modality, aux_on_hidden):
     # tight clamps so that the latent and output clamps are exercised by the comparison too
     model = make_model(modality, aux_on_hidden=aux_on_hidden, latent_clamp=1.5, output_logvar_min=-0.7,
                        output_logvar_max=0.5)
-    steps, lengths = 6, [6, 4, 1]
-    y = make_targets(modality, model.config, 3, steps, seed=11)
-    mask = prefix_mask(lengths, steps)
-    noise = make_noise(model, 3, steps, seed=12)
-    with torch.no_grad():
-        out = model(y, mask, noise=noise)
-        ref = reference_forward(model, y, mask, noise)
+    out, ref = terms_and_reference(model, modality)
     assert_terms_close(out, ref)
     assert out.bwd[2] == 0.0  # a length-1 sequence has nothing to predict backwards
     assert torch.all(out.kl > 0) and torch.all(out.bwd[:2] > 0)  # non-trivial terms are compared
@@ -949,13 +954,7 @@ def test_departures_match_the_reference(modality, departure, loops, monkeypatch)
     monkeypatch.setenv("ZFORCING_COMPILED_LOOPS", "0" if loops == "python" else "1")
     model = make_model(modality, latent_clamp=1.5, **DEPARTURES[departure])
     model.fused_recurrence = loops != "autograd"
-    steps, lengths = 6, [6, 4, 1]
-    y = make_targets(modality, model.config, 3, steps, seed=11)
-    mask = prefix_mask(lengths, steps)
-    noise = make_noise(model, 3, steps, seed=12)
-    with torch.no_grad():
-        out = model(y, mask, noise=noise)
-        ref = reference_forward(model, y, mask, noise)
+    out, ref = terms_and_reference(model, modality)
     assert_terms_close(out, ref)
     assert torch.all(out.kl > 0) and torch.all(out.aux != 0)
 
