@@ -409,7 +409,7 @@ class Trainer:
         state.skipped_steps += 1
         state.consecutive_skips += 1
         state.kl_weight = annealed_kl_weight(train_config, kl_anneal_updates(train_config, update.step, state.skipped_steps))
-        self.emit("skip", {"skipped_steps": state.skipped_steps}, update)
+        self.emit("skip", {"skipped_steps": state.skipped_steps}, update, message=skip_reasons(train_config))
         error = divergence(state, update.step, broke_weights, self.updater.skips_before_divergence(), train_config.lr)
         if error is not None:
             raise error
@@ -452,6 +452,15 @@ class Trainer:
              message: str = "") -> None:
         step, epoch = (self.state.step, self.state.epoch) if update is None else (update.step, update.epoch)
         self.callback(TrainEvent(kind, step, self.total_steps, epoch, metrics or {}, path, message))
+
+
+def skip_reasons(config: TrainConfig) -> str:
+    """What makes the run's skip rule skip an update, in words: 'non-finite loss or gradient',
+    and ', or a KL of 10,000 or more' with skip_kl_above."""
+    reasons = "non-finite loss" + (" or gradient" if config.skip_rule == "loss-and-grad" else "")
+    if config.skip_kl_above is not None:
+        reasons += f", or a KL of {config.skip_kl_above:,g} or more"
+    return reasons
 
 
 def train(

@@ -124,7 +124,19 @@ def test_skipped_updates_are_shown(cwd, tiny_data, monkeypatch):
     monkeypatch.setattr(update_module, "objective", second_is_nan)
     result = invoke(*TINY_TRAIN, "--data", tiny_data, "--out", "run", "--max-steps", 3)
     assert result.exit_code == 0, plain(result.output)
-    assert "step 2: non-finite loss, update skipped (1 skipped update so far)" in plain(result.stderr)
+    assert "step 2: update skipped (non-finite loss or gradient; 1 skipped update so far)" in plain(result.stderr)
+
+
+@pytest.mark.parametrize("rule, limit, reasons", [
+    ("loss-and-grad", None, "non-finite loss or gradient"),
+    ("loss", None, "non-finite loss"),
+    ("loss", 10_000.0, "non-finite loss, or a KL of 10,000 or more"),
+])
+def test_a_skipped_update_says_what_the_skip_rule_skips(rule, limit, reasons):
+    from zforcing_cli.runconfig import TrainConfig
+    from zforcing_cli.train import skip_reasons
+
+    assert skip_reasons(TrainConfig(skip_rule=rule, skip_kl_above=limit)) == reasons
 
 
 def test_iwae_holds_at_most_batch_size_copies(in_trained, monkeypatch):

@@ -843,7 +843,7 @@ class TrainReporter:
         self.done = max(self.done, event.step)
         self.progress.update(self.task, completed=self.done)
         skipped = event.metrics["skipped_steps"]
-        self.progress.console.print(f"[yellow]step {event.step}: non-finite loss, update skipped ({plural(skipped, 'skipped update')} so far)")
+        self.progress.console.print(f"[yellow]step {event.step}: update skipped ({escape(event.message)}; {plural(skipped, 'skipped update')} so far)")
 
     def on_validation(self, event: TrainEvent) -> None:
         from ..evaluate import stated_bound
