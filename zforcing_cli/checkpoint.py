@@ -47,6 +47,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 CHECKPOINTS_DIR = "checkpoints"
+SWEEP_FILE = "sweep.json"  # a sweep folder's record (sweep/study.py writes it; compare tells sweep folders by it)
 LATEST = "latest"
 STEP_PATTERN = re.compile(r"^(step|best)-(\d+)$")
 UNFINISHED_PATTERN = re.compile(r"^\.(step|best)-\d+\.(tmp|old)-")
@@ -171,6 +172,11 @@ def newest_checkpoint(run_dir: Path, prefix: str) -> Path | None:
 
 def is_checkpoint_folder(folder: Path) -> bool:
     return (Path(folder) / CONFIG_FILE).is_file() and (Path(folder) / MODEL_FILE).is_file()
+
+
+def is_sweep_folder(folder: Path) -> bool:
+    """Whether folder is a sweep folder written by `zforcing sweep` (it holds its sweep.json)."""
+    return (Path(folder) / SWEEP_FILE).is_file()
 
 
 def is_run_folder(folder: Path) -> bool:

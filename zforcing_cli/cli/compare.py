@@ -1,15 +1,17 @@
-"""`zforcing compare`: several runs' curves on one figure, and their validation bounds."""
+"""`zforcing compare`: several runs' curves on one figure, and their validation bounds; or a sweep
+folder's report (cli/sweep.py prints it)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..checkpoint import is_sweep_folder
 from ..compare import METRICS, RunSummary, label_runs, load_run, mixed_sequences, write_comparison
 from ..console import plural, stderr, stdout
 from ..errors import ZForcingError
@@ -18,18 +20,28 @@ from .common import usage_error
 
 EPILOG = ("**Examples:** `zforcing compare runs/a0 runs/a25 --out kl.png` overlays the KL curves of two runs, labelled "
           "by what differs in their configs (\"α=0\", \"α=0.0025\"); `zforcing compare runs/* --metric elbo --json` "
-          "prints each run's final and best validation bounds.")
+          "prints each run's final and best validation bounds; `zforcing compare sweeps/aux` prints a sweep's report, "
+          "as `zforcing sweep aux.toml --report` does, without its spec.")
 FORMATS = (".png", ".svg")
+DEFAULT_OUT = Path("compare.png")
+DEFAULT_METRIC = "kl"
 
 
 def compare_cli(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders (written by `zforcing train`).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="The figure: .png or .svg.")] = Path("compare.png"),
-    metric: Annotated[str, typer.Option("--metric", help=f"What to plot: {', '.join(METRICS)}.")] = "kl",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the table of bounds as JSON on stdout.")] = False,
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run folders (written by `zforcing train`), or one sweep folder (written by `zforcing sweep`).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="The figure: .png or .svg.", show_default=str(DEFAULT_OUT))] = None,
+    metric: Annotated[Optional[str], typer.Option(
+        "--metric", help=f"What to plot: {', '.join(METRICS)}.", show_default=DEFAULT_METRIC)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table of bounds (or the sweep's report) as JSON on stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
-    """Overlay the training curves of several runs (like the paper's Figure 2), each labelled by what differs in its configuration; print their final and best validation bounds."""
+    """Overlay the training curves of several runs (like the paper's Figure 2), each labelled by what differs in its configuration; print their final and best validation bounds. Given a sweep folder, print its report: each configuration's mean ± SD and 95% CI over its seeds, the paired differences against the reference, and its curves with a band over the seeds."""
+    sweeps = [run for run in runs if is_sweep_folder(run)]
+    if sweeps:
+        compare_sweep(sweeps[0], runs, out, metric, as_json)
+        return
+    out, metric = out or DEFAULT_OUT, metric or DEFAULT_METRIC
     if metric not in METRICS:
         raise usage_error(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}.", "For example --metric kl.")
     if out.suffix.lower() not in FORMATS:
@@ -54,6 +66,32 @@ def compare_cli(
     else:
         stdout.print(bounds_table(rows, summaries, modality))
     stderr.print(escape(f"Wrote the {metric} curves of {plural(len(summaries), 'run')} to {out}"), soft_wrap=True)
+
+
+def compare_sweep(folder: Path, arguments: list[Path], out: Path | None, metric: str | None, as_json: bool) -> None:
+    """A sweep folder's report, as `zforcing sweep SPEC --report` prints it, from what the folder
+    records of its spec: the copy of the spec, and the reference of the sweep's latest start."""
+    if len(arguments) > 1:
+        others = [str(argument) for argument in arguments if argument != folder]
+        raise usage_error(f"{folder} is a sweep folder, which compare reports alone, not beside {', '.join(others)}.",
+                          f"Compare the sweep alone (zforcing compare {folder}), or its runs ({folder}/trials/*/seed-*) alone.")
+    if out is not None or metric is not None:
+        given = " and ".join(name for name, value in (("--out", out), ("--metric", metric)) if value is not None)
+        raise usage_error(f"{given} {'are' if ' and ' in given else 'is'} for run folders: a sweep's report uses its spec's metric "
+                          f"and draws {folder}/curves.png.", f"Drop {given}.")
+    from .sweep import report_sweep, require_sweep_packages
+
+    require_sweep_packages()
+    from ..sweep import recorded_sweep
+    from ..checkpoint import SWEEP_FILE
+    from ..sweep.study import SPEC_COPY
+
+    spec, storage, reference_recorded = recorded_sweep(folder)
+    if not reference_recorded:
+        stderr.print(escape(f"Note: {folder / SWEEP_FILE} records no reference (the sweep started before zforcing recorded it): "
+                            f"the paired differences are against the reference of {folder / SPEC_COPY}, the spec of its first start. "
+                            "The next `zforcing sweep SPEC` records the spec's."), soft_wrap=True)
+    report_sweep(spec, folder, storage, as_json)
 
 
 def bounds_table(rows: list[dict], runs: list[RunSummary], modality: str) -> Table:

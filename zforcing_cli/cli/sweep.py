@@ -55,17 +55,17 @@ def sweep_cli(
     from ..data import open_dataset
     from ..device import resolve_device
     from ..evaluate import bound_unit
-    from ..sweep import SweepStopped, SweepWorker, default_folder, load_study, open_study, read_spec
+    from ..sweep import SweepStopped, SweepWorker, default_folder, open_study, read_spec
     from ..sweep.study import storage_label
     from ..train import StopRequest
 
     sweep_spec = read_spec(spec)
     folder = out or default_folder(sweep_spec)
+    if report:
+        report_sweep(sweep_spec, folder, storage, as_json)
+        return
     dataset = open_dataset(sweep_spec.base.get("data", "embedded"))
     unit = bound_unit(dataset.meta.modality)
-    if report:
-        print_report(sweep_spec, load_study(sweep_spec, folder, storage), folder, unit, as_json)
-        return
     torch_device = resolve_device(device)
     study = open_study(sweep_spec, folder, storage)
     stderr.print(escape(f"Sweep {sweep_spec.name!r} in {folder}: {plural(sweep_spec.trials, 'configuration')} × {plural(len(sweep_spec.seeds), 'seed')}, "
@@ -141,13 +141,24 @@ class SweepReporter:
         return "; ".join(parts)
 
 
+def report_sweep(spec, folder: Path, storage: str | None, as_json: bool) -> None:
+    """The report of what the sweep in folder has so far (`sweep SPEC --report`, `compare SWEEP`)."""
+    from ..data import open_dataset
+    from ..evaluate import bound_unit
+    from ..sweep import load_study
+
+    study = load_study(spec, folder, storage)
+    unit = bound_unit(open_dataset(spec.base.get("data", "embedded")).meta.modality)
+    print_report(spec, study, folder, unit, as_json)
+
+
 def print_report(spec, study, folder: Path, unit: str, as_json: bool) -> None:
     from ..sweep import SweepError, build_report, configurations
     from ..sweep.plot import CURVES_STEM, write_sweep_curves
 
     result = build_report(spec, study, folder, unit)
     if not result["configurations"]:
-        raise SweepError(f"No configuration of the sweep {spec.name!r} has finished yet.", f"Run it: zforcing sweep {spec.path}")
+        raise SweepError(f"No configuration of the sweep {spec.name!r} has finished yet.", f"Run it: zforcing sweep SPEC --out {folder}")
     written = write_sweep_curves(configurations(study, folder), spec.metric.key, f"{spec.metric.phrase.removeprefix('the ')} ({unit})", folder / CURVES_STEM)
     if as_json:
         stdout.print_json(json.dumps(result, allow_nan=False, default=str))

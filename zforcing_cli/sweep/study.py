@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
+from ..checkpoint import SWEEP_FILE  # the folder's spec: its name, hash, storage and reference
 from ..errors import ZForcingError
 from ..fileio import make_parents, remove_made, write_json
-from .spec import SweepSpec
+from .spec import SweepSpec, read_spec
 
 JOURNAL_FILE = "study.journal"
-SWEEP_FILE = "sweep.json"  # the folder's spec: its name, hash and storage
 SPEC_COPY = "spec.toml"
 SPEC_HASH_ATTR = "zforcing_spec_hash"  # the study's user attribute naming its spec
 HEARTBEAT_SECONDS = 30
@@ -91,11 +92,8 @@ def check_folder(folder: Path, spec: SweepSpec, url: str | None) -> None:
         if folder.is_dir() and any(folder.iterdir()):
             raise SweepError(f"{folder} holds files but no {SWEEP_FILE}: it is not a sweep folder.", "Choose another --out.")
         return
-    try:
-        record = json.loads(record_path.read_text())
-        recorded_name, recorded_hash, recorded_storage = record["name"], record["spec_hash"], record["storage"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SweepError(f"{record_path} cannot be read as a sweep record.", "Choose another --out.") from None
+    record = read_record(folder, "Choose another --out.")
+    recorded_name, recorded_hash, recorded_storage = record["name"], record["spec_hash"], record["storage"]
     if recorded_name != spec.name:
         raise SweepError(f"{folder} belongs to another spec: the sweep {recorded_name!r}, not {spec.name!r}.",
                          "Give this spec its own --out.")
@@ -107,6 +105,28 @@ def check_folder(folder: Path, spec: SweepSpec, url: str | None) -> None:
                          "Pass the same --storage as the sweep's first run (none for its journal file).")
 
 
+def read_record(folder: Path, hint: str) -> dict:
+    """The folder's sweep.json: its name, spec hash and storage, and the reference of its latest
+    start (older folders lack it); a SweepError with the hint when it cannot be read as one."""
+    record_path = folder / SWEEP_FILE
+    try:
+        record = json.loads(record_path.read_text())
+        if not all(isinstance(record[key], str) for key in ("name", "spec_hash", "storage")) \
+                or not isinstance(record.get("reference", {}), dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SweepError(f"{record_path} cannot be read as a sweep record.", hint) from None
+    return record
+
+
+def record_reference(folder: Path, spec: SweepSpec) -> None:
+    """Keep sweep.json's reference the spec's (it may change between starts): `zforcing compare`
+    reports a sweep folder against the reference of its latest start."""
+    record = read_record(folder, "Choose another --out.")
+    if record.get("reference") != spec.reference:
+        write_json(folder / SWEEP_FILE, {**record, "reference": spec.reference})
+
+
 def make_folder(folder: Path, spec: SweepSpec, url: str | None) -> list[Path] | None:
     """Create the sweep folder with its record; returns the folders made, for unmake_folder() to
     take back if the study cannot start; None for a folder that had its record."""
@@ -114,7 +134,8 @@ def make_folder(folder: Path, spec: SweepSpec, url: str | None) -> list[Path] | 
         return None
     made = make_parents(folder)
     try:  # the record first: a worker starting beside this one finds a sweep folder, never a folder of strangers
-        write_json(folder / SWEEP_FILE, {"name": spec.name, "spec_hash": spec.digest(), "storage": storage_label(url)})
+        write_json(folder / SWEEP_FILE, {"name": spec.name, "spec_hash": spec.digest(), "storage": storage_label(url),
+                                         "reference": spec.reference})
         shutil.copyfile(spec.path, folder / SPEC_COPY)
     except BaseException:
         unmake_folder(folder, made)
@@ -137,6 +158,8 @@ def open_study(spec: SweepSpec, folder: Path, url: str | None) -> optuna.Study:
     storage = open_database(url) if url is not None else None  # unreachable: an error before any file
     check_folder(folder, spec, url)
     made = make_folder(folder, spec, url)
+    if made is None:
+        record_reference(folder, spec)
     try:
         if storage is None:
             storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL_FILE)))
@@ -149,6 +172,25 @@ def open_study(spec: SweepSpec, folder: Path, url: str | None) -> optuna.Study:
         unmake_folder(folder, made)
         raise
     return study
+
+
+def recorded_sweep(folder: Path) -> tuple[SweepSpec, str | None, bool]:
+    """A sweep folder's spec (its copy, with the name and the reference sweep.json records) and
+    storage URL, for `zforcing compare SWEEP`, which has no spec file; the flag says whether
+    sweep.json records the reference (folders made before it did: the copy's reference)."""
+    record = read_record(folder, "Pass a folder written by zforcing sweep.")
+    spec_copy = folder / SPEC_COPY
+    if not spec_copy.is_file():
+        raise SweepError(f"{folder} holds no {SPEC_COPY}, the copy of its spec.",
+                         f"Report it from its spec: zforcing sweep SPEC --report --out {folder}")
+    storage = record["storage"]
+    if "***" in storage:  # storage_label hides a password
+        raise SweepError(f"{folder}'s trials are in {storage}, whose password {SWEEP_FILE} does not keep.",
+                         f"Report it from its spec, with the password: zforcing sweep SPEC --report --out {folder} --storage URL")
+    spec = replace(read_spec(spec_copy), name=record["name"])  # the copy's file name is not the sweep's
+    if "reference" in record:
+        spec.reference = record["reference"]
+    return spec, None if storage == "journal" else storage, "reference" in record
 
 
 def load_study(spec: SweepSpec, folder: Path, url: str | None) -> optuna.Study:
