@@ -102,6 +102,7 @@ def test_a_sweep_folder_beside_run_folders_is_one_error(write_spec, in_tmp):
     finished_sweep(write_spec(), folder)
     result = invoke("compare", folder / "trials" / "0000" / "seed-0", folder)
     assert_clean_error(result, 2, "is a sweep folder, which compare reports alone")
+    assert_clean_error(invoke("compare", folder, folder), 2, f"not beside {folder}.")
     assert_clean_error(invoke("compare", folder, "--metric", "elbo"), 2, "--metric is for run folders")
     assert not (in_tmp / "compare.png").exists() and not (folder / "curves.png").exists()
 

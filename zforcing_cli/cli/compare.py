@@ -72,7 +72,8 @@ def compare_sweep(folder: Path, arguments: list[Path], out: Path | None, metric:
     """A sweep folder's report, as `zforcing sweep SPEC --report` prints it, from what the folder
     records of its spec: the copy of the spec, and the reference of the sweep's latest start."""
     if len(arguments) > 1:
-        others = [str(argument) for argument in arguments if argument != folder]
+        others = list(map(str, arguments))
+        others.remove(str(folder))
         raise usage_error(f"{folder} is a sweep folder, which compare reports alone, not beside {', '.join(others)}.",
                           f"Compare the sweep alone (zforcing compare {folder}), or its runs ({folder}/trials/*/seed-*) alone.")
     if out is not None or metric is not None:
