@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UsageError, file_system_error
+from .humanize import plural
 from .modelconfig import ZForcingConfig
 from .presets import PRESETS, preset_configs
 from .runconfig import PRECISION_NAMES, TrainConfig
@@ -168,11 +169,13 @@ def resolve(settings: dict, meta: DatasetMeta, train_size: int) -> ResolvedSetti
     """The configs of a run on data described by meta (train_size training sequences), from
     checked settings (check_settings): the preset's for this data, with the settings on top.
 
-    As `zforcing train` takes its options: aux_weight alone makes α constant; epochs alone lifts
-    the preset's update limit; max_steps alone takes as many epochs as it needs; a batch larger
-    than the training split takes the whole split (and a note says so)."""
+    As `zforcing train` takes its options: aux_weight alone makes α constant; cond_ln alone takes
+    the one LSTM bias it has, whatever the preset's; and the batch and the run's length as
+    fit_to_split says."""
     preset = settings.get("preset", "small")
     model, training = preset_configs(preset, meta)
+    if settings.get("cond_ln") and "lstm_biases" not in settings:
+        settings = {**settings, "lstm_biases": "one"}  # its gates take the layer norms' biases
     try:  # the configs refuse settings that contradict each other (cond_ln with two biases, ...)
         model = replace(model, **{name: value for name, value in settings.items() if name in MODEL_SETTINGS})
         if "aux_weight" in settings and "aux_start" not in settings:
@@ -181,18 +184,26 @@ def resolve(settings: dict, meta: DatasetMeta, train_size: int) -> ResolvedSetti
     except ValueError as error:
         raise UsageError(f"These settings contradict each other: {error}.",
                          "docs/protocols.md (\"Departures\") says which options go together.") from None
+    training, notes = fit_to_split(training, settings, train_size)
+    return ResolvedSettings(model, training, preset, notes)
+
+
+def fit_to_split(training: TrainConfig, settings: dict, train_size: int) -> tuple[TrainConfig, list[str]]:
+    """The training config (with the settings applied) fitted to a training split of train_size
+    sequences, and notes saying what was taken otherwise than given. A batch larger than the
+    split takes the whole split, and the run records that batch; epochs alone lifts the update
+    limit; max_steps alone takes as many epochs as it needs; both: the shorter wins."""
     notes = []
     if training.batch_size > train_size:
-        notes.append(f"a batch of {training.batch_size:,} is more than the {train_size:,} training sequences: each update "
+        notes.append(f"a batch of {training.batch_size:,} is more than the {plural(train_size, 'training sequence')}: each update "
                      f"takes all of them, and the run records a batch of {train_size:,}.")
         training = replace(training, batch_size=train_size)
-    return ResolvedSettings(model, run_length(training, settings, train_size), preset, notes)
-
-
-def run_length(training: TrainConfig, settings: dict, train_size: int) -> TrainConfig:
     batches = math.ceil(train_size / training.batch_size)
-    if "epochs" in settings and "max_steps" not in settings:
-        return replace(training, max_steps=None)
-    if "max_steps" in settings and "epochs" not in settings:
-        return replace(training, epochs=max(training.epochs, math.ceil(training.max_steps / batches)))
-    return training
+    epochs, max_steps = settings.get("epochs"), settings.get("max_steps")
+    if epochs is not None and max_steps is None:
+        training = replace(training, max_steps=None)
+    elif max_steps is not None and epochs is None:
+        training = replace(training, epochs=max(training.epochs, math.ceil(max_steps / batches)))
+    elif epochs is not None and epochs * batches < max_steps:
+        notes.append(f"--epochs {epochs} ends the run after {plural(epochs * batches, 'update')}, before --max-steps {max_steps:,}.")
+    return training, notes

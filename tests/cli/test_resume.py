@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from zforcing_cli.cli.train import DEPARTURE_MODEL_OPTIONS, apply_departures
 from zforcing_cli.data import EMBEDDED, open_dataset, prepare
 from zforcing_cli.presets import preset_configs
+from zforcing_cli.settings import resolve
 
 from conftest import assert_clean_error, invoke, plain, write_amat_folder
 
@@ -176,7 +176,7 @@ def test_departure_options_that_contradict_the_data_or_each_other_are_usage_erro
 
 
 def test_cond_ln_takes_the_paper_presets_model_without_its_two_biases():
-    model, _ = preset_configs("paper", open_dataset(EMBEDDED).meta)
-    options = dict.fromkeys(DEPARTURE_MODEL_OPTIONS) | {"cond_ln": True}
-    config = apply_departures(model, "binary", options)
+    meta = open_dataset(EMBEDDED).meta
+    model, _ = preset_configs("paper", meta)
+    config = resolve({"preset": "paper", "cond_ln": True}, meta, 1000).model  # as train takes --cond-ln
     assert model.lstm_biases == "two" and config.cond_ln and config.lstm_biases == "one" and config.init == "authors"

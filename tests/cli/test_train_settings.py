@@ -60,6 +60,22 @@ def test_resume_refuses_another_hidden_size_and_accepts_the_same(cwd, tiny_data)
     assert result.exit_code == 0, plain(result.output)
 
 
+def test_resume_names_a_changed_settings_file_entry_by_its_key_and_file(cwd, tiny_data):
+    (cwd / "first.toml").write_text("valid_limit = 7\nhidden_size = 12\n")
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--config", "first.toml")
+    assert result.exit_code == 0, plain(result.output)
+    (cwd / "second.toml").write_text('valid_limit = 5\nhidden_size = 12\naux_condition = "z"\n')
+    result = invoke("train", "--out", "run", "--resume", "--config", "second.toml")
+    line = assert_clean_error(result, 2, "valid_limit = 5 in second.toml differs from the run's 7")
+    assert "--valid-limit" not in plain(result.output)  # no such option
+    assert "Remove valid_limit from second.toml (or set it to 7)" in plain(result.stderr)
+    (cwd / "third.toml").write_text("hidden_size = 16\n")  # an option exists, but the file gave it
+    line = assert_clean_error(invoke("train", "--out", "run", "--resume", "--config", "third.toml"), 2)
+    assert "hidden_size = 16 in third.toml differs from the run's 12" in line
+    line = assert_clean_error(invoke("train", "--out", "run", "--resume", "--config", "third.toml", "--hidden-size", 14), 2)
+    assert "--hidden-size 14 differs from the run's 12" in line  # the command line's value, named as it was given
+
+
 @pytest.mark.parametrize(("text", "fragment"), [
     (None, "missing.toml does not exist"),
     ("hidden_size = \n", "not valid TOML"),

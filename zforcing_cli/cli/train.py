@@ -23,9 +23,10 @@ from ..errors import DataError, TrainingError
 from ..humanize import duration
 from ..launch import launched_rank
 from ..modelconfig import AUX_COSTS, BACKWARD_FIRST, INITS, LSTM_BIASES, OUTPUT_HEADS, ZForcingConfig
-from ..presets import PRESETS, check_preset, describe_model, describe_training, preset_configs, presets_table
+from ..presets import PRESETS, check_preset, describe_model, describe_training, presets_table
 from ..runconfig import (KL_ANNEAL_ON_SKIP, SKIP_RULES, RunConfig, TrainConfig, data_description, dataset_differences,
                          load_run_config)
+from ..settings import AUX_CONDITIONS
 from ..version import __version__
 from .common import (MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, announce_loop_builds, check_real, exit_on_signal,
                      usage_error)
@@ -61,7 +62,7 @@ PLAIN_MODEL_SETTINGS = tuple(field.name for field in fields(ZForcingConfig)
                              if field.name not in (*DEPARTURE_MODEL_OPTIONS, "modality", "input_size", "start_index",
                                                    "embed_dropout", "aux_on_hidden"))
 TRAINING_SETTINGS = tuple(field.name for field in fields(TrainConfig))
-RUN_LENGTH_SETTINGS = ("epochs", "max_steps", "checkpoint_every", "checkpoint_minutes")  # with_lengths applies them
+RUN_LENGTH_SETTINGS = ("epochs", "max_steps", "checkpoint_every", "checkpoint_minutes")  # what --resume may change
 CHOICES = {"output_head": OUTPUT_HEADS, "backward_first": BACKWARD_FIRST, "init": INITS, "lstm_biases": LSTM_BIASES,
            "aux_cost": AUX_COSTS, "kl_anneal_on_skip": KL_ANNEAL_ON_SKIP, "skip_rule": SKIP_RULES}
 
@@ -391,7 +392,8 @@ def train_cli(
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
     check_options(lr=lr, aux_increment=aux_increment, aux_weight=aux_weight, aux_start=aux_start, bwd_weight=bwd_weight,
-                  checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, preset=preset)
+                  checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, preset=preset,
+                  aux_condition=aux_condition)
     departures = dict(output_head=output_head, backward_first=backward_first, init=init, lstm_biases=lstm_biases,
                       cond_ln=cond_ln, backward_layers=backward_layers, aux_cost=aux_cost, kl_anneal_on_skip=kl_anneal_on_skip,
                       skip_rule=skip_rule, skip_kl_above=skip_kl_above)
@@ -400,8 +402,9 @@ def train_cli(
                     weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision,
                     hidden_size=hidden_size, latent_size=latent_size, mlp_size=mlp_size, embed_size=embed_size, **departures)
     lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
+    from_file: dict[str, Path] = {}  # the settings the --config file gave, and the file
     if config is not None:
-        data, threads, settings, lengths = with_settings_file(config, data, threads, settings, lengths)
+        data, threads, settings, lengths, from_file = with_settings_file(config, data, threads, settings, lengths)
         precision = settings["precision"]
     check_departures({name: settings[name] for name in departures})
     if launched_rank() is None:  # under torchrun, rank 0 finds the run for all
@@ -415,7 +418,7 @@ def train_cli(
     with joined(device) as group:
         main = group is None or group.is_main
         torch_device = resolve_device(device) if group is None else group.device
-        run_dir, run_config, dataset = settled_run(group, resume, out, data, settings, lengths)
+        run_dir, run_config, dataset = settled_run(group, resume, out, data, settings, lengths, from_file)
         if main:
             print_start(run_dir, run_config, dataset, torch_device, group)
         result = run_training(run_dir, run_config, dataset, torch_device, group, resume=resume, force=force,
@@ -425,9 +428,10 @@ def train_cli(
 
 
 def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, preset: str | None,
-                  **non_negative: float | None) -> None:
+                  aux_condition: str | None, **non_negative: float | None) -> None:
     """Usage errors for values typer lets through: non-finite numbers, negative weights, a
-    dropout of 1 or more, an unknown preset (the precision is checked with torch loaded)."""
+    dropout of 1 or more, an unknown preset or aux condition (the precision is checked with
+    torch loaded)."""
     check_real("--lr", lr, example="0.001", above=True)
     check_real("--aux-increment", aux_increment, example="5e-5", above=True)
     for name, value in non_negative.items():
@@ -437,12 +441,15 @@ def check_options(lr: float | None, aux_increment: float | None, dropout: float 
         raise usage_error(f"--dropout must be below 1, not {dropout:g}.", "Use a probability such as --dropout 0.2.")
     if preset is not None:
         check_preset(preset)
+    if aux_condition not in (None, *AUX_CONDITIONS):
+        raise usage_error(f"--aux-condition must be z or hz, not {aux_condition!r}.", "z: p(b_t|z_t) as in the paper; hz: p(b_t|h_{t-1},z_t).")
 
 
 def with_settings_file(path: Path, data: str | None, threads: int | None, settings: dict,
-                       lengths: dict) -> tuple[str | None, int | None, dict, dict]:
+                       lengths: dict) -> tuple[str | None, int | None, dict, dict, dict[str, Path]]:
     """The options with a --config file's settings where no option was given (the file is read
-    and checked without torch: a bad file is one usage error before anything loads)."""
+    and checked without torch: a bad file is one usage error before anything loads), and the
+    settings taken from the file (for messages that name them as the file does)."""
     from ..settings import read_settings_file
 
     values = read_settings_file(path)  # canonical names: embed_dropout, aux_on_hidden
@@ -453,9 +460,10 @@ def with_settings_file(path: Path, data: str | None, threads: int | None, settin
     file_lengths = {name: values.pop(name) for name in RUN_LENGTH_SETTINGS if name in values}
     file_data, file_threads = values.pop("data", None), values.pop("threads", None)
     merged = {**values, **given(**settings)}
+    from_file = {name: path for name in values if settings.get(name) is None}
     lengths = {name: file_lengths.get(name) if value is None else value for name, value in lengths.items()}
     return (data if data is not None else file_data, threads if threads is not None else file_threads,
-            {name: merged.get(name) for name in {**settings, **merged}}, lengths)
+            {name: merged.get(name) for name in {**settings, **merged}}, lengths, from_file)
 
 
 def check_paths(resume: bool, out: Path | None, data: str | None) -> None:
@@ -483,15 +491,21 @@ def check_departures(departures: dict) -> None:
 
 
 def settled_run(group: Group | None, resume: bool, out: Path | None, data: str | None, settings: dict,
-                lengths: dict) -> tuple[Path, RunConfig, PreparedDataset]:
+                lengths: dict, from_file: dict[str, Path]) -> tuple[Path, RunConfig, PreparedDataset]:
     """The run folder, its configuration and its dataset, the same on every rank: rank 0 settles
-    them (the run to resume, or a new one); the other ranks take its folder and configuration,
-    and open the dataset where rank 0 found it."""
+    them (the run to resume, or a new one) and prints the notes on how it took the settings; the
+    other ranks take its folder and configuration, and open the dataset where rank 0 found it."""
     from ..distributed import from_main
 
     def settle() -> tuple[Path, RunConfig, PreparedDataset | None]:
-        run_dir, run_config, dataset = resumed_run(out, data, settings) if resume else new_run(out, data, settings)
-        return run_dir, with_lengths(run_config, len(dataset.split("train")), **lengths), dataset
+        if resume:
+            run_dir, run_config, dataset = resumed_run(out, data, settings, from_file)
+            run_config, notes = with_lengths(run_config, len(dataset.split("train")), lengths)
+        else:
+            run_dir, run_config, dataset, notes = new_run(out, data, {**settings, **lengths})
+        for note in notes:
+            stderr.print(escape(f"Note: {note}"))
+        return run_dir, run_config, dataset
 
     run_dir, run_config, dataset = from_main(group, settle, shared=lambda settled: (*settled[:2], None))
     return run_dir, run_config, dataset or rank_dataset(run_config, group)
@@ -585,55 +599,51 @@ def runtime_options(device: str, threads: int | None, tensorboard: bool) -> list
             + (["--tensorboard"] if tensorboard else []))
 
 
-def with_lengths(run_config: RunConfig, train_size: int, epochs: int | None, max_steps: int | None,
-                 checkpoint_every: int | None, checkpoint_minutes: float | None) -> RunConfig:
-    """The run's config with its batch fitted to the training split, and its length and
-    checkpoints as the options give them."""
-    config = run_length(fitted_batch(run_config.train, train_size), train_size, epochs, max_steps)
-    config = replace(config, **given(checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes))
-    return replace(run_config, train=config)
+def with_lengths(run_config: RunConfig, train_size: int, lengths: dict) -> tuple[RunConfig, list[str]]:
+    """A resumed run's config with its length and checkpoints as the options give them, and its
+    batch fitted to the training split, as a new run's are (settings.fit_to_split); the notes."""
+    from ..settings import fit_to_split
+
+    values = given(**lengths)
+    train_config, notes = fit_to_split(replace(run_config.train, **values), values, train_size)
+    return replace(run_config, train=train_config), notes
 
 
-def run_length(config: TrainConfig, train_size: int, epochs: int | None, max_steps: int | None) -> TrainConfig:
-    """The run's length: --epochs lifts the update limit; --max-steps takes as many epochs as it
-    needs. Both together: the shorter wins, and the note says so."""
-    batches = math.ceil(train_size / config.batch_size)
-    if epochs is not None and max_steps is None:
-        return replace(config, epochs=epochs, max_steps=None)
-    if max_steps is not None and epochs is None:
-        return replace(config, epochs=max(config.epochs, math.ceil(max_steps / batches)), max_steps=max_steps)
-    if epochs is not None and max_steps is not None and epochs * batches < max_steps:
-        stderr.print(f"Note: --epochs {epochs} ends the run after {plural(epochs * batches, 'update')}, before --max-steps {max_steps:,}.")
-    return replace(config, **given(epochs=epochs, max_steps=max_steps))
-
-
-def fitted_batch(config: TrainConfig, train_size: int) -> TrainConfig:
-    """A batch larger than the training split takes the whole split: the run records the batch
-    it takes, not the one asked for."""
-    if config.batch_size <= train_size:
-        return config
-    stderr.print(f"Note: a batch of {config.batch_size:,} is more than the {plural(train_size, 'training sequence')}: "
-                 f"each update takes all of them, and the run records a batch of {train_size:,}.")
-    return replace(config, batch_size=train_size)
-
-
-def resumed_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
-    """The run to continue. It keeps its configuration: options that repeat it are accepted,
-    different values are an error; --data may give the same dataset's new place."""
+def resumed_run(out: Path | None, data: str | None, settings: dict,
+                from_file: dict[str, Path]) -> tuple[Path, RunConfig, PreparedDataset]:
+    """The run to continue. It keeps its configuration: options and settings-file entries that
+    repeat it are accepted, different values are an error; --data may give the same dataset's
+    new place."""
     run_dir = out or resolve_latest(RUNS_ROOT)
     run_config = load_run_config(run_dir)
     recorded = recorded_settings(run_config)
     for name, value in settings.items():
         if value is not None and recorded.get(name) not in (None, value):
-            option = "--" + name.replace("_", "-")
-            raise usage_error(
-                f"{option} {value} differs from the run's {recorded[name]}; a resumed run keeps its configuration.",
-                f"Drop {option} to continue the run, or start a new run with --out NEW.",
-            )
+            raise changed_setting(name, value, recorded[name], from_file.get(name))
     dataset = open_run_dataset(run_config.data, data)
     if data is not None:  # the same data, perhaps in a new place: the run records where
         run_config = replace(run_config, data={**run_config.data, "location": dataset.location})
     return run_dir, run_config, dataset
+
+
+def changed_setting(name: str, value, recorded, settings_file: Path | None):
+    """The error for a setting that differs from the resumed run's, named where it was given:
+    the option, or the key of the --config file (many settings have no option)."""
+    keeps = "a resumed run keeps its configuration."
+    if settings_file is None:
+        option = "--" + name.replace("_", "-")
+        return usage_error(f"{option} {value} differs from the run's {recorded}; {keeps}",
+                           f"Drop {option} to continue the run, or start a new run with --out NEW.")
+    return usage_error(f"{name} = {toml_value(value)} in {settings_file} differs from the run's {toml_value(recorded)}; {keeps}",
+                       f"Remove {name} from {settings_file} (or set it to {toml_value(recorded)}) to continue the run, "
+                       "or start a new run with --out NEW.")
+
+
+def toml_value(value) -> str:
+    """A value as a settings file writes it: true, 0.001, "hz"."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def recorded_settings(run_config: RunConfig) -> dict:
@@ -669,40 +679,19 @@ def open_run_dataset(recorded_data: dict, data: str | None) -> PreparedDataset:
     return dataset
 
 
-def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset]:
-    """A new run: the preset's sizes for the dataset, with the options given on top."""
+def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, RunConfig, PreparedDataset, list[str]]:
+    """A new run: the preset's sizes for the dataset, with the options given on top
+    (settings.resolve, as a sweep's runs take theirs); the notes on how it took them."""
+    from ..settings import canonical, resolve
+
     dataset = open_dataset(data or EMBEDDED)
-    preset = settings["preset"] or "small"
-    model_config, train_config = preset_configs(preset, dataset.meta)
-    model_config = apply_model_options(model_config, settings["aux_condition"], settings["dropout"])
-    model_config = apply_departures(model_config, dataset.meta.modality, {name: settings[name] for name in DEPARTURE_MODEL_OPTIONS})
-    model_config = replace(model_config, **given(**{name: settings.get(name) for name in PLAIN_MODEL_SETTINGS}))
-    if settings["aux_weight"] is not None and settings["aux_start"] is None:
-        train_config = replace(train_config, aux_start=None)  # --aux-weight alone: a constant α (the paper's form)
-    train_config = replace(train_config, **given(**{name: settings.get(name) for name in TRAINING_SETTINGS}))
-    return out or new_run_dir(), RunConfig(model_config, train_config, data_description(dataset), preset), dataset
-
-
-def apply_model_options(config, aux_condition: str | None, dropout: float | None):
-    if dropout is not None:
-        config = replace(config, embed_dropout=dropout)
-    if aux_condition is None:
-        return config
-    if aux_condition not in ("z", "hz"):
-        raise usage_error(f"--aux-condition must be z or hz, not {aux_condition!r}.", "z: p(b_t|z_t) as in the paper; hz: p(b_t|h_{t-1},z_t).")
-    return replace(config, aux_on_hidden=aux_condition == "hz")
-
-
-def apply_departures(config: ZForcingConfig, modality: str, options: dict) -> ZForcingConfig:
-    """The model with the departures' options given (None: the preset's). --cond-ln takes the
-    one bias layout it has, whatever the preset's; --backward-first data is for speech only."""
-    if options["backward_first"] == "data" and modality != "frames":
+    if settings["backward_first"] == "data" and dataset.meta.modality != "frames":
         raise usage_error("--backward-first data is for speech: the first input of images and text is the start symbol, "
                           "which is not data, so b_1 has nothing to predict.", "Drop --backward-first, or use --backward-first skip.")
-    values = given(**options)
-    if values.get("cond_ln") and options["lstm_biases"] is None:
-        values["lstm_biases"] = "one"
-    return replace(config, **values)
+    resolved = resolve(dict(canonical(name, value) for name, value in given(**settings).items()), dataset.meta,
+                       len(dataset.split("train")))
+    run_config = RunConfig(resolved.model, resolved.train, data_description(dataset), resolved.preset)
+    return out or new_run_dir(), run_config, dataset, resolved.notes
 
 
 def new_run_dir() -> Path:
