@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..checkpoint import is_sweep_folder
+from ..checkpoint import SWEEP_FILE, is_sweep_folder
 from ..compare import METRICS, RunSummary, label_runs, load_run, mixed_sequences, write_comparison
 from ..console import plural, stderr, stdout
 from ..errors import ZForcingError
@@ -84,7 +84,6 @@ def compare_sweep(folder: Path, arguments: list[Path], out: Path | None, metric:
 
     require_sweep_packages()
     from ..sweep import recorded_sweep
-    from ..checkpoint import SWEEP_FILE
     from ..sweep.study import SPEC_COPY
 
     spec, storage, reference_recorded = recorded_sweep(folder)
