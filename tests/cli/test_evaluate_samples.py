@@ -77,3 +77,29 @@ def test_bad_options_are_usage_errors(audio_checkpoint, cwd, args, fragment):
     assert result.exit_code == 2, plain(result.output)
     assert fragment in plain(result.output)
     assert not list(cwd.iterdir())
+
+
+def test_a_million_samples_start_at_once_in_chunks_with_a_warning_of_a_long_job(audio_checkpoint, monkeypatch):
+    """Memory is a chunk of clips whatever N is; as soon as the speed is measured, JobProgress's
+    warning of a long job names the option that shortens it."""
+    import zforcing_cli.audioreport as audioreport
+    from zforcing_cli.console import JobProgress
+    from zforcing_cli.model import ZForcing
+
+    rows, real_generate = [], ZForcing.generate
+
+    def generate_twice(self, num, steps, **kwargs):
+        rows.append(num)
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        return real_generate(self, num, steps, **kwargs)
+
+    monkeypatch.setattr(JobProgress, "MEASURE_SECONDS", 0.0)
+    monkeypatch.setattr(JobProgress, "LONG_JOB_SECONDS", 60.0)
+    monkeypatch.setattr(audioreport, "rows_per_chunk", lambda bytes_per_row: 4)
+    monkeypatch.setattr(ZForcing, "generate", generate_twice)
+    result = evaluate(audio_checkpoint, "--samples", 10**6, "--seconds", 0.0125)
+    assert result.exit_code == 130, plain(result.output)
+    assert rows == [4, 4]
+    warning = next(line for line in plain(result.stderr).splitlines() if line.startswith("Warning:"))
+    assert "Generating 1,000,000 clips" in warning and "will take about" in warning and "--samples" in warning, warning
