@@ -384,3 +384,43 @@ def test_clip_progress_moves_at_the_measured_pace_of_the_work(audio_checkpoint, 
     done = [report[0] for report in reports]
     assert done == sorted(done) and reports[-1] == (5, 5) and {total for _, total in reports} == {5}
     assert 1 in done  # the first chunk, one clip, complete before the others start
+
+
+# -- output noise ----------------------------------------------------------------------------------
+
+
+def expected_clip(checkpoint: Path, steps: int, seed: int, output_noise: float) -> np.ndarray:
+    """The int16 samples of one clip generated from the prior with output_noise scaling the output std."""
+    model, config = load_model(checkpoint)
+    model.train(False)
+    frames = model.generate(1, steps, temperature=output_noise**2, generator=torch.Generator().manual_seed(seed))
+    return AudioFormat.of(config["data"]).to_samples(frames.numpy())[0]
+
+
+@pytest.mark.parametrize(("option", "scale"), [((), 0.0), (("--output-noise", "mean"), 0.0),
+                                               (("--output-noise", "sample"), 1.0), (("--output-noise", "0.3"), 0.3)])
+def test_output_noise_scales_the_output_std_and_defaults_to_the_mean(audio_checkpoint, cwd, option, scale):
+    result = sample(audio_checkpoint, "--out", "a.wav", "--length", 6, "--seed", 3, *option)
+    assert result.exit_code == 0, plain(result.output)
+    assert np.array_equal(read_wav(cwd / "a.wav"), expected_clip(audio_checkpoint, 6, 3, scale))
+
+
+def test_the_mean_and_the_full_draw_differ(audio_checkpoint, cwd):
+    assert not np.array_equal(expected_clip(audio_checkpoint, 6, 3, 0.0), expected_clip(audio_checkpoint, 6, 3, 1.0))
+
+
+@pytest.mark.parametrize(("value", "fragment"), [("loud", "not 'loud'"), ("-1", "not '-1'"), ("nan", "not 'nan'")])
+def test_a_bad_output_noise_is_a_usage_error(audio_checkpoint, cwd, value, fragment):
+    line = assert_clean_error(sample(audio_checkpoint, "--out", "a.wav", "--output-noise", value), 2)
+    assert "--output-noise must be mean, sample or a number 0 or more" in line and fragment in line
+
+
+def test_temperature_on_an_audio_model_names_the_output_noise_that_replaces_it(audio_checkpoint, cwd):
+    result = sample(audio_checkpoint, "--out", "a.wav", "--temperature", 0.25)
+    assert_clean_error(result, 2, "--temperature does not apply to an audio model")
+    assert "--output-noise 0.5" in plain(result.stderr)
+    assert not (cwd / "a.wav").exists()
+
+
+def test_output_noise_on_an_image_model_is_a_usage_error(image_checkpoint, cwd):
+    assert_clean_error(sample(image_checkpoint, "--output-noise", "sample"), 2, "--output-noise applies to audio models")

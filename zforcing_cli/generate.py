@@ -240,7 +240,7 @@ def read_prompt(path: Path, audio: AudioFormat) -> np.ndarray:
 
 
 def audio_pieces(
-    model: ZForcing, audio: AudioFormat, num: int, steps: int, temperature: float, generator: torch.Generator,
+    model: ZForcing, audio: AudioFormat, num: int, steps: int, output_noise: float, generator: torch.Generator,
     prompt: np.ndarray,
 ) -> Iterator[torch.Tensor]:
     """(num, T, F) frames, PIECE_SECONDS of them at a time, `steps` in all: the numbers of one
@@ -254,7 +254,8 @@ def audio_pieces(
         first_input = frames[-1].expand(num, -1)
     piece = audio.frames_for(PIECE_SECONDS)
     for start in range(0, steps, piece):
-        frames, state = model.generate(num, min(piece, steps - start), temperature=temperature, generator=generator,
+        # the Gaussian head's temperature scales its variance: output_noise² scales the std by output_noise
+        frames, state = model.generate(num, min(piece, steps - start), temperature=output_noise**2, generator=generator,
                                        first_input=first_input, state=state, return_state=True)
         first_input = frames[:, -1]
         yield frames
@@ -311,7 +312,7 @@ def sample_audio(
     out: Path,
     num: int = 1,
     steps: int | None = None,
-    temperature: float = 1.0,
+    output_noise: float = 1.0,
     seed: int = 0,
     prompt: Path | None = None,
     force: bool = False,
@@ -320,6 +321,8 @@ def sample_audio(
     """Generate `num` clips of `steps` frames (default 2 s) and write each as a 16-bit WAV at the
     model's sample rate, with a waveform and spectrogram PNG beside it. With a prompt file, each
     clip is the prompt (resampled, mono, whole frames) followed by its continuation.
+    output_noise scales the output Gaussian's standard deviation: 1 draws from it, 0 takes its
+    mean (the latents are drawn from the prior either way).
 
     Every output is checked before anything is generated: existing files need force, each
     clip must fit a WAV file and all of them the disk. Clips are generated a chunk at a time
@@ -354,7 +357,7 @@ def sample_audio(
         with ExitStack() as stack:
             writers = [ClipWriter(path, plot_path(path), audio, prompt_samples, stack) for path in paths]
             done = 0
-            for frames in generating.timed(audio_pieces(model, audio, count, steps, temperature, generator, prompt_samples)):
+            for frames in generating.timed(audio_pieces(model, audio, count, steps, output_noise, generator, prompt_samples)):
                 for writer, samples in zip(writers, audio.to_samples(frames.float().cpu().numpy())):
                     writer.write(samples)
                 done += frames.shape[1]

@@ -177,3 +177,22 @@ def write_audio_plot(path: Path, waveform: np.ndarray, sample_rate: int, title: 
             axes.axvline(boundary, color="#2ca02c", linestyle="--", linewidth=1.2)
         wave_axes.text(boundary, 1.0, " prompt | generated", color="#2ca02c", va="top", fontsize=8)
     write_bytes(path, figure_bytes(figure, "png"))
+
+
+SPECTRA_COLOURS = {"real": "#2ca02c", "generated": "#1f77b4", "white noise": "#7f7f7f"}
+
+
+def write_spectra_plot(path: Path, spectra: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
+    """Average power spectra overlaid, in dB: (name, frequencies in Hz, spectrum scaled to unit
+    power) each, DC left out; .png or .svg by the path's suffix."""
+    import numpy as np
+
+    figure = new_figure(8, 4.5)
+    axes = figure.subplots()
+    for name, frequencies, spectrum in spectra:
+        axes.plot(frequencies[1:], 10 * np.log10(np.maximum(spectrum[1:], 1e-20)), label=name,
+                  color=SPECTRA_COLOURS.get(name), linewidth=1.2)
+    axes.set(title=title, xlabel="frequency (Hz)", ylabel="share of the power (dB)")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    write_bytes(path, figure_bytes(figure, Path(path).suffix.lower().lstrip(".")))

@@ -13,7 +13,7 @@ import soundfile
 import soxr
 
 from zforcing_cli.data import open_dataset, prepare
-from zforcing_cli.data.audio import split_counts
+from zforcing_cli.data.audio import default_frame_size, split_counts
 from zforcing_cli.errors import DataError, UsageError
 
 from conftest import assert_clean_error, invoke, plain, random_speech
@@ -256,11 +256,11 @@ def test_upsampling_is_a_warning_that_names_the_files_own_rate(tmp_path):
 
 def test_files_shorter_than_a_sequence_come_with_the_length_that_keeps_them(tmp_path):
     write_8khz_prompts(tmp_path / "raw")
-    dataset = prepare("wav", str(tmp_path / "raw"), tmp_path / "out", sample_rate=8000)
+    dataset = prepare("wav", str(tmp_path / "raw"), tmp_path / "out", sample_rate=8000, frame_size=200)
     (skipped,) = [warning for warning in dataset.warnings if warning.startswith("Skipped")]
     assert "Skipped 3 of 6 audio files: 3 shorter than one sequence of 1.025 s" in skipped
     assert "--sequence-length 27 (0.7 s) keeps 2 of these 3" in skipped and "--frame-size" in skipped
-    kept = prepare("wav", str(tmp_path / "raw"), tmp_path / "kept", sample_rate=8000, sequence_length=27)
+    kept = prepare("wav", str(tmp_path / "raw"), tmp_path / "kept", sample_rate=8000, frame_size=200, sequence_length=27)
     assert kept.meta.audio["skipped_files"] == 1
 
 
@@ -326,3 +326,13 @@ def test_cli_prints_a_line_every_log_seconds_off_a_terminal(cwd, monkeypatch):
     result = invoke("prepare", "wav", "raw", "--out", "d")
     assert result.exit_code == 0, plain(result.output)
     assert "Preparing wav: 100%, 2 of 2 files, 0.00 h of audio" in plain(result.stderr)
+
+
+def test_a_frame_is_12_5_ms_by_default_at_any_rate(tmp_path):
+    """The paper's 200 samples at 16 kHz; 100 at 8 kHz, unless --frame-size says otherwise."""
+    write_8khz_prompts(tmp_path / "raw")
+    assert [default_frame_size(rate) for rate in (8000, 16000, 22050, 1000)] == [100, 200, 276, 12]
+    low = prepare("wav", str(tmp_path / "raw"), tmp_path / "low", sample_rate=8000)
+    assert low.meta.audio["frame_size"] == 100 and low.meta.protocol == "wav-8000-100x40"
+    given = prepare("wav", str(tmp_path / "raw"), tmp_path / "given", sample_rate=8000, frame_size=200, sequence_length=4)
+    assert given.meta.audio["frame_size"] == 200

@@ -54,6 +54,30 @@ def check_real(option: str, value: float | None, low: float = 0.0, example: str 
     raise usage_error(f"{option} must be a finite number {bound}, not {value}.", f"For example {option} {example}." if example else f"Give {option} a number {bound}.")
 
 
+OUTPUT_NOISE_WORDS = {"mean": 0.0, "sample": 1.0}
+DEFAULT_OUTPUT_NOISE = "mean"
+OutputNoiseOption = Annotated[str, typer.Option(
+    "--output-noise",
+    help="Audio: how much of the output distribution's noise each frame gets. mean: none, each frame is the "
+         "Gaussian's mean given the latents drawn from the prior (what sounds like speech: the full noise is white "
+         "within each frame); sample: all of it, the model's faithful draw; or a number T, the noise's standard "
+         "deviation times T (e.g. 0.3).")]
+
+
+def output_noise_scale(text: str) -> float:
+    """--output-noise as the scale of the output Gaussian's standard deviation: mean 0, sample 1, or T."""
+    if text.strip().lower() in OUTPUT_NOISE_WORDS:
+        return OUTPUT_NOISE_WORDS[text.strip().lower()]
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = math.nan
+    if not math.isfinite(scale) or scale < 0:
+        raise usage_error(f"--output-noise must be mean, sample or a number 0 or more, not {text!r}.",
+                          "For example --output-noise mean, --output-noise sample or --output-noise 0.3.")
+    return scale
+
+
 def exit_on_signal(number, frame) -> None:
     """A signal handler that unwinds the stack (finally blocks run, temporary outputs go) and
     exits with the shell's code for the signal, 128 + its number."""

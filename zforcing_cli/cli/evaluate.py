@@ -14,7 +14,20 @@ from ..console import JobProgress, plural, results_table, stderr, stdout
 from ..data import EMBEDDED, check_prepared_folder, open_dataset
 from ..errors import DataError, ZForcingError
 from ..fileio import check_can_write, json_record
-from .common import MAX_SEED, RUNS_ROOT, CheckpointArgument, DeviceOption, ThreadsOption, announce_loop_builds, usage_error
+from .common import (
+    DEFAULT_OUTPUT_NOISE,
+    MAX_SEED,
+    RUNS_ROOT,
+    CheckpointArgument,
+    DeviceOption,
+    OutputNoiseOption,
+    ThreadsOption,
+    announce_loop_builds,
+    check_real,
+    output_noise_scale,
+    usage_error,
+)
+from .evaluate_samples import check_samples_options, evaluate_samples
 
 if TYPE_CHECKING:  # the core is imported once the options and paths are checked: it loads torch
     from ..data import PreparedDataset
@@ -23,7 +36,8 @@ if TYPE_CHECKING:  # the core is imported once the options and paths are checked
     from ..model import ZForcing
 
 EPILOG = ("**Examples:** `zforcing evaluate runs/latest --iwae 50`; `zforcing evaluate --split valid --json`; "
-          "on a text model `zforcing evaluate --iwae 25` gives the word perplexities of the paper's Table 2.")
+          "on a text model `zforcing evaluate --iwae 25` gives the word perplexities of the paper's Table 2; "
+          "on an audio model `zforcing evaluate --samples 20 --spectra spectra.png` measures how close its samples come to real audio.")
 
 
 def evaluate_cli(
@@ -36,13 +50,20 @@ def evaluate_cli(
     limit: Annotated[int, typer.Option("--limit", min=0, help="Evaluate only the first N sequences (0: all).")] = 0,
     diagnostics: Annotated[bool, typer.Option("--diagnostics", help="Also measure whether the latents are in use: the KL rate per step and per sequence, the latent dimensions in use (KL > 0.01 nats at a step), AU-Δ (Var of μ_q − μ_p > 0.01), KL per step and per dimension, auxiliary cost per step (one more pass over the data).")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="With --diagnostics: write a heat map of KL over time × latent dimension, and the KL and the dimensions in use per step (.png or .svg).", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="Audio models: instead of the bounds, generate N clips from the prior and measure them against the split's real audio and white noise: spectral flatness, energy by band, RMS variation, log-spectral distance.", show_default=False)] = None,
+    seconds: Annotated[Optional[float], typer.Option("--seconds", help="With --samples: seconds per clip, generated and real.", show_default="4")] = None,
+    output_noise: OutputNoiseOption = DEFAULT_OUTPUT_NOISE,
+    spectra: Annotated[Optional[Path], typer.Option("--spectra", help="With --samples: write the average spectra of the real audio, the samples and white noise, overlaid (.png or .svg).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot or --spectra file.")] = False,
     device: DeviceOption = "auto",
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="Seeds the posterior samples; with the run's seed, --split valid gives training's validation figure.", show_default="the run's training seed")] = None,
     threads: ThreadsOption = None,
 ) -> None:
-    """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats."""
+    """Report the paper's bounds on a split: ELBO, KL and (with --iwae K) the IWAE bound, in nats; or (with --samples N) how close an audio model's samples come to the split's real audio."""
     check_options(split, diagnostics, plot, force)
+    check_real("--seconds", seconds, example="4", above=True)
+    noise = output_noise_scale(output_noise)
+    check_samples_options(samples, seconds, output_noise, spectra, iwae, diagnostics, limit, force)
     folder = resolve_checkpoint(checkpoint, RUNS_ROOT).resolve()
     if data is not None and data != EMBEDDED:
         check_prepared_folder(data)
@@ -57,6 +78,10 @@ def evaluate_cli(
     dataset = model_dataset(model, config, data)
     sequences = sequence_count(dataset.split(split), limit or None)
     seed = config["train"]["seed"] if seed is None else seed
+    if samples is not None:
+        with ThreadPolicy(threads):
+            evaluate_samples(model, config, dataset, split, samples, seconds, noise, seed, spectra, as_json)
+        return
     if split == "valid":
         note = validation_difference(config, dataset, sequences, seed)
         if note:

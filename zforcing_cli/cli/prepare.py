@@ -39,7 +39,7 @@ def prepare_cli(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write. Default: data/KIND.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     sample_rate: Annotated[Optional[int], typer.Option("--sample-rate", help="wav only: resample to this rate in Hz, 1000 to 384000. Default: 16000.")] = None,
-    frame_size: Annotated[Optional[int], typer.Option("--frame-size", help="wav only: samples per frame, at most one second's (--sample-rate). Default: 200.")] = None,
+    frame_size: Annotated[Optional[int], typer.Option("--frame-size", help="wav only: samples per frame, at most one second's (--sample-rate). Default: 12.5 ms of audio, the paper's 200 samples at 16 kHz (100 at 8 kHz).")] = None,
     sequence_length: Annotated[Optional[int], typer.Option("--sequence-length", help="wav only: frames per training sequence. Default: 40.")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="wav and text: train,valid,test percentages. wav: of the sequences, in order (default 90,5,5); text: of the sentences, shuffled (default 85,5,10).")] = None,
     text_column: Annotated[Optional[str], typer.Option("--text-column", help="imdb and text: the column that holds the text in a CSV, JSON or parquet file. Default: text, review, content, ... or the only text column.")] = None,

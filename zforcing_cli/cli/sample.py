@@ -17,11 +17,14 @@ from ..sentence_defaults import DEFAULT_LENGTH
 from .common import (
     RUNS_ROOT,
     CheckpointArgument,
+    DEFAULT_OUTPUT_NOISE,
     DeviceOption,
+    OutputNoiseOption,
     SeedOption,
     ThreadsOption,
     announce_loop_builds,
     check_real,
+    output_noise_scale,
     usage_error,
 )
 
@@ -45,7 +48,8 @@ def sample_cli(
     num: Annotated[int | None, typer.Option("--num", min=1, help="How many samples. Audio: one file each, numbered name-1.wav, name-2.wav, ...", show_default="64 images, 1 audio clip, 10 sentences")] = None,
     seconds: Annotated[float | None, typer.Option("--seconds", help="Seconds of audio to generate per sample (audio models).", show_default="2")] = None,
     length: Annotated[int | None, typer.Option("--length", min=1, help="Steps per sample, instead of --seconds: frames for audio models; for text, the most tokens generated per sentence (default 20).")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sharpen (<1) or flatten (>1) the output distribution.")] = 1.0,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Images and text: sharpen (<1) or flatten (>1) the output distribution. Audio: see --output-noise.", show_default="1")] = None,
+    output_noise: OutputNoiseOption = DEFAULT_OUTPUT_NOISE,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Audio models: an audio file to continue (read, resampled to the model's rate, then continued; each output holds it followed by the continuation). Text models: the words each sentence begins with, e.g. \"this movie\".", show_default=False)] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Text: sample from the K most likely tokens only (0: all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="Text: sample from the smallest set of tokens holding probability P (nucleus sampling; 1: all).")] = 1.0,
@@ -57,6 +61,7 @@ def sample_cli(
 ) -> None:
     """Generate from the prior, free-running, and write what the model models: a PNG grid for images, WAV files for audio, sentences for text (optionally continuing a --prompt)."""
     check_real("--temperature", temperature, example="0.8", above=True)
+    noise = output_noise_scale(output_noise)
     check_real("--seconds", seconds, example="2", above=True)
     if seconds is not None and length is not None:
         raise usage_error("--seconds and --length both set how much to generate; give one of them.", "For example --seconds 2, or --length 160 (frames).")
@@ -74,7 +79,8 @@ def sample_cli(
     num = num or DEFAULT_NUM[modality]
     if modality == "tokens":
         check_text_options(seconds, prompt)
-        decoding = Decoding(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+        check_output_noise(output_noise, "text")
+        decoding = Decoding(greedy=greedy, temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
                             min_tokens=data["text"]["min_tokens"])
         decoding.check()
         write_sentences(model, data, out, num, decoding, length or DEFAULT_LENGTH, prompt, seed, threads, force)
@@ -83,21 +89,37 @@ def sample_cli(
         raise usage_error("--greedy, --top-k and --top-p apply to text models only.", "Leave them out, or use --temperature.")
     out = out or Path(f"samples{OUTPUT_SUFFIXES[modality]}")
     if modality == "frames":
+        check_audio_temperature(temperature)
         audio = AudioFormat.of(data)
         steps = audio_steps(audio, seconds, length)
         what = f"{plural(num, 'clip')} of {audio.seconds(steps):g} s" + (" after the prompt" if prompt else "")
         with ThreadPolicy(threads), JobProgress(f"Generating {what}", shorten=SHORTEN_AUDIO) as progress:
-            result = sample_audio(model, data, out, num=num, steps=steps, temperature=temperature, seed=seed,
+            result = sample_audio(model, data, out, num=num, steps=steps, output_noise=noise, seed=seed,
                                   prompt=audio_prompt(prompt), force=force, progress=audio_progress(progress))
         report_audio(result)
         return
     check_image_options(prompt, seconds, length)
+    check_output_noise(output_noise, "image")
     check_image_count(num)
     check_can_write(out, force)
     with ThreadPolicy(threads), JobProgress(f"Sampling {plural(num, 'image')}", shorten="ask for fewer with --num") as progress:
-        sample_images(model, data, out, num=num, temperature=temperature, seed=seed,
+        sample_images(model, data, out, num=num, temperature=1.0 if temperature is None else temperature, seed=seed,
                       progress=lambda done, total: progress(done, total, f"{done:,} of {total:,} images"))
     stdout.print(escape(f"Wrote {plural(num, 'sample')} to {out}"), soft_wrap=True)
+
+
+def check_output_noise(output_noise: str, kind: str) -> None:
+    if output_noise != DEFAULT_OUTPUT_NOISE:
+        raise usage_error(f"--output-noise applies to audio models; this is a{'n' if kind[0] in 'aeiou' else ''} {kind} model.",
+                          "Leave it out; --temperature sharpens or flattens its output distribution.")
+
+
+def check_audio_temperature(temperature: float | None) -> None:
+    """Audio's noise is set by --output-noise, a scale of its standard deviation (--temperature T
+    was its variance: --output-noise sqrt(T))."""
+    if temperature is not None:
+        raise usage_error("--temperature does not apply to an audio model: its output noise is set by --output-noise.",
+                          f"For the draw --temperature {temperature:g} gave, use --output-noise {temperature ** 0.5:.3g}.")
 
 
 SHORTEN_AUDIO = "ask for less with --seconds or --num"
