@@ -62,6 +62,24 @@ def test_a_grid_sweep_trains_each_configuration_with_each_seed_and_reports_paire
     assert sorted(folder.glob("trials/*/seed-*")) == runs
 
 
+def test_a_variant_axis_trains_each_variants_settings_and_reports_it_by_its_label(write_spec, in_tmp):
+    spec = write_spec("variants", space="variant = [{}, { aux_weight = 0.0, bwd_weight = 0.0 }]",
+                      sweep="seeds = [0]\nreference = { variant = {} }")
+    result = invoke("sweep", spec, "--device", "cpu")
+    assert result.exit_code == 0, plain(result.output)
+    folder = in_tmp / "sweeps" / "variants"
+    trained = {}
+    for run in folder.glob("trials/*/seed-0"):
+        train = json.loads((run / "config.json").read_text())["train"]
+        trained[(train["aux_weight"], train["bwd_weight"])] = run
+    (preset,) = set(trained) - {(0.0, 0.0)}  # the base settings: the preset's α and β
+    assert preset[0] > 0 and preset[1] == 1.0
+    report = json.loads(invoke("sweep", spec, "--report", "--json").stdout)
+    assert report["reference"] == {"variant": "base settings"} and report["reference_found"]
+    (difference,) = report["differences"]
+    assert difference["sentence"].startswith("aux_weight = 0, bwd_weight = 0 ")
+
+
 def test_tpe_draws_from_distributions_and_runs_the_reference_first(write_spec, in_tmp):
     spec = write_spec("tpe", space="lr = { low = 1e-4, high = 1e-2, log = true }",
                       sweep='seeds = [0]\nsampler = "tpe"\ntrials = 2\nreference = { lr = 0.001 }')

@@ -36,7 +36,26 @@ def test_train_option_names_become_field_names(write_spec):
     assert spec.space["embed_dropout"].values == (0.0, 0.1)
 
 
+def test_a_variant_axis_takes_tables_of_settings_labelled_by_them(write_spec):
+    spec = read_spec(write_spec(space='variant = [{}, { aux_weight = 0.0 }, { aux_weight = 0.0, bwd_weight = 0.0 }]\nlr = [0.001, 0.002]',
+                                sweep="seeds = [0]\nreference = { variant = { aux_weight = 0.0 }, lr = 0.001 }"))
+    assert spec.space["variant"].values == ("base settings", "aux_weight = 0", "aux_weight = 0, bwd_weight = 0")
+    assert spec.sampler == "grid" and spec.trials == 6
+    assert spec.reference == {"variant": "aux_weight = 0", "lr": 0.001}
+    assert spec.settings_of({"variant": "aux_weight = 0, bwd_weight = 0", "lr": 0.002}) == {"aux_weight": 0.0, "bwd_weight": 0.0, "lr": 0.002}
+    assert spec.settings_of({"variant": "base settings", "lr": 0.001}) == {"lr": 0.001}
+    other = read_spec(write_spec(space='variant = [{}, { aux_weight = 0.001 }]\nlr = [0.001, 0.002]', sweep="seeds = [0]"))
+    assert other.digest() != spec.digest()
+
+
 @pytest.mark.parametrize("space, sweep, fragment", [
+    ("variant = [{ aux_wieght = 0.0 }]", "seeds = [0]", "Unknown setting 'aux_wieght' in a variant"),
+    ("variant = [0.0, 1.0]", "seeds = [0]", "variant in"),
+    ("variant = [{ seed = 1 }]", "seeds = [0]", "the seeds come from [sweep] seeds"),
+    ("variant = [{ lr = 0.1 }, { lr = 0.1 }]", "seeds = [0]", "lists the same settings twice"),
+    ("variant = [{ lr = 0.1 }]\nlr = [0.1, 0.2]", "seeds = [0]", "lr in"),
+    ("variant = [{}, { lr = 0.1 }]", "seeds = [0]\nreference = { variant = { lr = 0.2 } }", "is not one of [space] variant"),
+    ("aux_weight = [0.0, 0.001]", "seeds = [0]\nreference = { variant = {} }", "which is not in [space]"),
     ("aux_wieght = [0.0, 0.001]", "seeds = [0]", "Unknown setting 'aux_wieght' in"),
     ("", "seeds = [0]", "has an empty search space"),
     ("lr = { low = 0.1, high = 0.01 }", 'seeds = [0]\nsampler = "tpe"\ntrials = 2', "the range's low end 0.1 is above its high end 0.01"),

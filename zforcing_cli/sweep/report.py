@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..stats import Difference, Summary, difference_sentence, paired_difference, summarize
-from .spec import SweepSpec
+from .spec import VARIANT, SweepSpec
 from .worker import RUNS_ATTR
 
 
@@ -46,8 +46,9 @@ def configurations(study: optuna.Study, folder: Path) -> list[Configuration]:
 
 
 def describe_params(params: dict, only: list[str] | None = None) -> str:
-    """'aux_weight = 0.001, lr = 0.0003' (the settings named in only, when given)."""
-    return ", ".join(f"{name} = {value:g}" if isinstance(value, float) else f"{name} = {value}"
+    """'aux_weight = 0.001, lr = 0.0003' (the settings named in only, when given); a variant by
+    its label ('aux_weight = 0', 'base settings')."""
+    return ", ".join(str(value) if name == VARIANT else f"{name} = {value:g}" if isinstance(value, float) else f"{name} = {value}"
                      for name, value in params.items() if only is None or name in only)
 
 

@@ -12,6 +12,10 @@ number of configurations, read and checked whole before anything is written.
     trials = 2             # configurations in all, each run with every seed
     sampler = "grid"       # or "tpe"
     reference = { aux_weight = 0.0 }
+
+A `variant` axis is a list of tables, each a set of settings that go together (a preset's
+schedule against one setting changed): variant = [{}, { aux_weight = 0.0 }]. The study sees each
+by its label ("base settings", "aux_weight = 0"), the runs by its settings.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ TABLES = ("base", "space", "sweep")
 SAMPLERS = ("grid", "tpe")
 RANGE_KEYS = ("low", "high", "log", "step")
 SWEEP_KEYS = ("name", "seeds", "trials", "sampler", "reference", "metric", "prune", "prune_p")
+VARIANT = "variant"  # the axis whose values are tables of settings
+BASE_LABEL = "base settings"  # the label of the variant that changes nothing
 NOT_IN_SPACE = {"seed": "the seeds come from [sweep] seeds", "data": "a sweep trains on one dataset, set in [base]",
                 "threads": "threads change how a run computes, not what it learns"}
 
@@ -62,12 +68,15 @@ class Axis:
     high: float | int | None = None
     log: bool = False
     step: float | int | None = None
+    settings: tuple = ()  # a variant axis: each value's settings (dicts), in the order of values
 
     @property
     def is_grid(self) -> bool:
         return bool(self.values)
 
     def to_dict(self) -> dict:
+        if self.settings:
+            return {"values": list(self.values), "settings": list(self.settings)}
         if self.is_grid:
             return {"values": list(self.values)}
         return {"low": self.low, "high": self.high, "log": self.log, "step": self.step}
@@ -96,6 +105,14 @@ class SweepSpec:
 
     def grid(self) -> dict[str, list]:
         return {name: list(axis.values) for name, axis in self.space.items()}
+
+    def settings_of(self, params: dict) -> dict:
+        """A configuration's settings: its parameters, a variant's label replaced by its settings."""
+        settings = {name: value for name, value in params.items() if name != VARIANT}
+        if VARIANT in params:
+            axis = self.space[VARIANT]
+            settings.update(axis.settings[axis.values.index(params[VARIANT])])
+        return settings
 
     def grid_size(self) -> int:
         return math.prod(len(axis.values) for axis in self.space.values())
@@ -127,6 +144,9 @@ def read_space(table: dict, path: Path) -> dict[str, Axis]:
                          "Add a setting under [space]: a list of values (a grid axis) or a table { low = ..., high = ... }.")
     space = {}
     for name, value in table.items():
+        if name == VARIANT:
+            space[VARIANT] = read_variants(value, where)
+            continue
         if name not in SETTINGS:
             raise unknown_setting(name, where)
         if name in NOT_IN_SPACE:
@@ -135,7 +155,40 @@ def read_space(table: dict, path: Path) -> dict[str, Axis]:
         field_name = canonical(name, axis.values[0] if axis.is_grid else axis.low)[0]
         values = tuple(canonical(name, value)[1] for value in axis.values)
         space[field_name] = Axis(field_name, values, axis.low, axis.high, axis.log, axis.step)
+    check_variants(space, where)
     return space
+
+
+def read_variants(value, where: str) -> Axis:
+    """variant = [{...}, {...}]: each table a checked set of settings, labelled by them."""
+    if not isinstance(value, list) or not value or not all(isinstance(item, dict) for item in value):
+        raise UsageError(f"{VARIANT}{where} must be a list of tables of settings, not {value!r}.",
+                         f"For example {VARIANT} = [{{}}, {{ aux_weight = 0.0 }}].")
+    settings = tuple(check_settings(item, f" in a {VARIANT}{where}") for item in value)
+    for item in settings:
+        for name in item:
+            if name in NOT_IN_SPACE:
+                raise UsageError(f"{name} in a {VARIANT}{where}: {NOT_IN_SPACE[name]}.", f"Move {name} to [base].")
+    labels = tuple(variant_label(item) for item in settings)
+    if len(set(labels)) < len(labels):
+        raise UsageError(f"{VARIANT}{where} lists the same settings twice.", "List each variant once.")
+    return Axis(VARIANT, labels, settings=settings)
+
+
+def variant_label(settings: dict) -> str:
+    """'aux_weight = 0, bwd_weight = 0' (sorted), or BASE_LABEL for no settings."""
+    if not settings:
+        return BASE_LABEL
+    return ", ".join(f"{name} = {value:g}" if isinstance(value, float) else f"{name} = {value}" for name, value in sorted(settings.items()))
+
+
+def check_variants(space: dict[str, Axis], where: str) -> None:
+    """A variant may not set what another axis of the space sets: which would win is not clear."""
+    if VARIANT not in space:
+        return
+    both = sorted({name for settings in space[VARIANT].settings for name in settings} & set(space))
+    if both:
+        raise UsageError(f"{both[0]}{where} is both an axis and set by a {VARIANT}.", f"Set {both[0]} in one of them.")
 
 
 def read_axis(name: str, value, where: str) -> Axis:
@@ -239,6 +292,9 @@ def read_reference(table, spec: SweepSpec, where: str) -> dict:
     if not isinstance(table, dict):
         raise UsageError(f"reference in {where} must be a table, not {table!r}.", "For example reference = { aux_weight = 0.0 }.")
     reference = {}
+    if VARIANT in table:
+        table = dict(table)
+        reference[VARIANT] = read_reference_variant(table.pop(VARIANT), spec, where)
     for name, value in check_settings(table, f" in {where} reference").items():
         axis = spec.space.get(name)
         if axis is None:
@@ -250,3 +306,17 @@ def read_reference(table, spec: SweepSpec, where: str) -> dict:
                              f"Choose a value of [space] {name}.")
         reference[name] = value
     return reference
+
+
+def read_reference_variant(value, spec: SweepSpec, where: str) -> str:
+    """The reference's variant, given as its table of settings (or its label): the label."""
+    axis = spec.space.get(VARIANT)
+    if axis is None:
+        raise UsageError(f"reference in {where} sets {VARIANT}, which is not in [space].",
+                         f"Name settings of the search space: {', '.join(spec.space)}.")
+    label = variant_label(check_settings(value, f" in {where} reference")) if isinstance(value, dict) else value
+    if label not in axis.values:
+        raise UsageError(f"reference in {where}: {VARIANT} {value!r} is not one of [space] {VARIANT}.",
+                         f"Copy one of its tables, e.g. {VARIANT} = {{ {axis.values[-1]} }}." if axis.values[-1] != BASE_LABEL
+                         else f"Copy one of its tables, e.g. {VARIANT} = {{}}.")
+    return label

@@ -225,7 +225,7 @@ class SweepWorker:
         values = []
         try:
             for seed in self.spec.seeds:
-                value = self.train_seed(trial, {**self.spec.base, **params}, seed)
+                value = self.train_seed(trial, {**self.spec.base, **self.spec.settings_of(params)}, seed)
                 trial.report(value, step=seed)
                 values.append(value)
                 self.callback(SweepEvent("seed", self.counts(), trial=trial.number, params=params, seed=seed, value=value))
