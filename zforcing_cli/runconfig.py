@@ -70,13 +70,19 @@ class RunConfig:
     train: TrainConfig
     data: dict  # data_description(): location, kind, protocol, counts, fingerprint, ...
     preset: str = ""  # the preset the sizes came from ("" in runs written by 0.1.0)
+    # The CPU threads torch ran the run on, fixed for the run: another count may sum in another
+    # order. None: not decided yet (train() records torch's count then), or a run written before
+    # runs recorded it.
+    threads: int | None = None
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": self.data, "preset": self.preset}
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": self.data, "preset": self.preset,
+                "threads": self.threads}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        return cls(ZForcingConfig.from_dict(values["model"]), TrainConfig(**values["train"]), values["data"], values.get("preset", ""))
+        return cls(ZForcingConfig.from_dict(values["model"]), TrainConfig(**values["train"]), values["data"],
+                   values.get("preset", ""), values.get("threads"))
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,7 @@ from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
 from .schedule import annealed_aux_weight, annealed_kl_weight, kl_anneal_updates
 from .tensorboard import require_tensorboard
+from .threads import fixed_threads
 from .update import PendingUpdate, PendingUpdates, Updater, batch_inputs, epoch_order
 
 
@@ -484,15 +485,21 @@ def train(
     With a group, every rank calls this: rank 0 sets up the run folder (and restores the
     checkpoint), then gives the other ranks the trainer's state; a run may resume on another
     number of ranks than it started with.
+
+    The run trains on run_config.threads CPU threads, or on torch's count when that is None,
+    and records the count in its config.json: a run replayed or resumed on the same count sums
+    in the same order.
     """
     if tensorboard:
         require_tensorboard()
-    trainer = Trainer(run_dir, run_config, dataset, device, callback, stop, group)
-    try:
-        trainer.open(resume, force, latest_link, tensorboard)
-        return trainer.run()
-    finally:
-        trainer.close()
+    run_config = replace(run_config, threads=run_config.threads or torch.get_num_threads())
+    with fixed_threads(run_config.threads):  # the count the run records, kept to its end
+        trainer = Trainer(run_dir, run_config, dataset, device, callback, stop, group)
+        try:
+            trainer.open(resume, force, latest_link, tensorboard)
+            return trainer.run()
+        finally:
+            trainer.close()
 
 
 def check_disk_space(folder: RunFolder, model: ZForcing, keep: int) -> str | None:

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from ..checkpoint import resolve_latest
 from ..console import JobProgress, plural, stderr, stdout, training_progress
+from ..cores import capped_threads
 from ..data import EMBEDDED, check_prepared_folder, open_dataset
 from ..errors import DataError, TrainingError
 from ..humanize import duration
@@ -28,14 +29,13 @@ from ..runconfig import (KL_ANNEAL_ON_SKIP, SKIP_RULES, RunConfig, TrainConfig, 
                          load_run_config)
 from ..version import __version__
 from .common import (MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, announce_loop_builds, check_real, exit_on_signal,
-                     usage_error)
+                     usage_error, warn)
 
 if TYPE_CHECKING:  # the core is imported once the options and paths are checked: it loads torch
     import torch
 
     from ..data import PreparedDataset
     from ..distributed import Group
-    from ..threads import ThreadPolicy
     from ..train import StopRequest, TrainEvent, TrainResult
 
 EPILOG = (
@@ -516,9 +516,11 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
 
     main = group is None or group.is_main
     stop = StopRequest()
-    with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
+    with ThreadPolicy(run_threads(threads, run_config.threads, resume, main)) as policy, \
+            training_progress() if main else nullcontext() as progress, \
             stop_on_signals(stop, progress.console if main else None, group is not None):
-        reporter = TrainReporter(progress, policy, dataset.meta.modality) if main else None
+        run_config = replace(run_config, threads=policy.threads)  # decided once: the run keeps and records it
+        reporter = TrainReporter(progress, policy.threads, dataset.meta.modality) if main else None
         try:
             return train(run_dir, run_config, dataset, device, reporter, resume=resume, force=force, stop=stop,
                          latest_link=RUNS_ROOT, tensorboard=tensorboard, group=group)
@@ -530,6 +532,25 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
             if group is not None:
                 group.barrier()  # rank 0 has said so before any rank ends
             raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
+
+
+def run_threads(given: int | None, recorded: int | None, resume: bool, main: bool) -> int | None:
+    """The CPU threads a run trains on, decided once for the whole run: --threads,
+    ZFORCING_THREADS or a --config file's (a replayed config.json's) count when given, else the
+    count a resumed run recorded; None: the thread policy's share. A recorded count above this
+    machine's cores (a run from a bigger one) is held to them, and rank 0 says so."""
+    if given is not None:
+        if resume and main and recorded not in (None, given):
+            warn(f"--threads {given:,} differs from the {recorded:,} the run was trained on: its numbers may differ from "
+                 "those of an uninterrupted run.")
+        return capped_threads(given)[0]
+    if recorded is None:
+        return None
+    threads, capped = capped_threads(recorded)
+    if capped and main:
+        warn(f"The run was trained on {plural(recorded, 'thread')}, more than the cores this process may run on: "
+             f"using {threads:,}, so its numbers may differ from those of the run.")
+    return threads
 
 
 def rank_dataset(run_config: RunConfig, group: Group) -> PreparedDataset:
@@ -750,11 +771,11 @@ class TrainReporter:
     LOG_SECONDS = 30.0
     MEASURE_SECONDS = 20.0  # of training, before the estimate of what is left is trusted
 
-    def __init__(self, progress, policy: ThreadPolicy, modality: str):
+    def __init__(self, progress, threads: int, modality: str):
         from ..evaluate import bound_unit
 
         self.progress = progress
-        self.policy = policy
+        self.threads = threads
         self.modality, self.unit = modality, bound_unit(modality)
         self.task = None
         self.started = time.perf_counter()
@@ -786,7 +807,7 @@ class TrainReporter:
     def on_start(self, event: TrainEvent) -> None:
         self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
         self.first_step = self.done = event.step
-        self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.policy.threads, 'thread')}; {event.metrics['loops']}")
+        self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.threads, 'thread')} (fixed for the run, recorded in its config.json); {event.metrics['loops']}")
         if event.metrics["finished"]:
             self.say(
                 f"The run already took its {plural(event.total_steps, 'update')}; "
@@ -795,13 +816,11 @@ class TrainReporter:
 
     def on_progress(self, event: TrainEvent) -> None:
         """An update taken whose metrics come later (on a GPU): the bar moves, the metrics stay."""
-        self.policy.refresh()
         self.done = event.step
         self.progress.update(self.task, completed=self.done, speed=self.speed(self.done))
         self.warn_if_days(event.total_steps)
 
     def on_step(self, event: TrainEvent) -> None:
-        self.policy.refresh()
         m = event.metrics
         self.done = max(self.done, event.step)  # on a GPU, steps come after their progress
         # The batch's means of Eq. 10's terms, each summed over a sequence's steps: the auxiliary
