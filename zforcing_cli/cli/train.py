@@ -323,8 +323,9 @@ ConfigOption = Annotated[
     typer.Option(
         "--config", show_default=False,
         help=(
-            "TOML file of settings, named as these options with underscores (`hidden_size = 128`); an option "
-            "given here replaces the file's value, and the file's replaces the preset's (docs/runs.md)."
+            "TOML file of settings, named as these options with underscores (`hidden_size = 128`), or a run "
+            "folder's config.json, which replays that run bit for bit; an option given here replaces the file's "
+            "value, and the file's replaces the preset's (docs/runs.md)."
         ),
     ),
 ]
