@@ -36,7 +36,7 @@ from .distributed import Group, from_main, rank_seed
 from .errors import FileSystemError, TrainingError, free_bytes
 from .evaluate import bound_unit, evaluate_split, perplexity
 from .humanize import byte_size
-from .model import ZForcing, count_parameters, recurrence_loops
+from .model import ZForcing, build_model, count_parameters, recurrence_loops
 from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
 from .schedule import annealed_aux_weight, annealed_kl_weight, kl_anneal_updates
@@ -196,7 +196,7 @@ class Trainer:
         self.group = group
         train_config = run_config.train
         torch.manual_seed(train_config.seed)
-        self.model = ZForcing(run_config.model).to(device)
+        self.model = build_model(run_config.model).to(device)
         self.read_every = read_every or (max(1, train_config.log_every) if device.type == "cuda" else 1)
         on_device = device.type == "cuda" or group is not None or self.read_every > 1
         self.updater = Updater(self.model, train_config, device, on_device, group)
@@ -434,7 +434,8 @@ class Trainer:
             self.folder.log_samples(self.model, state.step)
         self.emit("validation", metrics)
         steps = result.steps / max(result.sequences, 1)  # per sequence, on average
-        warning = None if self.warned_collapse else collapse_warning(result.kl, steps, bound_unit(self.dataset.meta.modality))
+        told = self.warned_collapse or not self.run_config.model.latent  # a model without latent has none to collapse
+        warning = None if told else collapse_warning(result.kl, steps, bound_unit(self.dataset.meta.modality))
         if warning is not None:
             self.warned_collapse = True
             self.emit("warning", message=warning)
