@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .errors import UsageError, file_system_error
 from .modelconfig import ZForcingConfig
 from .presets import PRESETS, preset_configs
-from .runconfig import PRECISION_NAMES, TrainConfig
+from .runconfig import PRECISION_NAMES, TrainConfig, latent_free_training
 
 if TYPE_CHECKING:  # the data types bring torch; `zforcing train --config` reads a file before torch loads
     from .data import DatasetMeta
@@ -211,6 +211,8 @@ def resolve(settings: dict, meta: DatasetMeta, train_size: int) -> ResolvedSetti
     except ValueError as error:
         raise UsageError(f"These settings contradict each other: {error}.",
                          "docs/protocols.md (\"Departures\") says which options go together.") from None
+    if not model.latent:
+        training = latent_free_training(training, settings)
     notes = []
     if training.batch_size > train_size:
         notes.append(f"a batch of {training.batch_size:,} is more than the {train_size:,} training sequences: each update "
