@@ -455,14 +455,8 @@ class ZForcing(nn.Module):
         else:
             aux = bwd = aux_at_floor = torch.zeros_like(nll)
         return StepTerms(nll=nll, kl=kl, aux=aux, bwd=bwd, log_ratio=log_ratio, posterior_mean=q_mean, backward=backward,
-                         aux_at_floor=aux_at_floor, mask=mask, bwd_mask=self.backward_mask(mask, first_input), prior_mean=p_mean)
-
-    def backward_mask(self, mask: Tensor, first_input: Tensor | None) -> Tensor:
-        """The steps with a u_t for b_t to predict: the valid ones, but t = 1 unless u_1 is data."""
-        bwd_mask = mask.clone()
-        if not self.predicts_first_input(first_input):
-            bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
-        return bwd_mask
+                         aux_at_floor=aux_at_floor, mask=mask, prior_mean=p_mean,
+                         bwd_mask=backward_mask(mask, self.predicts_first_input(first_input)))
 
     def predicts_first_input(self, first_input: Tensor | None) -> bool:
         """Whether the backward cost includes t = 1: with backward_first 'data', when u_1 is a
@@ -670,7 +664,7 @@ class LatentFreeModel(ZForcing):
         zeros, no_latent = torch.zeros_like(nll), nll.new_zeros(*nll.shape, 0)  # (B, T), (B, T, 0)
         return StepTerms(nll=nll, kl=no_latent, aux=zeros, bwd=zeros, log_ratio=zeros, posterior_mean=no_latent,
                          prior_mean=no_latent, backward=no_latent, aux_at_floor=zeros, mask=mask,
-                         bwd_mask=self.backward_mask(mask, first_input))
+                         bwd_mask=backward_mask(mask, self.predicts_first_input(first_input)))
 
     def lstm_states(self, embedded_u: Tensor) -> tuple[Tensor, Tensor]:
         """h_0..h_T (B, T+1, H) and c_T (B, H) of the forward LSTM over emb(u_1..u_T) (B, T, E),
@@ -700,6 +694,15 @@ class LatentFreeModel(ZForcing):
 def build_model(config: ZForcingConfig) -> ZForcing:
     """The model a config describes: ZForcing, or LatentFreeModel when config.latent is False."""
     return ZForcing(config) if config.latent else LatentFreeModel(config)
+
+
+def backward_mask(mask: Tensor, from_first: bool) -> Tensor:
+    """The steps (B, T) with a u_t for b_t to predict: the valid ones, but t = 1 unless u_1 is
+    data (from_first: ZForcing.predicts_first_input)."""
+    bwd_mask = mask.clone()
+    if not from_first:
+        bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
+    return bwd_mask
 
 
 def masked_targets(y: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
