@@ -256,7 +256,7 @@ LatentOption = Annotated[
         "--latent/--no-latent", show_default="latent",
         help="--no-latent: the same network without z, the deterministic baseline of the paper's RNN rows: the "
              "embedding, forward LSTM and output head alone, trained on the NLL, which `evaluate` reports exactly. "
-             "Takes no --aux-weight, --aux-start, --bwd-weight or --kl-anneal (docs/training.md).",
+             "Takes no --aux-weight, --aux-start, --bwd-weight or --kl-anneal (docs/protocols.md).",
     ),
 ]
 SkipRuleOption = Annotated[
