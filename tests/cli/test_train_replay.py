@@ -86,6 +86,20 @@ def test_an_option_given_with_a_replayed_config_json_replaces_its_value(first_ru
     assert (config(cwd / "other")["threads"], config(cwd / "other")["train"]["seed"]) == (1, 4)
 
 
+def test_a_replayed_count_above_the_cores_is_lowered_with_a_warning(first_run, cwd):
+    recorded = config(first_run)
+    (cwd / "bigger.json").write_text(json.dumps({**recorded, "threads": 8}))  # a run from a machine of 8 cores
+    stderr = train_ok("--config", cwd / "bigger.json", "--out", "replay", "--device", "cpu")
+    assert "Warning: The --config file's threads = 8 is more than the cores this process may run on: using 2" in stderr
+    assert config(cwd / "replay")["threads"] == 2
+
+
+def test_a_resumed_count_above_the_cores_is_lowered_with_a_warning(first_run):
+    (first_run / "config.json").write_text(json.dumps({**config(first_run), "threads": 8}))
+    stderr = train_ok("--resume", "--out", first_run, "--max-steps", 4, "--device", "cpu")
+    assert "Warning: The run was trained on 8 threads, more than the cores this process may run on: using 2" in stderr
+
+
 def test_resume_keeps_the_recorded_count_whatever_else_runs(first_run, another_training):
     stderr = train_ok("--resume", "--out", first_run, "--max-steps", 4, "--device", "cpu")
     assert "torch on 2 threads" in stderr and "Warning" not in stderr

@@ -567,7 +567,11 @@ def run_threads(given: int | None, recorded: int | None, resume: bool, main: boo
         if resume and main and recorded not in (None, given):
             warn(f"--threads {given:,} differs from the {recorded:,} the run was trained on: its numbers may differ from "
                  "those of an uninterrupted run.")
-        return capped_threads(given)[0]
+        threads, capped = capped_threads(given)  # --threads is capped already; a --config file's count is not
+        if capped and main:
+            warn(f"The --config file's threads = {given:,} is more than the cores this process may run on: using "
+                 f"{threads:,}, so the numbers may differ from those of a run on {given:,}.")
+        return threads
     if recorded is None:
         return None
     threads, capped = capped_threads(recorded)
