@@ -101,3 +101,12 @@ def test_settings_that_contradict_each_other_are_a_usage_error(embedded):
         resolve(check_settings({"cond_ln": True, "lstm_biases": "two"}), embedded.meta, 1000)
     with pytest.raises(UsageError, match="backward_first 'data' needs frames"):
         resolve(check_settings({"backward_first": "data"}), embedded.meta, 1000)
+
+
+def test_a_model_without_latent_trains_on_its_nll_alone_and_refuses_a_weight_of_z(embedded):
+    resolved = resolve(check_settings({"latent": False}), embedded.meta, 1000)  # the small preset sets α and β
+    assert not resolved.model.latent
+    train = resolved.train
+    assert (train.aux_weight, train.aux_start, train.bwd_weight, train.kl_anneal) == (0.0, None, 0.0, False)
+    with pytest.raises(UsageError, match="--bwd-weight 1.0"):
+        resolve(check_settings({"latent": False, "bwd_weight": 1.0}), embedded.meta, 1000)

@@ -68,16 +68,14 @@ def test_a_lone_automatic_process_uses_every_core(registry):
         assert len(lock_files(registry)) == 1
 
 
-def test_another_live_process_is_counted_and_lowers_the_share_after_refresh(registry, monkeypatch):
+def test_a_process_counts_those_running_at_its_start_and_keeps_its_count(registry, monkeypatch):
     monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 4)
-    with ThreadPolicy(None, refresh_seconds=0) as policy:
+    with ThreadPolicy(None) as policy:
         assert (policy.active, policy.threads) == (1, 4)
-        with ThreadPolicy(None):  # a second registration: a new open file, so a lock of its own
-            policy.refresh()
-            assert (policy.active, policy.threads, torch.get_num_threads()) == (2, 2, 2)
-        policy.refresh()
-        assert (policy.active, policy.threads) == (1, 4)
-        assert [threads for _, threads in policy.changes] == [2, 4]
+        with ThreadPolicy(None) as second:  # a second registration: a new open file, so a lock of its own
+            assert (second.active, second.threads, torch.get_num_threads()) == (2, 2, 2)
+            assert (policy.active, policy.threads) == (1, 4)  # the first one's share is not recounted
+        assert torch.get_num_threads() == 4
 
 
 def test_a_process_started_before_is_counted_on_entry(other_process, registry, monkeypatch):
@@ -85,15 +83,6 @@ def test_a_process_started_before_is_counted_on_entry(other_process, registry, m
     with ThreadPolicy(None) as policy:
         assert (policy.active, policy.threads) == (2, 1)
     assert lock_files(registry) == ["other.lock"]  # someone else's live lock stays
-
-
-def test_refresh_waits_for_refresh_seconds(other_process, registry, monkeypatch):
-    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
-    with ThreadPolicy(None, refresh_seconds=3600) as policy:
-        other_process.kill()
-        other_process.wait()
-        policy.refresh()
-        assert (policy.active, policy.threads, policy.changes) == (2, 1, [])
 
 
 def test_a_stale_lock_file_is_not_counted_and_is_removed(registry):
@@ -104,24 +93,22 @@ def test_a_stale_lock_file_is_not_counted_and_is_removed(registry):
         assert "12345-dead.lock" not in lock_files(registry)
 
 
-def test_a_killed_process_stops_counting(other_process, registry, monkeypatch):
+def test_a_killed_process_is_not_counted_by_those_starting_after_it(other_process, registry, monkeypatch):
     monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
-    with ThreadPolicy(None, refresh_seconds=0) as policy:
+    with ThreadPolicy(None) as policy:
         assert policy.threads == 1
         other_process.kill()  # SIGKILL: no cleanup, the kernel drops the lock
         other_process.wait()
-        policy.refresh()
-        assert (policy.active, policy.threads) == (1, 2)
+        with ThreadPolicy(None) as later:
+            assert (later.active, later.threads) == (2, 1)  # the first policy and itself
         assert "other.lock" not in lock_files(registry)
+        assert policy.threads == 1  # kept for the whole work
 
 
 def test_a_requested_count_is_fixed_but_still_registered(other_process, registry):
-    with ThreadPolicy(3, refresh_seconds=0) as policy:
+    with ThreadPolicy(3) as policy:
         assert len(lock_files(registry)) == 2  # automatic runs beside it count it
-        other_process.kill()
-        other_process.wait()
-        policy.refresh()
-        assert (policy.threads, torch.get_num_threads(), policy.changes) == (3, 3, [])
+        assert (policy.threads, torch.get_num_threads()) == (3, 3)
 
 
 def test_a_requested_count_below_one_is_refused():
@@ -146,8 +133,7 @@ def test_an_unusable_registry_falls_back_to_counting_itself_alone(tmp_path, monk
         unusable.mkdir(mode=0o500)
     monkeypatch.setenv("ZFORCING_ACTIVE_DIR", str(unusable))
     monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
-    with ThreadPolicy(None, refresh_seconds=0) as policy:
-        policy.refresh()
+    with ThreadPolicy(None) as policy:
         assert (policy.active, policy.threads) == (1, 2)
 
 

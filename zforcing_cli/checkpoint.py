@@ -274,11 +274,11 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[ZForcing, dict]:
     """The model of a checkpoint folder and the folder's config."""
-    from .model import ZForcing, ZForcingConfig
+    from .model import ZForcingConfig, build_model
 
     config = read_config(folder)
     try:
-        model = ZForcing(ZForcingConfig.from_dict(config["model"]))
+        model = build_model(ZForcingConfig.from_dict(config["model"]))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{folder / CONFIG_FILE} has an invalid model config ({error}).", "Use another checkpoint of the run.") from None
     tensors = read_tensors(Path(folder) / MODEL_FILE)

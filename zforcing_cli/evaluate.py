@@ -29,10 +29,13 @@ def bound_sign(modality: str) -> tuple[str, float]:
     return ("log-likelihood ≥", 1.0) if modality == "frames" else ("NLL ≤", -1.0)
 
 
-def stated_bound(modality: str, bound: float, unit: str) -> str:
+def stated_bound(modality: str, bound: float, unit: str, exact: bool = False) -> str:
     """A bound on log p(y) as bound_sign states it: 'log-likelihood ≥ -356.46 nats per sequence',
-    'NLL ≤ 92.10 nats per image'."""
+    'NLL ≤ 92.10 nats per image'; exact (a model without latent, whose ELBO is log p(y) itself):
+    'NLL 92.10 nats per image (exact)'."""
     label, sign = bound_sign(modality)
+    if exact:
+        return f"{label.split()[0]} {sign * bound:,.2f} {unit} (exact)"
     return f"{label} {sign * bound:,.2f} {unit}"
 
 

@@ -244,21 +244,24 @@ class ForwardCell(nn.Module):
     Gate pre-activations are W_e emb(u_t) + W_g g(z_t) + W_h h_{t-1} + bias. Because g is linear,
     W_g g(z) = (W_g G) z + W_g g_bias: the loop multiplies z by one folded matrix. two_biases:
     the bias is the sum of two vectors, one with each weight, as in the authors' cell (the same
-    forward pass; Adam and the gradient's norm see two parameters).
+    forward pass; Adam and the gradient's norm see two parameters). latent_size 0: no z_t and no
+    g, h_t = LSTM(emb(u_t), h_{t-1}) (a model without latent).
     """
 
     def __init__(self, embed_size: int, latent_size: int, z_embed_size: int, hidden_size: int, two_biases: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
-        self.latent_embed = nn.Linear(latent_size, z_embed_size)  # g(z_t)
-        self.input_to_gates = nn.Linear(embed_size + z_embed_size, 4 * hidden_size)
+        self.latent_embed = nn.Linear(latent_size, z_embed_size) if latent_size else None  # g(z_t)
+        self.input_to_gates = nn.Linear(embed_size + (z_embed_size if latent_size else 0), 4 * hidden_size)
         self.hidden_to_gates = nn.Linear(hidden_size, 4 * hidden_size, bias=two_biases)
         self.embed_size = embed_size
 
     def input_gates(self, embedded: Tensor) -> Tensor:
         """Gate contribution of emb(u_t) plus every bias, for all steps at once."""
         weight = self.input_to_gates.weight[:, : self.embed_size]
-        bias = self.input_to_gates.bias + self.input_to_gates.weight[:, self.embed_size :] @ self.latent_embed.bias
+        bias = self.input_to_gates.bias
+        if self.latent_embed is not None:
+            bias = bias + self.input_to_gates.weight[:, self.embed_size :] @ self.latent_embed.bias
         if self.hidden_to_gates.bias is not None:
             bias = bias + self.hidden_to_gates.bias
         return F.linear(embedded, weight, bias)
@@ -322,7 +325,8 @@ def authors_init(model: "ZForcing") -> None:
         for bias in (cell.input_to_gates.bias, cell.hidden_to_gates.bias):
             if bias is not None:
                 bias.zero_()
-        nn.init.orthogonal_(model.backward_rnn.weight_hh_l0)
+        if model.config.latent:  # a model without latent has no backward LSTM
+            nn.init.orthogonal_(model.backward_rnn.weight_hh_l0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,13 +429,8 @@ class ZForcing(nn.Module):
         takes the same arguments): for diagnostics such as the KL per step and dimension."""
         c = self.config
         batch, steps = y.shape[:2]
-        if mask is None:
-            mask = torch.ones(batch, steps, device=y.device)
-        mask = mask.to(self.forward_cell.hidden_to_gates.weight.dtype)
+        y, mask = masked_targets(y, mask, self.forward_cell.hidden_to_gates.weight.dtype)
         lengths = mask.sum(1).long()
-        # Padding is replaced, not only masked out: 0 × NaN (or × an overflowed square) is NaN.
-        valid = mask.bool().view(batch, steps, *([1] * (y.dim() - 2)))
-        y = torch.where(valid, y, torch.zeros((), dtype=y.dtype, device=y.device))
         if noise is None:
             noise = torch.randn(
                 batch, steps, c.latent_size, generator=generator, device=y.device,
@@ -455,11 +454,9 @@ class ZForcing(nn.Module):
                 aux_at_floor = torch.zeros_like(nll)  # the L2 cost has no variance to sit at a floor
         else:
             aux = bwd = aux_at_floor = torch.zeros_like(nll)
-        bwd_mask = mask.clone()
-        if not self.predicts_first_input(first_input):
-            bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
         return StepTerms(nll=nll, kl=kl, aux=aux, bwd=bwd, log_ratio=log_ratio, posterior_mean=q_mean, backward=backward,
-                         aux_at_floor=aux_at_floor, mask=mask, bwd_mask=bwd_mask, prior_mean=p_mean)
+                         aux_at_floor=aux_at_floor, mask=mask, prior_mean=p_mean,
+                         bwd_mask=backward_mask(mask, self.predicts_first_input(first_input)))
 
     def predicts_first_input(self, first_input: Tensor | None) -> bool:
         """Whether the backward cost includes t = 1: with backward_first 'data', when u_1 is a
@@ -598,7 +595,7 @@ class ZForcing(nn.Module):
         weight = cell.hidden_to_gates.weight
         device, dtype = weight.device, weight.dtype
         size = self.config.hidden_size
-        z_weight = None if isinstance(cell, ConditionalLNCell) else cell.latent_to_gates_weight()
+        z_weight = None if isinstance(cell, ConditionalLNCell) or not self.config.latent else cell.latent_to_gates_weight()
         if state is None:
             h = torch.zeros(num, size, device=device, dtype=dtype)
             c = torch.zeros(num, size, device=device, dtype=dtype)
@@ -608,16 +605,7 @@ class ZForcing(nn.Module):
         outputs = []
         finished = torch.zeros(num, dtype=torch.bool, device=device)
         for t in range(steps):
-            mean, logvar = self.prior(h)
-            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=dtype)
-            z = mean + torch.exp(0.5 * logvar) * noise
-            if latents is not None and t < latents[0].shape[1]:
-                z = latents[0][:, t] + (1.0 - latents[1][:, t : t + 1]) * z
-            gates_in = cell.input_gates(self.embed(u)).squeeze(1)
-            if z_weight is None:
-                gates = cell.step_gates(gates_in, h @ weight.t(), z)  # type: ignore[union-attr]
-            else:
-                gates = gates_in + h @ weight.t() + z @ z_weight.t()
+            gates = self.prior_step_gates(u, h, t, generator, latents, z_weight)
             h, c = ForwardCell.update(gates, c)
             params = self.output_head(h.unsqueeze(1))
             y = self.distribution.sample(params, temperature, generator) if choose is None else choose(params, t)
@@ -629,6 +617,104 @@ class ZForcing(nn.Module):
                     break
         samples = torch.cat(outputs, dim=1)
         return (samples, (h, c)) if return_state else samples
+
+    def prior_step_gates(self, u: Tensor, h: Tensor, t: int, generator: torch.Generator | None,
+                         latents: tuple[Tensor, Tensor] | None, z_weight: Tensor | None) -> Tensor:
+        """generate()'s gates at step t (B, 4H) from its input u_t and h_{t-1}, with z_t drawn from
+        the prior (or mixed with latents' given z_t); z_weight: None with cond_ln."""
+        cell = self.forward_cell
+        weight = cell.hidden_to_gates.weight
+        mean, logvar = self.prior(h)
+        noise = torch.randn(mean.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        if latents is not None and t < latents[0].shape[1]:
+            z = latents[0][:, t] + (1.0 - latents[1][:, t : t + 1]) * z
+        gates_in = cell.input_gates(self.embed(u)).squeeze(1)
+        if z_weight is None:
+            return cell.step_gates(gates_in, h @ weight.t(), z)  # type: ignore[union-attr]
+        return gates_in + h @ weight.t() + z @ z_weight.t()
+
+
+class LatentFreeModel(ZForcing):
+    """`--no-latent`: Z-Forcing's network without z, the deterministic baseline of the paper's RNN
+    rows. The same embedding, forward LSTM (with no g(z_t) among its inputs) and output head as
+    ZForcing's, and nothing else: no backward LSTM, prior, posterior, auxiliary or backward head.
+    Its step terms are the NLL and zeros (KL, log q - log p, aux, bwd), so its ELBO is exactly
+    -NLL: the likelihood itself, not a bound."""
+
+    def __init__(self, config: ZForcingConfig):
+        nn.Module.__init__(self)  # none of ZForcing's latent parts
+        self.config = config
+        self.distribution = make_output_distribution(config)
+        self.embedding = make_embedding(config)
+        self.embed_dropout = nn.Dropout(config.embed_dropout)
+        self.forward_cell = ForwardCell(config.embed_size, 0, 0, config.hidden_size, config.lstm_biases == "two")
+        self.output_head = make_head(config.output_head, config.hidden_size, config.mlp_size,
+                                     self.distribution.num_params(config.input_size))
+        if config.init == "authors":
+            authors_init(self)
+
+    def step_terms(self, y: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None,
+                   noise: Tensor | None = None, auxiliary: bool = True, first_input: Tensor | None = None) -> StepTerms:
+        """The NLL at every step, and zeros for the terms of z and b_t, which this model lacks
+        (generator, noise and auxiliary, ZForcing's arguments, have nothing to act on)."""
+        y, mask = masked_targets(y, mask, self.forward_cell.hidden_to_gates.weight.dtype)
+        states, _ = self.lstm_states(self.embed(self.shift_right(y, first_input)))
+        nll = self.distribution.nll(self.output_head(states[:, 1:]), y)  # (B, T)
+        zeros, no_latent = torch.zeros_like(nll), nll.new_zeros(*nll.shape, 0)  # (B, T), (B, T, 0)
+        return StepTerms(nll=nll, kl=no_latent, aux=zeros, bwd=zeros, log_ratio=zeros, posterior_mean=no_latent,
+                         prior_mean=no_latent, backward=no_latent, aux_at_floor=zeros, mask=mask,
+                         bwd_mask=backward_mask(mask, self.predicts_first_input(first_input)))
+
+    def lstm_states(self, embedded_u: Tensor) -> tuple[Tensor, Tensor]:
+        """h_0..h_T (B, T+1, H) and c_T (B, H) of the forward LSTM over emb(u_1..u_T) (B, T, E),
+        from zero states: nn.LSTM's kernel (torch.lstm) on the forward cell's weights, whose gates
+        come in nn.LSTM's order (i, f, g, o), with a zero second bias when the cell has one."""
+        cell = self.forward_cell
+        zeros = embedded_u.new_zeros(1, embedded_u.shape[0], self.config.hidden_size)  # (layers, B, H)
+        second_bias = cell.hidden_to_gates.bias
+        if second_bias is None:
+            second_bias = torch.zeros_like(cell.input_to_gates.bias)
+        weights = [cell.input_to_gates.weight, cell.hidden_to_gates.weight, cell.input_to_gates.bias, second_bias]
+        output, _, c = torch.lstm(embedded_u, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)
+        return torch.cat([zeros.transpose(0, 1), output], dim=1), c[0]
+
+    def read(self, y: Tensor, noise: Tensor, first_input: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """h_0..h_T, no z (B, T, 0) and c_T of the forward LSTM over whole sequences y."""
+        states, c = self.lstm_states(self.embed(self.shift_right(y, first_input)))
+        return states, states.new_zeros(y.shape[0], y.shape[1], 0), c
+
+    def prior_step_gates(self, u: Tensor, h: Tensor, t: int, generator: torch.Generator | None,
+                         latents: tuple[Tensor, Tensor] | None, z_weight: Tensor | None) -> Tensor:
+        """generate()'s gates at step t: the forward LSTM's, with no z_t to draw."""
+        cell = self.forward_cell
+        return cell.input_gates(self.embed(u)).squeeze(1) + h @ cell.hidden_to_gates.weight.t()
+
+
+def build_model(config: ZForcingConfig) -> ZForcing:
+    """The model a config describes: ZForcing, or LatentFreeModel when config.latent is False."""
+    return ZForcing(config) if config.latent else LatentFreeModel(config)
+
+
+def backward_mask(mask: Tensor, from_first: bool) -> Tensor:
+    """The steps (B, T) with a u_t for b_t to predict: the valid ones, but t = 1 unless u_1 is
+    data (from_first: ZForcing.predicts_first_input)."""
+    bwd_mask = mask.clone()
+    if not from_first:
+        bwd_mask[:, 0] = 0.0  # u_1 is the start symbol, not data: nothing to predict
+    return bwd_mask
+
+
+def masked_targets(y: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """y (B, T[, F]) with its padding replaced by zeros, and the mask (B, T) in dtype (every step
+    valid when None). Padding is replaced, not only masked out: 0 × NaN (or × an overflowed
+    square) is NaN."""
+    batch, steps = y.shape[:2]
+    if mask is None:
+        mask = torch.ones(batch, steps, device=y.device)
+    mask = mask.to(dtype)
+    valid = mask.bool().view(batch, steps, *([1] * (y.dim() - 2)))
+    return torch.where(valid, y, torch.zeros((), dtype=y.dtype, device=y.device)), mask
 
 
 def recurrence_weights(model: ZForcing) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -643,6 +729,8 @@ def recurrence_weights(model: ZForcing) -> tuple[Tensor, Tensor | None, Tensor]:
 
 def recurrence_loops(model: ZForcing) -> str:
     """Which loops posterior_rollout runs on the model's device, in words (recurrence.loops_in_use)."""
+    if not model.config.latent:
+        return "torch's LSTM (no latent)"
     if not model.fused_recurrence or model.config.cond_ln:
         return "autograd reference loop" + (" (cond_ln has no other)" if model.config.cond_ln else "")
     with torch.no_grad():  # as posterior_recurrence: at least float32

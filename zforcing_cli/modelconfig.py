@@ -37,6 +37,9 @@ class ZForcingConfig:
     cond_ln: bool = False  # z_t enters the forward LSTM through layer-norm gains and biases (authors' cond_ln)
     backward_layers: int = 1  # layers of the backward LSTM (authors' nlayers)
     aux_cost: str = "gaussian"  # -log p(b_t | z_t) (gaussian), or the squared error to its mean (l2: authors' use_l2)
+    # False: the same network without z (`--no-latent`, the paper's RNN rows): the embedding, the
+    # forward LSTM and the output head only, trained on the exact NLL (model.LatentFreeModel).
+    latent: bool = True
 
     def __post_init__(self) -> None:
         if self.modality not in MODALITIES:
@@ -49,6 +52,8 @@ class ZForcingConfig:
             raise ValueError(f"backward_layers must be at least 1, not {self.backward_layers}")
         if self.cond_ln and self.lstm_biases != "one":
             raise ValueError("cond_ln has no LSTM biases (the layer norms' biases take their place): lstm_biases must be 'one'")
+        if self.cond_ln and not self.latent:
+            raise ValueError("cond_ln conditions the forward LSTM on z_t: a model without latent has none")
         if self.backward_first == "data" and self.modality != "frames":
             raise ValueError("backward_first 'data' needs frames: u_1 of pixels and words is the start symbol")
 

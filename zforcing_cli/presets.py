@@ -169,7 +169,14 @@ def describe_aux_weight(config: TrainConfig) -> str:
 
 
 def describe_model(config: ZForcingConfig) -> str:
-    """'LSTMs of 64, z of 16, MLPs of 64, embedding 16' (and the dropout and aux condition when set)."""
+    """'LSTMs of 64, z of 16, MLPs of 64, embedding 16' (and the dropout and aux condition when set);
+    'no latent: LSTM of 64, MLP of 64, embedding 16' for a model without z."""
+    if not config.latent:  # the forward LSTM, the embedding and the output head: nothing else applies
+        parts = [f"no latent: an LSTM of {config.hidden_size:,}", f"embedding {config.embed_size:,}",
+                 f"output MLP of {config.mlp_size:,}" if config.output_head == "mlp" else "one-Linear output head"]
+        if config.embed_dropout:
+            parts.append(f"dropout {config.embed_dropout:g}")
+        return ", ".join(parts + [label for label in model_departures(config) if label in ("authors' init", "two LSTM biases")])
     parts = [f"LSTMs of {config.hidden_size:,}", f"z of {config.latent_size:,}", f"MLPs of {config.mlp_size:,}",
              f"embedding {config.embed_size:,}"]
     if config.embed_dropout:

@@ -6,12 +6,12 @@ stay as they are."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import CONFIG_FILE, read_config
-from .errors import TrainingError
+from .errors import TrainingError, UsageError
 from .modelconfig import ZForcingConfig
 
 if TYPE_CHECKING:
@@ -57,6 +57,25 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16: the arithmetic of the forward pass (device.autocast_dtype)
 
 
+# The TrainConfig fields of the terms a model without latent lacks (the KL, the auxiliary and the
+# backward costs), at their values that leave them out.
+LATENT_TERMS = {"kl_anneal": False, "aux_weight": 0.0, "aux_start": None, "bwd_weight": 0.0}
+
+
+def latent_free_training(config: TrainConfig, given: dict) -> TrainConfig:
+    """How a model without latent (ZForcingConfig.latent False) trains: on its NLL alone, with
+    LATENT_TERMS set; given (settings by name, None where not given) may repeat those values,
+    and any other is a UsageError: a weight of a term the model has not would mean nothing."""
+    for name, off in LATENT_TERMS.items():
+        value = given.get(name)
+        if value is not None and value != off:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"{option} {'' if isinstance(value, bool) else value}".rstrip() + " weighs a term that a model "
+                             "without latent (--no-latent) has not: it has no KL, auxiliary or backward cost, and trains on its NLL alone.",
+                             f"Drop {option}, or drop --no-latent.")
+    return replace(config, **LATENT_TERMS)
+
+
 KL_ANNEAL_ON_SKIP = ("freeze", "advance")  # each field's first choice is what runs written before it did
 SKIP_RULES = ("loss-and-grad", "loss")
 PRECISION_NAMES = ("fp32", "tf32", "bf16", "fp16")  # --precision's choices (device.py maps them to dtypes)
@@ -70,13 +89,19 @@ class RunConfig:
     train: TrainConfig
     data: dict  # data_description(): location, kind, protocol, counts, fingerprint, ...
     preset: str = ""  # the preset the sizes came from ("" in runs written by 0.1.0)
+    # The CPU threads torch ran the run on, fixed for the run: another count may sum in another
+    # order. None: not decided yet (train() records torch's count then), or a run written before
+    # runs recorded it.
+    threads: int | None = None
 
     def to_dict(self) -> dict:
-        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": self.data, "preset": self.preset}
+        return {"model": self.model.to_dict(), "train": asdict(self.train), "data": self.data, "preset": self.preset,
+                "threads": self.threads}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        return cls(ZForcingConfig.from_dict(values["model"]), TrainConfig(**values["train"]), values["data"], values.get("preset", ""))
+        return cls(ZForcingConfig.from_dict(values["model"]), TrainConfig(**values["train"]), values["data"],
+                   values.get("preset", ""), values.get("threads"))
 
 
 @dataclass

@@ -14,6 +14,7 @@ one error naming it, whoever wrote it.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import sys
 import typing
@@ -25,7 +26,7 @@ from .errors import UsageError, file_system_error
 from .humanize import plural
 from .modelconfig import ZForcingConfig
 from .presets import PRESETS, preset_configs
-from .runconfig import PRECISION_NAMES, TrainConfig
+from .runconfig import PRECISION_NAMES, TrainConfig, latent_free_training
 
 if TYPE_CHECKING:  # the data types bring torch; `zforcing train --config` reads a file before torch loads
     from .data import DatasetMeta
@@ -131,7 +132,10 @@ def check_settings(values: dict, where: str = "") -> dict:
 
 
 def read_settings_file(path: Path) -> dict:
-    """A TOML file of settings (key = value lines, no tables), checked."""
+    """A TOML file of settings (key = value lines, no tables), or a run's config.json (the
+    settings that train the run again: run_settings), checked."""
+    if Path(path).suffix == ".json":
+        return check_settings(run_settings(read_run_config(path)), f" in {path}")
     tables = read_toml(path)
     nested = [name for name, value in tables.items() if isinstance(value, dict)]
     if nested:
@@ -140,15 +144,41 @@ def read_settings_file(path: Path) -> dict:
     return check_settings(tables, f" in {path}")
 
 
-def read_toml(path: Path) -> dict:
+def run_settings(config: dict) -> dict:
+    """The settings that train a run again, from its config.json (RunConfig.to_dict()): its
+    model's and training's fields, its data's location, its preset and its thread count; the
+    fields the data fixes and those the run left unset (null) are left out."""
+    model = {name: value for name, value in config["model"].items() if name not in FIXED_BY_DATA}
+    values = {**model, **config["train"], "data": (config.get("data") or {}).get("location"),
+              "preset": config.get("preset"), "threads": config.get("threads")}
+    return {name: value for name, value in values.items() if value is not None and value != ""}
+
+
+def read_run_config(path: Path) -> dict:
+    """A run's config.json, as a dict with its model and train tables."""
     try:
-        text = Path(path).read_text()
+        config = json.loads(read_text(path, "a run's config.json"))
+    except ValueError as error:
+        raise UsageError(f"{path} is not valid JSON ({error}).", "Give a run's config.json, as `zforcing train` writes it.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or not isinstance(config.get("train"), dict):
+        raise UsageError(f"{path} is not a run's config.json: it has no model and train settings.",
+                         "Give the config.json of a run folder, or a TOML file of settings.")
+    return config
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return Path(path).read_text()
     except FileNotFoundError:
-        raise UsageError(f"{path} does not exist.", "Check the path of the TOML file.") from None
+        raise UsageError(f"{path} does not exist.", f"Check the path: it should name {what}.") from None
     except OSError as error:
         raise file_system_error(error) from None
     except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a text file.", "Give a TOML file of settings.") from None
+        raise UsageError(f"{path} is not a text file.", f"Give {what}.") from None
+
+
+def read_toml(path: Path) -> dict:
+    text = read_text(path, "a TOML file of settings")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -184,6 +214,8 @@ def resolve(settings: dict, meta: DatasetMeta, train_size: int) -> ResolvedSetti
     except ValueError as error:
         raise UsageError(f"These settings contradict each other: {error}.",
                          "docs/protocols.md (\"Departures\") says which options go together.") from None
+    if not model.latent:
+        training = latent_free_training(training, settings)
     training, notes = fit_to_split(training, settings, train_size)
     return ResolvedSettings(model, training, preset, notes)
 

@@ -8,11 +8,14 @@ With one thread each, the same two trainings ran at about 70% of their solo spee
 (OMP_WAIT_POLICY=PASSIVE would also avoid it, but costs a lone training 40%.)
 
 So each zforcing process registers itself in a per-machine folder and, unless told a
-fixed count, uses `cores // active processes` threads, recounting every few seconds.
+fixed count, uses `cores // active processes` threads, counted once as it starts.
 
-Reproducibility: a different thread count sums floating-point numbers in a different order,
-so results can differ in the last bits when the automatic count changes (another training
-starts or ends). Pass `--threads N` (or set ZFORCING_THREADS=N) for bit-for-bit runs.
+Reproducibility: a different thread count may sum floating-point numbers in a different order,
+and so change the last bits of a result. The count is therefore decided once and never changes
+while the process runs: a training keeps the share it found at its start even when others end,
+records it in its config.json (RunConfig.threads), and a resumed or replayed run takes the
+recorded count back (cli/train.py), whatever else runs then. `--threads N` (or
+ZFORCING_THREADS=N) fixes the count instead of the share.
 
 Registry: `<temp dir>/zforcing-active/` (ZFORCING_ACTIVE_DIR overrides it), one
 `<pid>-<random>.lock` file per process, held with an exclusive flock for the process's
@@ -27,7 +30,7 @@ import errno
 import os
 import secrets
 import tempfile
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,40 +134,44 @@ def count_held_locks(folder: Path) -> int:
     return sum(is_held(path) for path in paths)
 
 
-class ThreadPolicy:
-    """Sets torch's thread count for a run: fixed when `requested`, else shared among zforcing runs.
+@contextmanager
+def fixed_threads(threads: int):
+    """torch on `threads` threads for the work inside, and on its former count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    Use as a context manager around the work, and call `refresh()` before each update; it
-    recounts the active processes at most every `refresh_seconds`, so it is cheap to call often:
+
+class ThreadPolicy:
+    """Sets torch's thread count for the work it surrounds: `requested` when given, else a fair
+    share among the zforcing processes running as it starts. The count is decided once, in
+    __enter__, and kept to the end, so that the work's sums do not follow the machine's load:
 
         with ThreadPolicy(threads) as policy:
-            for batch in batches:
-                policy.refresh()
-                ...
+            ...  # torch on policy.threads threads
 
-    A fixed count never changes, but the process still registers so that automatic runs
-    beside it leave it room. Any failure of the registry (read-only temp dir, no flock on
-    its filesystem) degrades to counting this process alone; it never stops a run.
+    Either way the process registers, so that automatic processes starting beside it leave it
+    room. Any failure of the registry (read-only temp dir, no flock on its filesystem) degrades
+    to counting this process alone; it never stops the work.
 
-    Attributes: `threads` (the count now in use), `automatic`, `active` (processes last
-    counted, this one included) and `changes` ((seconds since start, threads) for each
-    change after the first setting).
+    Attributes: `threads` (the count in use), `automatic`, and `active` (processes counted at
+    the start, this one included).
     """
 
-    def __init__(self, requested: int | None, refresh_seconds: float = 2.0):
+    def __init__(self, requested: int | None):
         if requested is not None and requested < 1:
             raise ZForcingError(f"--threads {requested}: at least one thread is needed.", "Use --threads 1 or more.")
         self.requested = requested
         self.automatic = requested is None and fcntl is not None
-        self.refresh_seconds = refresh_seconds
         self.cores = available_cores()
         self.active = 1
         self.threads = requested or torch.get_num_threads()
-        self.changes: list[tuple[float, int]] = []
         self._folder = registry_dir()
         self._lock: tuple[int, Path] | None = None
         self._threads_before = torch.get_num_threads()
-        self._started = self._counted_at = time.monotonic()
 
     def __enter__(self):
         if fcntl is not None:
@@ -173,7 +180,6 @@ class ThreadPolicy:
             self.active = self._count_active()
             self.threads = auto_threads(self.active, self.cores)
         torch.set_num_threads(self.threads)
-        self._counted_at = time.monotonic()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -183,19 +189,6 @@ class ThreadPolicy:
             os.close(fd)
             self._lock = None
         torch.set_num_threads(self._threads_before)
-
-    def refresh(self) -> None:
-        """Recount (at most every refresh_seconds) and change torch's thread count if the share changed."""
-        now = time.monotonic()
-        if not self.automatic or now - self._counted_at < self.refresh_seconds:
-            return
-        self._counted_at = now
-        self.active = self._count_active()
-        threads = auto_threads(self.active, self.cores)
-        if threads != self.threads:
-            torch.set_num_threads(threads)
-            self.threads = threads
-            self.changes.append((now - self._started, threads))
 
     def _register(self) -> None:
         try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,11 +36,12 @@ from .distributed import Group, from_main, rank_seed
 from .errors import FileSystemError, TrainingError, free_bytes
 from .evaluate import bound_unit, evaluate_split, perplexity
 from .humanize import byte_size
-from .model import ZForcing, count_parameters, recurrence_loops
+from .model import ZForcing, build_model, count_parameters, recurrence_loops
 from .runconfig import RunConfig, TrainConfig, TrainerState, planned_updates
 from .runfolder import RunFolder
 from .schedule import annealed_aux_weight, annealed_kl_weight, kl_anneal_updates
 from .tensorboard import require_tensorboard
+from .threads import fixed_threads
 from .update import PendingUpdate, PendingUpdates, Updater, batch_inputs, epoch_order
 
 
@@ -195,7 +196,7 @@ class Trainer:
         self.group = group
         train_config = run_config.train
         torch.manual_seed(train_config.seed)
-        self.model = ZForcing(run_config.model).to(device)
+        self.model = build_model(run_config.model).to(device)
         self.read_every = read_every or (max(1, train_config.log_every) if device.type == "cuda" else 1)
         on_device = device.type == "cuda" or group is not None or self.read_every > 1
         self.updater = Updater(self.model, train_config, device, on_device, group)
@@ -433,7 +434,8 @@ class Trainer:
             self.folder.log_samples(self.model, state.step)
         self.emit("validation", metrics)
         steps = result.steps / max(result.sequences, 1)  # per sequence, on average
-        warning = None if self.warned_collapse else collapse_warning(result.kl, steps, bound_unit(self.dataset.meta.modality))
+        told = self.warned_collapse or not self.run_config.model.latent  # a model without latent has none to collapse
+        warning = None if told else collapse_warning(result.kl, steps, bound_unit(self.dataset.meta.modality))
         if warning is not None:
             self.warned_collapse = True
             self.emit("warning", message=warning)
@@ -484,15 +486,21 @@ def train(
     With a group, every rank calls this: rank 0 sets up the run folder (and restores the
     checkpoint), then gives the other ranks the trainer's state; a run may resume on another
     number of ranks than it started with.
+
+    The run trains on run_config.threads CPU threads, or on torch's count when that is None,
+    and records the count in its config.json: a run replayed or resumed on the same count sums
+    in the same order.
     """
     if tensorboard:
         require_tensorboard()
-    trainer = Trainer(run_dir, run_config, dataset, device, callback, stop, group)
-    try:
-        trainer.open(resume, force, latest_link, tensorboard)
-        return trainer.run()
-    finally:
-        trainer.close()
+    run_config = replace(run_config, threads=run_config.threads or torch.get_num_threads())
+    with fixed_threads(run_config.threads):  # the count the run records, kept to its end
+        trainer = Trainer(run_dir, run_config, dataset, device, callback, stop, group)
+        try:
+            trainer.open(resume, force, latest_link, tensorboard)
+            return trainer.run()
+        finally:
+            trainer.close()
 
 
 def check_disk_space(folder: RunFolder, model: ZForcing, keep: int) -> str | None:

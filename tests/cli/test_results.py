@@ -218,13 +218,6 @@ def test_every_option_has_a_description(command):
         assert param.help, f"{command} {param.name} has no description"
 
 
-class OneThread:  # the ThreadPolicy a TrainReporter reads
-    threads = 1
-
-    def refresh(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("total_steps, warned", [(10**9, True), (1_000, False)])
 def test_a_training_that_would_take_days_says_so_once(monkeypatch, total_steps, warned):
     """Measured over its first updates, a run's estimate is said up front when it is over a day."""
@@ -240,7 +233,7 @@ def test_a_training_that_would_take_days_says_so_once(monkeypatch, total_steps, 
     monkeypatch.setattr(train_cli_module.time, "perf_counter", lambda: float(next(clock)))
     monkeypatch.setattr(train_cli_module.TrainReporter, "MEASURE_SECONDS", 20.0)
     out = StringIO()
-    reporter = train_cli_module.TrainReporter(Progress(console=Console(file=out, width=300)), OneThread(), "nats")
+    reporter = train_cli_module.TrainReporter(Progress(console=Console(file=out, width=300)), 1, "nats")
     reporter(TrainEvent("start", 0, total_steps, 0, metrics={"parameters": 10, "finished": False, "loops": "compiled loops"}))
     for step in range(1, 40):
         reporter(TrainEvent("progress", step, total_steps, 0))

@@ -13,13 +13,6 @@ from zforcing_cli.cli import train as train_cli_module
 from zforcing_cli.train import StopRequest, TrainEvent
 
 
-class OneThread:  # the ThreadPolicy a TrainReporter reads
-    threads = 1
-
-    def refresh(self) -> None:
-        pass
-
-
 def test_a_logged_progress_line_has_an_eta_and_units(monkeypatch):
     """Off a terminal, where no bar is drawn, every LOG_SECONDS a line says where the run is,
     how long it has taken and will take, and the metrics with their unit."""
@@ -27,7 +20,7 @@ def test_a_logged_progress_line_has_an_eta_and_units(monkeypatch):
     log = StringIO()
     monkeypatch.setattr(train_cli_module.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(train_cli_module, "stderr", Console(file=log, width=400))  # not a terminal
-    reporter = train_cli_module.TrainReporter(Progress(console=Console(file=StringIO())), OneThread(), "nats per sequence")
+    reporter = train_cli_module.TrainReporter(Progress(console=Console(file=StringIO())), 1, "nats per sequence")
     reporter(TrainEvent("start", 0, 100, 0, metrics={"parameters": 10, "finished": False, "loops": "compiled loops"}))
     metrics = {"loss": 123.45, "kl": 1.5, "aux": -48502.2}
     for seconds in (10, 40):  # one update a second; a line once 30 s have passed

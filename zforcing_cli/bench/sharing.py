@@ -30,8 +30,7 @@ def shared_worker(seconds: float, threads: int | None, preset: str, size: str, f
     """One process of bench_shared: set up, wait for GO on stdin, train for `seconds`, print one
     JSON line. Every worker trains through the same window, so their timings overlap fully.
 
-    It calls policy.refresh() before each update, as the trainer does, so the timing includes
-    the policy's cost and its reaction to the other processes.
+    Its thread count is the policy's at its start, kept for the window, as a training keeps it.
     """
     device = torch.device("cpu")
     with ThreadPolicy(threads) as policy, tempfile.TemporaryDirectory(prefix="zforcing-bench-", dir=folder) as temporary:
@@ -44,7 +43,6 @@ def shared_worker(seconds: float, threads: int | None, preset: str, size: str, f
         sys.stdin.readline()  # GO: every worker is set up
         began = time.perf_counter()
         while time.perf_counter() - began < seconds:
-            policy.refresh()
             update(model, optimizer, batch, train_config, step_generator(0, next(steps), device))
         elapsed, updates = time.perf_counter() - began, next(steps) - 1
         result = {
@@ -52,7 +50,6 @@ def shared_worker(seconds: float, threads: int | None, preset: str, size: str, f
             "updates": updates,
             "batch_size": train_config.batch_size,
             "threads": policy.threads,
-            "thread_changes": len(policy.changes),
         }
     print(json.dumps(result), flush=True)
 
@@ -115,7 +112,6 @@ def bench_shared(processes: int, seconds: float, threads: int | None, preset: st
         "policy_cost_alone": solo["ms_per_update"] / unmanaged["ms_per_update"] - 1.0,
         "concurrent_ms_per_update": [result["ms_per_update"] for result in concurrent],
         "concurrent_threads": [result["threads"] for result in concurrent],
-        "concurrent_thread_changes": [result["thread_changes"] for result in concurrent],
         "share_of_solo_speed": shares,
         "min_share_of_solo_speed": min(shares),
     }

@@ -23,8 +23,13 @@ def cap_threads(requested: int | None) -> int | None:
         return None
     threads, warning = capped_threads(requested)
     if warning:
-        stderr.print(f"[yellow]Warning:[/] {escape(warning)}", soft_wrap=True)
+        warn(warning)
     return threads
+
+
+def warn(message: str) -> None:
+    """A `Warning:` line on stderr."""
+    stderr.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
 
 
 ThreadsOption = Annotated[

@@ -75,6 +75,8 @@ def evaluate_cli(
 
     torch_device = resolve_device(device)
     model, config = load_model(folder, torch_device)
+    if not model.config.latent:
+        iwae, diagnostics, plot = latent_free_options(iwae, diagnostics, plot)
     dataset = model_dataset(model, config, data)
     sequences = sequence_count(dataset.split(split), limit or None)
     seed = config["train"]["seed"] if seed is None else seed
@@ -99,7 +101,7 @@ def evaluate_cli(
         if plot is not None:
             write_diagnostics_plot(found, plot, f"KL(q ‖ p) per step and latent dimension: {dataset.meta.kind}, {split} split")
     text = text_figures(result, dataset, split, limit) if dataset.meta.modality == "tokens" else {}
-    report = evaluation_report(folder, dataset, split, limit, seed, result, text, found)
+    report = evaluation_report(folder, dataset, split, limit, seed, result, text, found, model.config.latent)
     print_report(report, as_json, folder, dataset, split, result, text, found)
     if plot is not None:
         stderr.print(escape(f"Wrote the KL heat map to {plot}"), soft_wrap=True)
@@ -108,6 +110,17 @@ def evaluate_cli(
             f"The bounds came out non-finite ({report['status'].split(': ')[1]}): they are not results.",
             "The model overflows on this data; check the checkpoint with another split, or train again with a lower --lr.",
         )
+
+
+def latent_free_options(iwae: int, diagnostics: bool, plot: Path | None) -> tuple[int, bool, Path | None]:
+    """What evaluates a model without latent (trained with --no-latent): its ELBO is its exact
+    NLL, so there is no IWAE bound to tighten it and no latent to diagnose; a note says which
+    option is skipped (a script that evaluates several runs keeps working)."""
+    skipped = [option for option, given in (("--iwae", iwae), ("--diagnostics", diagnostics)) if given]
+    if skipped:
+        stderr.print(f"Note: the model has no latent (trained with --no-latent): its NLL is exact, so {' and '.join(skipped)} "
+                     f"{'is' if len(skipped) == 1 else 'are'} skipped.", soft_wrap=True)
+    return 0, False, None
 
 
 def evaluate_split(*args, **kwargs) -> EvalResult:
@@ -179,15 +192,17 @@ def validation_difference(config: dict, dataset: PreparedDataset, sequences: int
 
 
 def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit: int, seed: int, result: EvalResult,
-                      text: dict, found: Diagnostics | None) -> dict:
-    """Every figure of the evaluation, as --json prints it; text: text_figures' (empty unless text)."""
+                      text: dict, found: Diagnostics | None, latent: bool = True) -> dict:
+    """Every figure of the evaluation, as --json prints it; text: text_figures' (empty unless text).
+    latent False (a model without latent): `exact` is true, and the ELBO is minus the NLL itself."""
     from ..evaluate import BASELINES, baseline_nll, bound_unit
 
     per_sample = samples_per_sequence(result, dataset.meta)
     baseline = {"baseline": BASELINES[dataset.meta.modality], "baseline_nll": baseline_nll(dataset, split, limit or None)}
     return json_record({
         "checkpoint": str(folder), "split": split, "data": dataset.location, "seed": seed, "unit": bound_unit(dataset.meta.modality),
-        **result.to_dict(), "nll_elbo": -result.elbo, "nll_iwae": None if result.iwae is None else -result.iwae, **baseline,
+        "exact": not latent, **result.to_dict(), "nll_elbo": -result.elbo,
+        "nll_iwae": None if result.iwae is None else -result.iwae, **baseline,
         **({} if per_sample is None else per_sample_figures(result, per_sample, baseline["baseline_nll"])),
         **text,
         **({} if found is None else {"diagnostics": found.to_dict()}),
@@ -207,7 +222,16 @@ def print_report(report: dict, as_json: bool, folder: Path, dataset: PreparedDat
         rows = audio_rows(result, report)
     else:
         rows = result_rows(result, report["unit"], report)
+    if report["exact"]:
+        rows = exact_rows(rows)
     stdout.print(results_table(f"{dataset.meta.kind}, {split} split", rows + ([] if found is None else diagnostic_rows(found))))
+
+
+def exact_rows(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The rows of a model without latent: its "bound by the ELBO" is the exact figure, and it has
+    no KL."""
+    return [(label.replace("≤ (ELBO)", "(exact)").replace("≥ (ELBO)", "(exact)"), value)
+            for label, value in rows if not label.startswith("KL")]
 
 
 def samples_per_sequence(result: EvalResult, meta) -> float | None:

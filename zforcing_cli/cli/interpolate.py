@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..checkpoint import load_model, resolve_checkpoint
 from ..console import JobProgress, stdout
+from ..errors import ZForcingError
 from ..sentence_defaults import DEFAULT_LENGTH, INTERPOLATION_TOP_K
 from .common import RUNS_ROOT, DeviceOption, SeedOption, ThreadsOption, announce_loop_builds, check_real
 from .sample import warn_unknown
@@ -44,6 +45,9 @@ def interpolate_cli(
 
     torch_device = resolve_device(device)
     model, config = load_model(folder, torch_device)
+    if not model.config.latent:
+        raise ZForcingError("The model has no latent (it was trained with --no-latent): there are no latents to interpolate.",
+                            "Interpolate with a Z-Forcing model; `zforcing sample --prompt` continues a sentence with this one.")
     vocabulary = TextVocabulary.of(config["data"])
     with ThreadPolicy(threads), JobProgress("Decoding the mixes", shorten="ask for fewer --points") as progress:
         rows = interpolate(model, vocabulary, sentence_a, sentence_b, points=points, length=length, top_k=top_k,

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from ..checkpoint import resolve_latest
 from ..console import JobProgress, plural, stderr, stdout, training_progress
+from ..cores import capped_threads
 from ..data import EMBEDDED, check_prepared_folder, open_dataset
 from ..errors import DataError, TrainingError
 from ..humanize import duration
@@ -25,18 +26,17 @@ from ..launch import launched_rank
 from ..modelconfig import AUX_COSTS, BACKWARD_FIRST, INITS, LSTM_BIASES, OUTPUT_HEADS, ZForcingConfig
 from ..presets import PRESETS, check_preset, describe_model, describe_training, presets_table
 from ..runconfig import (KL_ANNEAL_ON_SKIP, SKIP_RULES, RunConfig, TrainConfig, data_description, dataset_differences,
-                         load_run_config)
+                         latent_free_training, load_run_config)
 from ..settings import AUX_CONDITIONS
 from ..version import __version__
 from .common import (MAX_SEED, RUNS_ROOT, DeviceOption, ThreadsOption, announce_loop_builds, check_real, exit_on_signal,
-                     usage_error)
+                     usage_error, warn)
 
 if TYPE_CHECKING:  # the core is imported once the options and paths are checked: it loads torch
     import torch
 
     from ..data import PreparedDataset
     from ..distributed import Group
-    from ..threads import ThreadPolicy
     from ..train import StopRequest, TrainEvent, TrainResult
 
 EPILOG = (
@@ -251,6 +251,15 @@ KlAnnealOnSkipOption = Annotated[
         help="With --kl-anneal, a skipped update: `freeze` the KL weight, or `advance` it " + AUTHORS.format("advance") + ".",
     ),
 ]
+LatentOption = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--latent/--no-latent", show_default="latent",
+        help="--no-latent: the same network without z, the deterministic baseline of the paper's RNN rows: the "
+             "embedding, forward LSTM and output head alone, trained on the NLL, which `evaluate` reports exactly. "
+             "Takes no --aux-weight, --aux-start, --bwd-weight or --kl-anneal (docs/protocols.md).",
+    ),
+]
 SkipRuleOption = Annotated[
     Optional[str],
     typer.Option(
@@ -324,8 +333,9 @@ ConfigOption = Annotated[
     typer.Option(
         "--config", show_default=False,
         help=(
-            "TOML file of settings, named as these options with underscores (`hidden_size = 128`); an option "
-            "given here replaces the file's value, and the file's replaces the preset's (docs/runs.md)."
+            "TOML file of settings, named as these options with underscores (`hidden_size = 128`), or a run "
+            "folder's config.json, which replays that run bit for bit; an option given here replaces the file's "
+            "value, and the file's replaces the preset's (docs/runs.md)."
         ),
     ),
 ]
@@ -373,6 +383,7 @@ def train_cli(
     cond_ln: CondLnOption = None,
     backward_layers: BackwardLayersOption = None,
     aux_cost: AuxCostOption = None,
+    latent: LatentOption = None,
     kl_anneal_on_skip: KlAnnealOnSkipOption = None,
     skip_rule: SkipRuleOption = None,
     skip_kl_above: SkipKlAboveOption = None,
@@ -400,13 +411,15 @@ def train_cli(
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, lr_patience=lr_patience, aux_weight=aux_weight, aux_start=aux_start,
                     aux_increment=aux_increment, bwd_weight=bwd_weight, kl_anneal=kl_anneal, seed=seed,
                     weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision,
-                    hidden_size=hidden_size, latent_size=latent_size, mlp_size=mlp_size, embed_size=embed_size, **departures)
+                    hidden_size=hidden_size, latent_size=latent_size, mlp_size=mlp_size, embed_size=embed_size, latent=latent,
+                    **departures)
     lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
     from_file: dict[str, Path] = {}  # the settings the --config file gave, and the file
     if config is not None:
         data, threads, settings, lengths, from_file = with_settings_file(config, data, threads, settings, lengths)
         precision = settings["precision"]
     check_departures({name: settings[name] for name in departures})
+    check_latent_free(settings)
     if launched_rank() is None:  # under torchrun, rank 0 finds the run for all
         check_paths(resume, out, data)
     announce_loop_builds()
@@ -424,7 +437,7 @@ def train_cli(
         result = run_training(run_dir, run_config, dataset, torch_device, group, resume=resume, force=force,
                               tensorboard=tensorboard, threads=threads, device_spec=device)
         if main:
-            report_result(result, run_dir, dataset, run_config.train.valid_limit)
+            report_result(result, run_dir, dataset, run_config)
 
 
 def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, preset: str | None,
@@ -490,6 +503,17 @@ def check_departures(departures: dict) -> None:
                           "Drop --lstm-biases, or drop --cond-ln.")
 
 
+def check_latent_free(settings: dict) -> None:
+    """Usage errors for a model without latent (--no-latent) given what only z has: --cond-ln,
+    or a weight of the KL, auxiliary or backward cost (latent_free_training)."""
+    if settings.get("latent") is not False:
+        return
+    if settings["cond_ln"]:
+        raise usage_error("--cond-ln conditions the forward LSTM on z_t, which a model without latent (--no-latent) has not.",
+                          "Drop --cond-ln, or drop --no-latent.")
+    latent_free_training(TrainConfig(), settings)
+
+
 def settled_run(group: Group | None, resume: bool, out: Path | None, data: str | None, settings: dict,
                 lengths: dict, from_file: dict[str, Path]) -> tuple[Path, RunConfig, PreparedDataset]:
     """The run folder, its configuration and its dataset, the same on every rank: rank 0 settles
@@ -530,9 +554,11 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
 
     main = group is None or group.is_main
     stop = StopRequest()
-    with ThreadPolicy(threads) as policy, training_progress() if main else nullcontext() as progress, \
+    with ThreadPolicy(run_threads(threads, run_config.threads, resume, main)) as policy, \
+            training_progress() if main else nullcontext() as progress, \
             stop_on_signals(stop, progress.console if main else None, group is not None):
-        reporter = TrainReporter(progress, policy, dataset.meta.modality) if main else None
+        run_config = replace(run_config, threads=policy.threads)  # decided once: the run keeps and records it
+        reporter = TrainReporter(progress, policy.threads, dataset.meta.modality, run_config.model.latent) if main else None
         try:
             return train(run_dir, run_config, dataset, device, reporter, resume=resume, force=force, stop=stop,
                          latest_link=RUNS_ROOT, tensorboard=tensorboard, group=group)
@@ -544,6 +570,29 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
             if group is not None:
                 group.barrier()  # rank 0 has said so before any rank ends
             raise typer.Exit(SIGNAL_EXIT_CODES.get(stopped.reason, 1)) from None
+
+
+def run_threads(given: int | None, recorded: int | None, resume: bool, main: bool) -> int | None:
+    """The CPU threads a run trains on, decided once for the whole run: --threads,
+    ZFORCING_THREADS or a --config file's (a replayed config.json's) count when given, else the
+    count a resumed run recorded; None: the thread policy's share. A recorded count above this
+    machine's cores (a run from a bigger one) is held to them, and rank 0 says so."""
+    if given is not None:
+        if resume and main and recorded not in (None, given):
+            warn(f"--threads {given:,} differs from the {recorded:,} the run was trained on: its numbers may differ from "
+                 "those of an uninterrupted run.")
+        threads, capped = capped_threads(given)  # --threads is capped already; a --config file's count is not
+        if capped and main:
+            warn(f"The --config file's threads = {given:,} is more than the cores this process may run on: using "
+                 f"{threads:,}, so the numbers may differ from those of a run on {given:,}.")
+        return threads
+    if recorded is None:
+        return None
+    threads, capped = capped_threads(recorded)
+    if capped and main:
+        warn(f"The run was trained on {plural(recorded, 'thread')}, more than the cores this process may run on: "
+             f"using {threads:,}, so its numbers may differ from those of the run.")
+    return threads
 
 
 def rank_dataset(run_config: RunConfig, group: Group) -> PreparedDataset:
@@ -570,7 +619,7 @@ def continue_command(run_dir: Path, options: list[str], group: Group | None) -> 
     return f"the same torchrun command on every machine, with: -m zforcing_cli {shlex.join(arguments)}"
 
 
-def report_result(result, run_dir: Path, dataset: PreparedDataset, valid_limit: int) -> None:
+def report_result(result, run_dir: Path, dataset: PreparedDataset, run_config: RunConfig) -> None:
     from ..evaluate import bound_unit, perplexity, sequence_count, stated_bound, target_tokens
 
     best = result.state.best_seen
@@ -579,12 +628,14 @@ def report_result(result, run_dir: Path, dataset: PreparedDataset, valid_limit: 
             f"Training ended without a finite validation bound, so {run_dir} has no best checkpoint.",
             "The run diverged; start a new one with a lower --lr.",
         )
-    modality = dataset.meta.modality
-    bound = stated_bound(modality, best, bound_unit(modality))
+    modality, exact, valid_limit = dataset.meta.modality, not run_config.model.latent, run_config.train.valid_limit
+    bound = stated_bound(modality, best, bound_unit(modality), exact)
     if modality == "tokens":  # text's figure in the paper (Table 2), beside the bound
         valid = dataset.split("valid")
-        bound = f"perplexity ≤ {perplexity(best, sequence_count(valid, valid_limit or None), target_tokens(valid, valid_limit or None)):,.2f} ({bound})"
-    stdout.print(escape(f"Best validation bound: {bound}; checkpoint {result.best_checkpoint.resolve()}"), soft_wrap=True)
+        figure = perplexity(best, sequence_count(valid, valid_limit or None), target_tokens(valid, valid_limit or None))
+        bound = f"perplexity {'' if exact else '≤ '}{figure:,.2f} ({bound})"
+    stdout.print(escape(f"Best validation {'figure' if exact else 'bound'}: {bound}; checkpoint {result.best_checkpoint.resolve()}"),
+                 soft_wrap=True)
     quoted = shlex.quote(str(run_dir))
     stdout.print(escape(f"Next: zforcing evaluate {quoted}  or  zforcing sample {quoted}"), soft_wrap=True)
 
@@ -739,11 +790,12 @@ class TrainReporter:
     LOG_SECONDS = 30.0
     MEASURE_SECONDS = 20.0  # of training, before the estimate of what is left is trusted
 
-    def __init__(self, progress, policy: ThreadPolicy, modality: str):
+    def __init__(self, progress, threads: int, modality: str, latent: bool = True):
         from ..evaluate import bound_unit
 
         self.progress = progress
-        self.policy = policy
+        self.threads = threads
+        self.latent = latent  # False: a model without latent, whose figures are exact and have no KL or aux
         self.modality, self.unit = modality, bound_unit(modality)
         self.task = None
         self.started = time.perf_counter()
@@ -775,7 +827,7 @@ class TrainReporter:
     def on_start(self, event: TrainEvent) -> None:
         self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step, speed="", metrics="")
         self.first_step = self.done = event.step
-        self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.policy.threads, 'thread')}; {event.metrics['loops']}")
+        self.say(f"{event.metrics['parameters']:,} parameters; {plural(event.total_steps, 'update')}; torch on {plural(self.threads, 'thread')} (fixed for the run, recorded in its config.json); {event.metrics['loops']}")
         if event.metrics["finished"]:
             self.say(
                 f"The run already took its {plural(event.total_steps, 'update')}; "
@@ -784,18 +836,17 @@ class TrainReporter:
 
     def on_progress(self, event: TrainEvent) -> None:
         """An update taken whose metrics come later (on a GPU): the bar moves, the metrics stay."""
-        self.policy.refresh()
         self.done = event.step
         self.progress.update(self.task, completed=self.done, speed=self.speed(self.done))
         self.warn_if_days(event.total_steps)
 
     def on_step(self, event: TrainEvent) -> None:
-        self.policy.refresh()
         m = event.metrics
         self.done = max(self.done, event.step)  # on a GPU, steps come after their progress
         # The batch's means of Eq. 10's terms, each summed over a sequence's steps: the auxiliary
         # cost -log p(b_t|z_t) is a density's, negative once b_t is predicted well (docs/training.md).
-        metrics = f"loss {m['loss']:,.1f} KL {m['kl']:,.2f} aux {m['aux']:,.0f} {self.unit.replace(' per ', '/')}"
+        latent_terms = f" KL {m['kl']:,.2f} aux {m['aux']:,.0f}" if self.latent else ""
+        metrics = f"loss {m['loss']:,.1f}{latent_terms} {self.unit.replace(' per ', '/')}"
         self.progress.update(self.task, completed=self.done, speed=self.speed(self.done), metrics=metrics)
         self.warn_if_days(event.total_steps)
         now = time.perf_counter()
@@ -839,10 +890,12 @@ class TrainReporter:
 
         m = event.metrics
         if math.isfinite(m["elbo"]):
-            bound = stated_bound(self.modality, m["elbo"], self.unit)
-            bound = f"perplexity ≤ {m['perplexity']:,.2f} ({bound})" if "perplexity" in m else bound
+            bound = stated_bound(self.modality, m["elbo"], self.unit, not self.latent)
+            relation = "≤ " if self.latent else ""
+            bound = f"perplexity {relation}{m['perplexity']:,.2f} ({bound})" if "perplexity" in m else bound
         else:
             bound = f"bound not finite ({m['elbo']}); no best checkpoint"
         note = " [green]best[/]" if m["improved"] else ""
         note += f" [yellow]lr halved to {m['lr']:.2g}[/]" if m["lr_halved"] else ""
-        self.progress.console.print(f"epoch {event.epoch + 1} step {event.step}: valid {escape(bound)}, KL {m['kl']:.2f}{note}")
+        kl = f", KL {m['kl']:.2f}" if self.latent else ""
+        self.progress.console.print(f"epoch {event.epoch + 1} step {event.step}: valid {escape(bound)}{kl}{note}")
