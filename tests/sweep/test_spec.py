@@ -44,6 +44,8 @@ def test_a_variant_axis_takes_tables_of_settings_labelled_by_them(write_spec):
     assert spec.reference == {"variant": "aux_weight = 0", "lr": 0.001}
     assert spec.settings_of({"variant": "aux_weight = 0, bwd_weight = 0", "lr": 0.002}) == {"aux_weight": 0.0, "bwd_weight": 0.0, "lr": 0.002}
     assert spec.settings_of({"variant": "base settings", "lr": 0.001}) == {"lr": 0.001}
+    labels = read_spec(write_spec(space='variant = [{ latent = false }, { output_head = "linear", hidden_size = 16 }]', sweep="seeds = [0]"))
+    assert labels.space["variant"].values == ("latent = false", 'hidden_size = 16, output_head = "linear"')
     other = read_spec(write_spec(space='variant = [{}, { aux_weight = 0.001 }]\nlr = [0.001, 0.002]', sweep="seeds = [0]"))
     assert other.digest() != spec.digest()
 

@@ -179,7 +179,14 @@ def variant_label(settings: dict) -> str:
     """'aux_weight = 0, bwd_weight = 0' (sorted), or BASE_LABEL for no settings."""
     if not settings:
         return BASE_LABEL
-    return ", ".join(f"{name} = {value:g}" if isinstance(value, float) else f"{name} = {value}" for name, value in sorted(settings.items()))
+    return ", ".join(f"{name} = {toml_value(value)}" for name, value in sorted(settings.items()))
+
+
+def toml_value(value) -> str:
+    """A setting's value as the spec writes it: 0.001, true, "linear"."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def check_variants(space: dict[str, Axis], where: str) -> None:
