@@ -245,11 +245,15 @@ def test_a_remembered_failure_is_said_once_per_process_with_the_retry_command(fr
 
 @fallback
 @pytest.mark.parametrize("script", ["kill -INT $$\n", "exec sleep 30\n"], ids=["killed by SIGINT", "signalled while sleeping"])
-def test_a_build_stopped_by_a_signal_is_not_remembered(fresh_build, monkeypatch, tmp_path, script):
+def test_a_build_stopped_by_a_signal_is_not_remembered(fresh_build, monkeypatch, tmp_path, script, request):
     """Ctrl-C reaches the whole process group, the compiler too: such a build is tried again
     by the next process instead of failing for good."""
     cxx = stand_in_compiler(tmp_path, script)
     monkeypatch.setenv("CXX", cxx)
+    # a shell started in the background (`cmd &`, nohup) ignores SIGINT, and so would the stand-in
+    # it starts: give this process, hence the stand-in, the disposition a terminal gives
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     if script.startswith("exec sleep"):  # the stand-in is signalled from outside, as a Ctrl-C would
         started = subprocess.Popen
         def run_and_interrupt(*args, **kwargs):
