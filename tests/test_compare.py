@@ -41,6 +41,18 @@ def test_labels_of_model_sizes_and_identical_runs(tmp_path, tiny_dataset):
     assert label_runs(same) == [] and [run.label for run in same] == ["c", "d"]
 
 
+def test_a_field_newer_than_a_run_is_its_default_not_a_difference(tmp_path, tiny_dataset):
+    old = write_run(tmp_path / "old", tiny_dataset)
+    config = json.loads((old / "config.json").read_text())
+    for section, name in (("model", "latent"), ("model", "output_head"), ("train", "skip_rule")):
+        del config[section][name]  # written before these fields existed
+    (old / "config.json").write_text(json.dumps(config))
+    runs = [load_run(old), load_run(write_run(tmp_path / "new", tiny_dataset))]
+    assert label_runs(runs) == []
+    runs.append(load_run(write_run(tmp_path / "rnn", tiny_dataset, model={"latent": False})))
+    assert label_runs(runs) == ["model.latent"] and runs[2].label.endswith("no latent") and runs[0].label.endswith(": latent")
+
+
 def test_cli_figure_and_json(cwd, tiny_dataset):
     write_run(cwd / "a", tiny_dataset, aux_weight=0.0, bwd_weight=0.0, valid_nll=(120.0, 105.0, 107.0), kl=0.1)
     write_run(cwd / "b", tiny_dataset, aux_weight=0.01, bwd_weight=0.01, kl=3.0)

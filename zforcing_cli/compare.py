@@ -61,7 +61,7 @@ def load_run(folder: Path) -> RunSummary:
     if not folder.is_dir() or not is_run_folder(folder):
         raise CheckpointError(f"{folder} is not a run folder (no config.json written by `zforcing train`).",
                               "Pass run folders such as runs/20261125-101500 or runs/latest.")
-    config = read_config(folder)
+    config = with_every_field(read_config(folder))
     settings = {}
     for section in ("model", "train", "data"):
         for name, value in (config.get(section) or {}).items():
@@ -69,6 +69,21 @@ def load_run(folder: Path) -> RunSummary:
                 settings[f"{section}.{name}"] = value
     settings["train.preset"] = config.get("preset") or None
     return RunSummary(folder, settings, read_metrics(folder / METRICS_FILE), sequence_extent(config.get("data") or {}))
+
+
+def with_every_field(config: dict) -> dict:
+    """The config with its model and train sections complete: a field added to zforcing after the
+    run was written takes its default, the value the run trained with, so that it does not read
+    as a difference from newer runs."""
+    from dataclasses import asdict
+
+    from .modelconfig import ZForcingConfig
+    from .runconfig import TrainConfig
+
+    try:
+        return {**config, "model": ZForcingConfig.from_dict(config["model"]).to_dict(), "train": asdict(TrainConfig(**config["train"]))}
+    except (KeyError, TypeError, ValueError):  # written by another version: compared as it is
+        return config
 
 
 def sequence_extent(data: dict) -> str:
