@@ -93,15 +93,19 @@ class RunConfig:
     # order. None: not decided yet (train() records torch's count then), or a run written before
     # runs recorded it.
     threads: int | None = None
+    # Which loops ran the recurrence ("compiled loops", "Python loops", ...: the start line's words
+    # without the why): the compiled and the Python loops round differently. None: not decided yet
+    # (train() records them), or a run written before runs recorded them.
+    loops: str | None = None
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": asdict(self.train), "data": self.data, "preset": self.preset,
-                "threads": self.threads}
+                "threads": self.threads, "loops": self.loops}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         return cls(ZForcingConfig.from_dict(values["model"]), TrainConfig(**values["train"]), values["data"],
-                   values.get("preset", ""), values.get("threads"))
+                   values.get("preset", ""), values.get("threads"), values.get("loops"))
 
 
 @dataclass

@@ -37,7 +37,9 @@ else:  # pragma: no cover - Python 3.10 reads TOML through tomli (a dependency t
     import tomli as tomllib
 
 FIXED_BY_DATA = ("modality", "input_size", "start_index")
-RUN_SETTINGS = {"data": str, "preset": str, "threads": int}  # not config fields: what and how a run trains
+# not config fields: what and how a run trains; loops (which loops ran the recurrence) is a
+# record a replayed config.json carries, so that a replay on other loops says its numbers may differ
+RUN_SETTINGS = {"data": str, "preset": str, "threads": int, "loops": str}
 ALIASES = {"dropout": "embed_dropout"}  # the train option's name -> the config field it sets
 AUX_CONDITIONS = {"z": False, "hz": True}  # aux_condition -> aux_on_hidden
 
@@ -150,7 +152,7 @@ def run_settings(config: dict) -> dict:
     fields the data fixes and those the run left unset (null) are left out."""
     model = {name: value for name, value in config["model"].items() if name not in FIXED_BY_DATA}
     values = {**model, **config["train"], "data": (config.get("data") or {}).get("location"),
-              "preset": config.get("preset"), "threads": config.get("threads")}
+              "preset": config.get("preset"), "threads": config.get("threads"), "loops": config.get("loops")}
     return {name: value for name, value in values.items() if value is not None and value != ""}
 
 

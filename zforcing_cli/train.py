@@ -242,9 +242,10 @@ class Trainer:
             if restored is not None:
                 self.load_state_dict(restored[1])
             self.emit("resume", path=None if restored is None else restored[0])
+        self.run_config, loops_warning = with_loops(self.run_config, recurrence_loops(self.model))
         self.folder.write_config(self.run_config)
         warning = None if latest_link is None else self.folder.link_latest(latest_link)
-        for message in (space_warning, warning):
+        for message in (space_warning, loops_warning, warning):
             if message is not None:
                 self.emit("warning", message=message)
         if tensorboard:
@@ -501,6 +502,18 @@ def train(
             return trainer.run()
         finally:
             trainer.close()
+
+
+def with_loops(run_config: RunConfig, in_use: str) -> tuple[RunConfig, str | None]:
+    """The run config with the loops it trains on recorded (their words, without the why), and a
+    warning when a resumed or replayed run recorded others: they round differently."""
+    loops = in_use.split(" (")[0]
+    if run_config.loops is None:
+        return replace(run_config, loops=loops), None
+    if run_config.loops == loops:
+        return run_config, None
+    return run_config, (f"The run was trained on the {run_config.loops}; this process runs the {loops}: its numbers may "
+                        "differ from those of the run (ZFORCING_COMPILED_LOOPS and a build of the compiled loops decide which run).")
 
 
 def check_disk_space(folder: RunFolder, model: ZForcing, keep: int) -> str | None:

@@ -139,3 +139,35 @@ def test_a_bad_json_config_is_one_error_and_no_run_folder(cwd, tiny_data, text, 
     result = invoke("train", "--data", tiny_data, "--out", "run", "--config", cwd / "bad.json", "--device", "cpu")
     assert fragment in assert_clean_error(result, result.exit_code)
     assert not (cwd / "run").exists()
+
+
+def loops_words(stderr: str) -> str:
+    """The loops a start line names, without the why: what config.json records."""
+    line = next(line for line in stderr.splitlines() if "recorded in its config.json);" in line)
+    return line.split("recorded in its config.json); ", 1)[1].split(" (")[0].strip()
+
+
+def test_the_loops_a_run_trains_on_are_recorded_and_other_loops_on_replay_or_resume_are_said(first_run, cwd, monkeypatch):
+    recorded = config(first_run)["loops"]
+    assert recorded in ("compiled loops", "Python loops")
+    other = "Python loops" if recorded == "compiled loops" else "compiled loops"
+    edited = config(first_run)
+    edited["loops"] = other  # as if trained where the other loops ran
+    (cwd / "other.json").write_text(json.dumps(edited))
+    stderr = train_ok("--config", cwd / "other.json", "--out", "replay", "--device", "cpu")
+    assert f"The run was trained on the {other}; this process runs the {recorded}: its numbers may differ" in stderr.replace("\n", " ")
+    assert config(cwd / "replay")["loops"] == other  # the record stays what the run started on
+    same = train_ok("--config", first_run / "config.json", "--out", "again", "--device", "cpu")
+    assert "its numbers may differ" not in same and loops_words(same) == recorded
+
+    (first_run / "config.json").write_text(json.dumps(edited))
+    resumed = train_ok("--resume", "--out", first_run, "--max-steps", 4, "--device", "cpu")
+    assert f"The run was trained on the {other}" in resumed.replace("\n", " ")
+
+
+def test_a_run_from_before_loops_were_recorded_records_them_on_resume(first_run, cwd):
+    old = config(first_run)
+    del old["loops"]
+    (first_run / "config.json").write_text(json.dumps(old))
+    stderr = train_ok("--resume", "--out", first_run, "--max-steps", 4, "--device", "cpu")
+    assert "its numbers may differ" not in stderr and config(first_run)["loops"] == loops_words(stderr)

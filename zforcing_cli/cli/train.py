@@ -739,9 +739,11 @@ def new_run(out: Path | None, data: str | None, settings: dict) -> tuple[Path, R
     if settings["backward_first"] == "data" and dataset.meta.modality != "frames":
         raise usage_error("--backward-first data is for speech: the first input of images and text is the start symbol, "
                           "which is not data, so b_1 has nothing to predict.", "Drop --backward-first, or use --backward-first skip.")
+    settings = dict(settings)
+    loops = settings.pop("loops", None)  # a replayed run's: train() warns when this process runs others
     resolved = resolve(dict(canonical(name, value) for name, value in given(**settings).items()), dataset.meta,
                        len(dataset.split("train")))
-    run_config = RunConfig(resolved.model, resolved.train, data_description(dataset), resolved.preset)
+    run_config = RunConfig(resolved.model, resolved.train, data_description(dataset), resolved.preset, loops=loops)
     return out or new_run_dir(), run_config, dataset, resolved.notes
 
 

@@ -37,7 +37,8 @@ SWEEP_KEYS = ("name", "seeds", "trials", "sampler", "reference", "metric", "prun
 VARIANT = "variant"  # the axis whose values are tables of settings
 BASE_LABEL = "base settings"  # the label of the variant that changes nothing
 NOT_IN_SPACE = {"seed": "the seeds come from [sweep] seeds", "data": "a sweep trains on one dataset, set in [base]",
-                "threads": "threads change how a run computes, not what it learns"}
+                "threads": "threads change how a run computes, not what it learns",
+                "loops": "loops is what a run records of the loops that ran it, not a setting"}
 
 
 @dataclass(frozen=True)
