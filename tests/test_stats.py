@@ -65,3 +65,9 @@ def test_the_sentence_gives_the_change_its_spread_interval_and_tests():
 def test_a_rise_with_one_seed_says_no_test():
     sentence = difference_sentence("β = 1", "the validation KL", "nats", paired_difference([3.0], [1.0]))
     assert sentence == "β = 1 raises the validation KL by 2.00 nats on 1 seed (a test needs two or more)."
+
+
+def test_a_tiny_p_reads_p_below_not_p_equals():
+    reference = [10.0, 20.0, 30.0, 40.0, 50.0]
+    sentence = difference_sentence("no z", "the validation bound", "nats", paired_difference([r + 100.0 + 0.01 * i for i, r in enumerate(reference)], reference))
+    assert ", 5 seeds, p < 0.001 (t), 0.06 (Wilcoxon)." in sentence and "p = <" not in sentence

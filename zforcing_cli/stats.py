@@ -91,6 +91,12 @@ def p_value(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.2g}" if value < 0.01 else f"{value:.2f}"
 
 
+def p_relation(value: float) -> str:
+    """'= 0.01' or '< 0.001': what follows a sentence's 'p'."""
+    text = p_value(value)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def difference_sentence(subject: str, quantity: str, unit: str, difference: Difference) -> str:
     """'α = 0.001 lowers the validation bound by 0.80 ± 0.40 nats, 95% CI [0.30, 1.30], 8 seeds,
     p = 0.01 (t), 0.02 (Wilcoxon)': the CI and the SD are of the change, in its direction."""
@@ -106,4 +112,4 @@ def difference_sentence(subject: str, quantity: str, unit: str, difference: Diff
         return f"{subject} {verb} {quantity} by {change} {unit} on {seeds} (a test needs two or more)."
     low, high = sorted((sign * summary.ci_low, sign * summary.ci_high))
     return (f"{subject} {verb} {quantity} by {change} ± {number(summary.sd)} {unit}, 95% CI [{number(low)}, {number(high)}], "
-            f"{seeds}, p = {p_value(difference.t_p)} (t), {p_value(difference.wilcoxon_p)} (Wilcoxon).")
+            f"{seeds}, p {p_relation(difference.t_p)} (t), {p_value(difference.wilcoxon_p)} (Wilcoxon).")
