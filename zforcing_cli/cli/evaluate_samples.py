@@ -62,9 +62,11 @@ def evaluate_samples(model: ZForcing, config: dict, dataset: PreparedDataset, sp
     from ..generate import AudioFormat
 
     check_audio_model(model)
-    clip = AudioFormat.of(config["data"]).seconds(AudioFormat.of(config["data"]).frames_for(seconds or DEFAULT_CLIP_SECONDS))
+    seconds = seconds or DEFAULT_CLIP_SECONDS
+    audio = AudioFormat.of(config["data"])
+    clip = audio.seconds(audio.frames_for(seconds))  # whole frames
     with JobProgress(f"Generating {plural(num, 'clip')} of {clip:g} s", shorten="ask for fewer with --samples") as progress:
-        report = sample_report(model, config["data"], dataset.split(split), num, seconds or DEFAULT_CLIP_SECONDS,
+        report = sample_report(model, config["data"], dataset.split(split), num, seconds,
                                output_noise=output_noise, seed=seed,
                                progress=lambda done, total: progress(done, total, f"{done:,} of {total:,} clips"))
     if spectra is not None:
