@@ -1,6 +1,8 @@
 """The report's picture: each configuration's validation curve (the mean over its seeds at each
 validation) with a band of ± one standard deviation over the seeds, drawn as plots.py draws
-(Agg, no pyplot), as PNG and SVG."""
+(Agg, no pyplot), as PNG and SVG. When no configuration validated more than once (a run that
+validates only at its end), there are no curves to draw, and the picture is each configuration's
+value side by side instead: every seed as a dot, the mean with a bar of ± one SD."""
 
 from __future__ import annotations
 
@@ -36,23 +38,48 @@ def band(curves: dict[int, dict[int, float]]) -> tuple[np.ndarray, np.ndarray, n
 
 
 def curves_figure(configs: list[Configuration], key: str, ylabel: str, varying: list[str]):
+    all_curves = [seed_curves(config, key) for config in configs]
+    if max((len(curve) for curves in all_curves for curve in curves.values()), default=0) <= 1:
+        return final_values_figure(configs, all_curves, ylabel, varying)
     figure = new_figure(9, 5.5)
     axes = figure.subplots()
-    colours = [f"C{index % 10}" for index in range(len(configs))]
-    for config, colour in zip(configs, colours):
-        curves = seed_curves(config, key)
+    for index, (config, curves) in enumerate(zip(configs, all_curves)):
         if not curves:
             continue
+        colour = f"C{index % 10}"
         steps, mean, spread = band(curves)
-        label = f"{describe_params(config.params, varying)} ({len(curves)} seed{'' if len(curves) == 1 else 's'})"
-        axes.plot(steps, mean, "-o", color=colour, markersize=3, linewidth=1.4, label=label)
+        axes.plot(steps, mean, "-o", color=colour, markersize=3, linewidth=1.4, label=config_label(config, curves, varying))
         axes.fill_between(steps, mean - spread, mean + spread, color=colour, alpha=0.2, linewidth=0)
-        axes.errorbar(steps, mean, yerr=spread, fmt="none", ecolor=colour, alpha=0.6, capsize=3)  # seen with one validation too
+        axes.errorbar(steps, mean, yerr=spread, fmt="none", ecolor=colour, alpha=0.6, capsize=3)
     axes.set(xlabel="updates", ylabel=ylabel, title="validation curves: mean over seeds, band ± 1 SD")
     axes.grid(True, alpha=0.3)
     if axes.has_data():
         axes.legend(loc="best", fontsize=8)
     return figure
+
+
+def final_values_figure(configs: list[Configuration], all_curves: list[dict[int, dict[int, float]]], ylabel: str, varying: list[str]):
+    """One column per configuration that has a validation: its seeds as dots, mean ± SD as a bar."""
+    figure = new_figure(9, 5.5)
+    axes = figure.subplots()
+    columns = [(index, config, curves) for index, (config, curves) in enumerate(zip(configs, all_curves)) if curves]
+    for column, (index, config, curves) in enumerate(columns):
+        colour = f"C{index % 10}"
+        values = np.array([value for curve in curves.values() for value in curve.values()])
+        spread = values.std(ddof=1) if len(values) > 1 else 0.0
+        axes.plot(np.full(len(values), column - 0.12), values, "o", color=colour, alpha=0.5, markersize=4)
+        axes.errorbar([column + 0.12], [values.mean()], yerr=[spread], fmt="s", color=colour, capsize=5, markersize=6)
+    steps = sorted({step for _, _, curves in columns for curve in curves.values() for step in curve})
+    at = f" after {', '.join(f'{step:,}' for step in steps)} updates" if steps else ""
+    axes.set_xticks(range(len(columns)), [config_label(config, curves, varying).replace(", ", ",\n") for _, config, curves in columns], fontsize=8)
+    axes.set(ylabel=ylabel, xlim=(-0.6, len(columns) - 0.4),
+             title=f"the one validation{at}: seeds as dots, mean ± 1 SD")
+    axes.grid(True, axis="y", alpha=0.3)
+    return figure
+
+
+def config_label(config: Configuration, curves: dict[int, dict[int, float]], varying: list[str]) -> str:
+    return f"{describe_params(config.params, varying)} ({len(curves)} seed{'' if len(curves) == 1 else 's'})"
 
 
 def write_sweep_curves(configs: list[Configuration], key: str, ylabel: str, out_stem: Path) -> list[Path]:
