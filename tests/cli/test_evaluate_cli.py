@@ -62,3 +62,18 @@ def test_the_elbo_row_is_the_same_with_or_without_iwae(in_trained):
     with_iwae, _ = evaluate_json("--limit", 4, "--seed", 2, "--iwae", 5)
     assert (with_iwae["elbo"], with_iwae["kl"]) == pytest.approx((alone["elbo"], alone["kl"]), rel=1e-6)
     assert with_iwae["iwae"] is not None
+
+
+def test_evaluate_records_its_threads_and_says_when_training_ran_on_another_count(in_trained):
+    report, stderr = evaluate_json("--split", "valid")
+    assert report["threads"] == 1 and "Note:" not in stderr  # training's count (the tests fix one thread)
+    configs = {path: path.read_text() for path in (in_trained / "runs" / "latest").rglob("config.json")}  # the run's and its checkpoints'
+    try:
+        for path, text in configs.items():
+            path.write_text(json.dumps({**json.loads(text), "threads": 2}))
+        report, stderr = evaluate_json("--split", "valid")
+    finally:
+        for path, text in configs.items():
+            path.write_text(text)
+    assert report["threads"] == 1
+    assert "training ran on 2 threads, this on 1, which may change the last digits (--threads 2 takes the same)" in " ".join(stderr.split())

@@ -84,11 +84,11 @@ def evaluate_cli(
         with ThreadPolicy(threads):
             evaluate_samples(model, config, dataset, split, samples, seconds, noise, seed, spectra, as_json)
         return
-    if split == "valid":
-        note = validation_difference(config, dataset, sequences, seed)
-        if note:
-            stderr.print(escape(note), soft_wrap=True)
-    with ThreadPolicy(threads), JobProgress(f"Evaluating {split}", shorten=SHORTEN) as progress:
+    with ThreadPolicy(threads) as policy, JobProgress(f"Evaluating {split}", shorten=SHORTEN) as progress:
+        if split == "valid":
+            note = validation_difference(config, dataset, sequences, seed, policy.threads)
+            if note:
+                stderr.print(escape(note), soft_wrap=True)
         result = evaluate_split(
             model, dataset.split(split), batch_size=batch_size, device=torch_device, seed=seed,
             limit=limit or None, iwae_samples=iwae, progress=evaluation_progress(progress, sequences, iwae),
@@ -101,7 +101,7 @@ def evaluate_cli(
         if plot is not None:
             write_diagnostics_plot(found, plot, f"KL(q ‖ p) per step and latent dimension: {dataset.meta.kind}, {split} split")
     text = text_figures(result, dataset, split, limit) if dataset.meta.modality == "tokens" else {}
-    report = evaluation_report(folder, dataset, split, limit, seed, result, text, found, model.config.latent)
+    report = evaluation_report(folder, dataset, split, limit, seed, policy.threads, result, text, found, model.config.latent)
     print_report(report, as_json, folder, dataset, split, result, text, found)
     if plot is not None:
         stderr.print(escape(f"Wrote the KL heat map to {plot}"), soft_wrap=True)
@@ -168,9 +168,10 @@ def model_dataset(model: ZForcing, config: dict, data: str | None) -> PreparedDa
     return dataset
 
 
-def validation_difference(config: dict, dataset: PreparedDataset, sequences: int, seed: int) -> str:
+def validation_difference(config: dict, dataset: PreparedDataset, sequences: int, seed: int, threads: int) -> str:
     """Why this evaluation of the valid split cannot give training's validation figure (its
-    sequences, its seed or its data differ), or "" when it does the same."""
+    sequences, its seed or its data differ), or "" when it does the same. Another thread count
+    than training's may change the last digits only (the order of the sums), and is said too."""
     from ..evaluate import sequence_count
     from ..runconfig import dataset_differences
 
@@ -186,13 +187,17 @@ def validation_difference(config: dict, dataset: PreparedDataset, sequences: int
         reasons.append(f"training drew its samples with --seed {trained['seed']}, this with --seed {seed}")
     if dataset_differences(config["data"], dataset):
         reasons.append("training validated on other data")
+    recorded = config.get("threads")
+    if recorded is not None and recorded != threads:
+        reasons.append(f"training ran on {plural(recorded, 'thread')}, this on {threads:,}, which may change the last digits "
+                       f"(--threads {recorded} takes the same)")
     if not reasons:
         return ""
     return f"Note: not training's validation figure: {'; '.join(reasons)}."
 
 
-def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit: int, seed: int, result: EvalResult,
-                      text: dict, found: Diagnostics | None, latent: bool = True) -> dict:
+def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit: int, seed: int, threads: int,
+                      result: EvalResult, text: dict, found: Diagnostics | None, latent: bool = True) -> dict:
     """Every figure of the evaluation, as --json prints it; text: text_figures' (empty unless text).
     latent False (a model without latent): `exact` is true, and the ELBO is minus the NLL itself."""
     from ..evaluate import BASELINES, baseline_nll, bound_unit
@@ -200,7 +205,7 @@ def evaluation_report(folder: Path, dataset: PreparedDataset, split: str, limit:
     per_sample = samples_per_sequence(result, dataset.meta)
     baseline = {"baseline": BASELINES[dataset.meta.modality], "baseline_nll": baseline_nll(dataset, split, limit or None)}
     return json_record({
-        "checkpoint": str(folder), "split": split, "data": dataset.location, "seed": seed, "unit": bound_unit(dataset.meta.modality),
+        "checkpoint": str(folder), "split": split, "data": dataset.location, "seed": seed, "threads": threads, "unit": bound_unit(dataset.meta.modality),
         "exact": not latent, **result.to_dict(), "nll_elbo": -result.elbo,
         "nll_iwae": None if result.iwae is None else -result.iwae, **baseline,
         **({} if per_sample is None else per_sample_figures(result, per_sample, baseline["baseline_nll"])),
