@@ -100,3 +100,44 @@ def test_a_stopped_worker_continues_where_it_stopped(write_spec, tmp_path, monke
     assert "trial 1 seed 0: resuming from " in plain(result.stderr)
     _, retry = journal_study(folder, "stopped").get_trials()
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0 and set(retry.intermediate_values) == {0, 1}
+
+
+class FreedLock:
+    """What the run loop's ask lock is to objective(): released once the trial is claimed."""
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_trial_asked_beyond_the_total_by_a_racing_machine_is_given_up_untrained(write_spec, tmp_path):
+    """Machine B counted one configuration left, but machine A asked first: both asked, and B's
+    trial (the later number) would be one more than the total. It is failed without training,
+    counted nowhere, not queued again, and its grid point stays free."""
+    import torch
+
+    from zforcing_cli.data import open_dataset
+    from zforcing_cli.sweep import SweepWorker, open_study, read_spec
+    from zforcing_cli.sweep.worker import SURPLUS_ATTR, SurplusTrial, is_surplus
+
+    spec = read_spec(write_spec("race", space="aux_weight = [0.0, 0.001, 0.002]", sweep="seeds = [0]\ntrials = 2"))
+    folder = tmp_path / "sweeps" / "race"
+    study = open_study(spec, folder, None)
+    events = []
+    worker = SweepWorker(spec, study, folder, open_dataset(spec.base["data"]), torch.device("cpu"), events.append)
+    for _ in range(2):  # the two configurations of the total, running on machine A
+        trial = study.ask()
+        study._storage.set_trial_user_attr(trial._trial_id, "host", "machine-a")
+    worker.lock = FreedLock()
+    study.optimize(worker.objective, n_trials=1, catch=(SurplusTrial,))  # B asks as the run loop does
+
+    first, second, surplus = study.get_trials()
+    assert surplus.state == TrialState.FAIL and surplus.user_attrs == {SURPLUS_ATTR: True}
+    assert surplus.system_attrs.get("grid_id") == -1 and not (folder / "trials").exists()
+    assert [event.kind for event in events] == ["surplus"] and "one more than the sweep's 2 configurations" in events[0].message
+    counts = worker.counts()
+    assert (counts.running, counts.done, counts.failed) == (2, 0, 0)
+    worker.reap()
+    assert len(study.get_trials()) == 3  # nothing queued again
+    assert not is_surplus(study, second.number, 2) and is_surplus(study, surplus.number, 2)
+    study.tell(first.number, state=TrialState.FAIL)  # A's first trial crashes: B's later number takes the free place
+    assert not is_surplus(study, surplus.number, 2)

@@ -105,6 +105,8 @@ class SweepReporter:
     def on_reaped(self, event) -> None:
         self.say(event.message, "yellow")
 
+    on_surplus = on_reaped  # a trial beyond the total, given up: said the same way
+
     def on_trial(self, event) -> None:
         from ..sweep.report import describe_params
 

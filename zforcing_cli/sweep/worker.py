@@ -44,7 +44,9 @@ ERROR_ATTR = "error"  # a configuration that cannot train (it diverged): counted
 INTERRUPTED_ATTR = "interrupted"  # stopped or crashed: re-queued at the next start
 REAPED_ATTR = "reaped"  # its process was gone: re-queued
 RETRY_ATTR = "retry_of"
+SURPLUS_ATTR = "surplus"  # asked for beyond the total by a worker that raced another machine's: given up untrained
 ASK_LOCK = ".ask.lock"
+GRID_ID = "grid_id"  # where Optuna's GridSampler keeps a trial's point (a system attr)
 
 
 @dataclass
@@ -69,8 +71,9 @@ class SweepCounts:
 class SweepEvent:
     """What a worker reports: reaped (message) | trial (a configuration starts: trial, params) |
     train (a TrainEvent of the seed's run: event) | seed (a seed's metric: value) | trial_end
-    (state: complete, pruned or failed; message) | finished (the total is reached, or the others
-    run the last trials: message). Each carries the sweep's counts."""
+    (state: complete, pruned or failed; message) | surplus (a trial beyond the total, given up:
+    trial, message) | finished (the total is reached, or the others run the last trials: message).
+    Each carries the sweep's counts."""
 
     kind: str
     counts: SweepCounts
@@ -88,6 +91,10 @@ SweepCallback = Callable[[SweepEvent], None]
 
 class ConfigurationFailed(Exception):
     """A configuration that cannot train (the message says why): its trial fails, the sweep goes on."""
+
+
+class SurplusTrial(Exception):
+    """A trial beyond the sweep's total: workers on other machines asked at the same moment."""
 
 
 class SweepStopped(ZForcingError):
@@ -175,7 +182,7 @@ class SweepWorker:
                     break
                 self.lock = lock
                 try:
-                    self.study.optimize(self.objective, n_trials=1, catch=(ConfigurationFailed,),
+                    self.study.optimize(self.objective, n_trials=1, catch=(ConfigurationFailed, SurplusTrial),
                                         callbacks=[self.trial_ended], gc_after_trial=False)
                 except TrainingStopped as error:
                     raise SweepStopped(error.reason) from None
@@ -215,6 +222,7 @@ class SweepWorker:
     # -- a trial: one configuration, every seed ----------------------------------------------------------
 
     def objective(self, trial: optuna.Trial) -> float:
+        self.give_up_surplus(trial)
         trial.set_user_attr(RUNS_ATTR, trial.user_attrs.get(RUNS_ATTR, f"trials/{trial.number:04d}"))
         trial.set_user_attr(HOST_ATTR, self.host)
         trial.set_user_attr(PID_ATTR, os.getpid())
@@ -238,6 +246,25 @@ class SweepWorker:
             trial.set_user_attr(INTERRUPTED_ATTR, True)
             raise
         return sum(values) / len(values)
+
+    def give_up_surplus(self, trial: optuna.Trial) -> None:
+        """Raise SurplusTrial when the trials asked for before this one already make the total.
+
+        On one machine the ask lock makes counting and asking one step, so this never happens.
+        Workers on several machines count, then ask, each on its own: two that count one
+        configuration left may both ask. The storage numbers trials in the order they were
+        created, so the later one is the surplus; it fails untrained (neither counted nor queued
+        again), and the grid point it drew is freed."""
+        if not is_surplus(self.study, trial.number, self.spec.trials):
+            return
+        trial.set_user_attr(SURPLUS_ATTR, True)
+        storage = self.study._storage
+        if GRID_ID in storage.get_trial_system_attrs(trial._trial_id):
+            storage.set_trial_system_attr(trial._trial_id, GRID_ID, -1)  # so that its point does not count as visited
+        message = (f"trial {trial.number} would be one more than the sweep's {self.spec.trials:,} configurations (workers elsewhere "
+                   "asked at the same moment): given up, nothing trained")
+        self.callback(SweepEvent("surplus", self.counts(), trial=trial.number, message=message))
+        raise SurplusTrial(message)
 
     def suggest(self, trial: optuna.Trial) -> dict:
         params = {}
@@ -324,6 +351,19 @@ def sweep_counts(study: optuna.Study, total: int) -> SweepCounts:
         left = max(0, counts.total - counts.done)
         counts.eta_seconds = sum(durations) / len(durations) * math.ceil(left / max(1, counts.running))
     return counts
+
+
+def is_surplus(study: optuna.Study, number: int, total: int) -> bool:
+    """Whether the trials numbered before this one that take a place in the total (running, or
+    done: complete, pruned, or failed as a configuration) are the total already."""
+    before = sum(1 for trial in study.get_trials(deepcopy=False)
+                 if trial.number < number and takes_a_place(trial))
+    return before >= total
+
+
+def takes_a_place(trial: optuna.trial.FrozenTrial) -> bool:
+    return (trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+            or (trial.state == TrialState.FAIL and ERROR_ATTR in trial.user_attrs))
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
