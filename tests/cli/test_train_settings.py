@@ -98,3 +98,14 @@ def test_a_size_below_1_is_refused_by_the_option(cwd, tiny_data):
     result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--mlp-size", 0)
     assert result.exit_code == 2 and not (cwd / "run").exists()
     assert "--mlp-size" in plain(result.output)
+
+
+def test_clip_norm_is_an_option_recorded_and_kept_on_resume(cwd, tiny_data):
+    result = invoke(*TRAIN, "--data", tiny_data, "--out", "run", "--clip-norm", 5)
+    assert result.exit_code == 0, plain(result.output)
+    assert json.loads((cwd / "run" / "config.json").read_text())["train"]["clip_norm"] == 5.0
+    line = assert_clean_error(invoke("train", "--out", "run", "--resume", "--clip-norm", 7), 2)
+    assert "--clip-norm 7" in line and "5" in line
+    line = assert_clean_error(invoke(*TRAIN, "--data", tiny_data, "--out", "other", "--clip-norm", 0), 2)
+    assert "--clip-norm must be a finite number above 0, not 0.0." in line
+    assert not (cwd / "other").exists()

@@ -179,6 +179,13 @@ WeightDecayOption = Annotated[
         help="L2 weight decay in Adam.",
     ),
 ]
+ClipNormOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--clip-norm", show_default="100, as in the authors' code",
+        help="Clip the gradient's norm, over all parameters, to this before each update.",
+    ),
+]
 AuxConditionOption = Annotated[
     Optional[str],
     typer.Option(
@@ -375,6 +382,7 @@ def train_cli(
     kl_anneal: KlAnnealOption = None,
     dropout: DropoutOption = None,
     weight_decay: WeightDecayOption = None,
+    clip_norm: ClipNormOption = None,
     aux_condition: AuxConditionOption = None,
     output_head: OutputHeadOption = None,
     backward_first: BackwardFirstOption = None,
@@ -402,15 +410,15 @@ def train_cli(
     force: ForceOption = False,
 ) -> None:
     """Train Z-Forcing; progress on stderr, checkpoints and metrics in the run folder."""
-    check_options(lr=lr, aux_increment=aux_increment, aux_weight=aux_weight, aux_start=aux_start, bwd_weight=bwd_weight,
-                  checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout, preset=preset,
-                  aux_condition=aux_condition)
+    check_options(lr=lr, aux_increment=aux_increment, clip_norm=clip_norm, aux_weight=aux_weight, aux_start=aux_start,
+                  bwd_weight=bwd_weight, checkpoint_minutes=checkpoint_minutes, weight_decay=weight_decay, dropout=dropout,
+                  preset=preset, aux_condition=aux_condition)
     departures = dict(output_head=output_head, backward_first=backward_first, init=init, lstm_biases=lstm_biases,
                       cond_ln=cond_ln, backward_layers=backward_layers, aux_cost=aux_cost, kl_anneal_on_skip=kl_anneal_on_skip,
                       skip_rule=skip_rule, skip_kl_above=skip_kl_above)
     settings = dict(preset=preset, batch_size=batch_size, lr=lr, lr_patience=lr_patience, aux_weight=aux_weight, aux_start=aux_start,
                     aux_increment=aux_increment, bwd_weight=bwd_weight, kl_anneal=kl_anneal, seed=seed,
-                    weight_decay=weight_decay, aux_condition=aux_condition, dropout=dropout, precision=precision,
+                    weight_decay=weight_decay, clip_norm=clip_norm, aux_condition=aux_condition, dropout=dropout, precision=precision,
                     hidden_size=hidden_size, latent_size=latent_size, mlp_size=mlp_size, embed_size=embed_size, latent=latent,
                     **departures)
     lengths = dict(epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes)
@@ -440,13 +448,14 @@ def train_cli(
             report_result(result, run_dir, dataset, run_config)
 
 
-def check_options(lr: float | None, aux_increment: float | None, dropout: float | None, preset: str | None,
-                  aux_condition: str | None, **non_negative: float | None) -> None:
+def check_options(lr: float | None, aux_increment: float | None, clip_norm: float | None, dropout: float | None,
+                  preset: str | None, aux_condition: str | None, **non_negative: float | None) -> None:
     """Usage errors for values typer lets through: non-finite numbers, negative weights, a
     dropout of 1 or more, an unknown preset or aux condition (the precision is checked with
     torch loaded)."""
     check_real("--lr", lr, example="0.001", above=True)
     check_real("--aux-increment", aux_increment, example="5e-5", above=True)
+    check_real("--clip-norm", clip_norm, example="100", above=True)
     for name, value in non_negative.items():
         check_real("--" + name.replace("_", "-"), value)
     check_real("--dropout", dropout)
