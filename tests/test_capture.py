@@ -150,15 +150,16 @@ def datasets(tiny_data, timit_data, text_data) -> dict:
     return {"binary": open_dataset(tiny_data), "frames": open_dataset(timit_data), "tokens": open_dataset(text_data)}
 
 
-def device_trainer(dataset, run_dir, precision: str) -> Trainer:
+def device_trainer(dataset, run_dir, precision: str, latent: bool = True) -> Trainer:
     """A trainer that takes its updates as on a GPU: fused Adam skipping non-finite updates on
     the device, the KL weight annealed on the device, the metrics read later. fp16 and tf32 are
-    GPU precisions: here fp16 is autocast with a CPU gradient scaler, tf32 the flag it sets."""
+    GPU precisions: here fp16 is autocast with a CPU gradient scaler, tf32 the flag it sets.
+    latent False: the network without z (--no-latent), trained on its NLL alone."""
     meta = dataset.meta
     model = ZForcingConfig(modality=meta.modality, input_size=meta.input_size, start_index=2 if meta.modality == "binary" else 1,
-                           embed_dropout=0.2 if meta.modality == "tokens" else 0.0, **SIZES)
-    train = TrainConfig(batch_size=4, aux_weight=1e-3, bwd_weight=1e-3, kl_anneal=True, log_every=5,
-                        precision="bf16" if precision == "bf16" else "fp32")
+                           embed_dropout=0.2 if meta.modality == "tokens" else 0.0, latent=latent, **SIZES)
+    weights = dict(aux_weight=1e-3, bwd_weight=1e-3, kl_anneal=True) if latent else dict(aux_weight=0.0, bwd_weight=0.0)
+    train = TrainConfig(batch_size=4, log_every=5, precision="bf16" if precision == "bf16" else "fp32", **weights)
     trainer = Trainer(run_dir, RunConfig(model, train, data_description(dataset)), dataset, CPU, read_every=5)
     if precision == "fp16":
         trainer.updater.training_step = TrainingStep(trainer.model, train, torch.float16)
@@ -167,10 +168,11 @@ def device_trainer(dataset, run_dir, precision: str) -> Trainer:
     return trainer
 
 
+@pytest.mark.parametrize("latent", [True, False], ids=["z", "no-latent"])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("modality", ["binary", "tokens", "frames"])
-def test_capture_guard_passes_a_training_update(datasets, modality, precision, tmp_path):
-    trainer = device_trainer(datasets[modality], tmp_path / "run", precision)
+def test_capture_guard_passes_a_training_update(datasets, modality, precision, latent, tmp_path):
+    trainer = device_trainer(datasets[modality], tmp_path / "run", precision, latent)
     guard = CaptureGuard()
     make_inputs = trainer.step_inputs
 
