@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -152,3 +153,34 @@ def test_train_caps_threads_beyond_the_cores_in_one_warning(cwd, tiny_data, monk
     warnings = [line for line in output.splitlines() if line.startswith("Warning:")]
     assert warnings == ["Warning: --threads 1,000 is more than the 1 core this process may run on: using 1."]
     assert "torch on 1 thread" in output and "1,000 threads" not in output
+
+
+def test_a_training_waits_for_others_starting_with_it_before_taking_every_core(registry, monkeypatch):
+    """Two trainings started together: the first to count would find itself alone and keep both
+    cores for its whole run. With a settling wait it counts again, sees the second, and takes one."""
+    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
+    registry.mkdir()
+    started = []
+    sleep = time.sleep
+
+    def another_starts_meanwhile(seconds):  # the wait, during which a second process registers
+        started.append(subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(registry)], stdout=subprocess.PIPE, text=True))
+        assert started[0].stdout.readline() == "locked\n"
+        sleep(0)
+
+    monkeypatch.setattr("zforcing_cli.threads.time.sleep", another_starts_meanwhile)
+    try:
+        with ThreadPolicy(None, settle_seconds=2.0) as policy:
+            assert (policy.active, policy.threads) == (2, 1)
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    assert len(started) == 1
+
+
+def test_no_settling_wait_when_one_thread_is_all_there_is_to_take(other_process, registry, monkeypatch):
+    monkeypatch.setattr("zforcing_cli.threads.available_cores", lambda: 2)
+    monkeypatch.setattr("zforcing_cli.threads.time.sleep", lambda seconds: pytest.fail("waited with nothing to lose"))
+    with ThreadPolicy(None, settle_seconds=10.0) as policy:
+        assert (policy.active, policy.threads) == (2, 1)

@@ -30,6 +30,7 @@ import errno
 import os
 import secrets
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +45,10 @@ except ImportError:  # Windows: no flock, so no registry; the count stays fixed
     fcntl = None
 
 ACTIVE_DIR_ENV = "ZFORCING_ACTIVE_DIR"
+# How long an automatic training waits, before it takes more than one thread, for others starting
+# with it (docs/performance.md, "Sharing the machine"): started by one script or two terminals,
+# trainings reach their count within a second or two of each other.
+TRAINING_SETTLE_SECONDS = 2.0
 LOCK_SUFFIX = ".lock"
 
 
@@ -159,12 +164,18 @@ class ThreadPolicy:
 
     Attributes: `threads` (the count in use), `automatic`, and `active` (processes counted at
     the start, this one included).
+
+    settle_seconds: a training keeps its count for hours, so when its share would be more than
+    one thread it waits this long and counts again before deciding: of trainings started at the
+    same moment, none then counts itself alone (and keeps every core while the others take a
+    share of the rest, which oversubscribes the cores).
     """
 
-    def __init__(self, requested: int | None):
+    def __init__(self, requested: int | None, settle_seconds: float = 0.0):
         if requested is not None and requested < 1:
             raise ZForcingError(f"--threads {requested}: at least one thread is needed.", "Use --threads 1 or more.")
         self.requested = requested
+        self.settle_seconds = settle_seconds
         self.automatic = requested is None and fcntl is not None
         self.cores = available_cores()
         self.active = 1
@@ -178,6 +189,9 @@ class ThreadPolicy:
             self._register()
         if self.automatic:
             self.active = self._count_active()
+            if self.settle_seconds > 0 and auto_threads(self.active, self.cores) > 1:
+                time.sleep(self.settle_seconds)  # others starting now register meanwhile
+                self.active = self._count_active()
             self.threads = auto_threads(self.active, self.cores)
         torch.set_num_threads(self.threads)
         return self

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..threads import TORCH_DEFAULT_THREADS, ThreadPolicy, available_cores
+from ..threads import TORCH_DEFAULT_THREADS, TRAINING_SETTLE_SECONDS, ThreadPolicy, available_cores
 from ..update import make_optimizer, step_generator
 from ..version import __version__
 from .measure import cpu_model_name
@@ -30,10 +30,11 @@ def shared_worker(seconds: float, threads: int | None, preset: str, size: str, f
     """One process of bench_shared: set up, wait for GO on stdin, train for `seconds`, print one
     JSON line. Every worker trains through the same window, so their timings overlap fully.
 
-    Its thread count is the policy's at its start, kept for the window, as a training keeps it.
+    Its thread count is the policy's at its start (waiting for the others as a training waits),
+    kept for the window, as a training keeps it.
     """
     device = torch.device("cpu")
-    with ThreadPolicy(threads) as policy, tempfile.TemporaryDirectory(prefix="zforcing-bench-", dir=folder) as temporary:
+    with ThreadPolicy(threads, TRAINING_SETTLE_SECONDS) as policy, tempfile.TemporaryDirectory(prefix="zforcing-bench-", dir=folder) as temporary:
         model, train_config, batch = training_setup(bench_dataset(preset, Path(temporary)), size, device)
         optimizer = make_optimizer(model, train_config, fused=False)
         model.train(True)

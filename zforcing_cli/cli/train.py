@@ -558,12 +558,12 @@ def run_training(run_dir: Path, run_config: RunConfig, dataset: PreparedDataset,
                  resume: bool, force: bool, tensorboard: bool, threads: int | None, device_spec: str) -> TrainResult:
     """train(), its progress shown by rank 0, stopped after an update by the first Ctrl-C or
     SIGTERM: then rank 0 says how to continue, and every rank exits with the signal's code."""
-    from ..threads import ThreadPolicy
+    from ..threads import TRAINING_SETTLE_SECONDS, ThreadPolicy
     from ..train import StopRequest, TrainingStopped, train
 
     main = group is None or group.is_main
     stop = StopRequest()
-    with ThreadPolicy(run_threads(threads, run_config.threads, resume, main)) as policy, \
+    with ThreadPolicy(run_threads(threads, run_config.threads, resume, main), TRAINING_SETTLE_SECONDS) as policy, \
             training_progress() if main else nullcontext() as progress, \
             stop_on_signals(stop, progress.console if main else None, group is not None):
         run_config = replace(run_config, threads=policy.threads)  # decided once: the run keeps and records it

@@ -35,6 +35,7 @@ from ..plots import metric_points, read_metrics
 from ..runconfig import RunConfig, data_description
 from ..runfolder import METRICS_FILE
 from ..settings import resolve
+from ..threads import ThreadPolicy
 from ..train import StopRequest, TrainEvent, TrainingStopped, train
 from .spec import SweepSpec
 from .study import JOURNAL_FILE
@@ -169,11 +170,16 @@ class SweepWorker:
         self.journal = (self.folder / JOURNAL_FILE).exists()  # single machine: a trial without a host is a dead one's
         self.lock: AskLock | None = None
         self.counts_at_start = SweepCounts(spec.trials)  # a seed's train events carry these, not a fresh count per update
-        torch.set_num_threads(spec.base.get("threads", 1))  # fixed: a run's sums never follow the machine's load
 
     def run(self) -> SweepCounts:
         """Take trials until the total is reached (or the others run the last ones); a
-        SweepStopped when a stop was requested."""
+        SweepStopped when a stop was requested. Every run on the spec's thread count (one by
+        default), fixed so that a run's sums never follow the machine's load; the worker
+        registers as a zforcing process, so that automatic ones starting beside it leave it room."""
+        with ThreadPolicy(self.spec.base.get("threads", 1)):
+            return self.take_trials()
+
+    def take_trials(self) -> SweepCounts:
         while True:
             with AskLock(self.folder / ASK_LOCK) as lock:
                 self.reap()
