@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from zforcing_cli.sweep.plot import band, curves_figure, write_sweep_curves
+from zforcing_cli.sweep.plot import band, curves_figure, seed_curves, write_sweep_curves
 from zforcing_cli.sweep.report import Configuration
 
 KEY = "nll_bound"
@@ -33,7 +33,7 @@ def test_band_is_the_mean_and_sample_sd_at_the_validations_every_seed_made():
 def test_several_validations_draw_one_curve_per_configuration_over_updates(tmp_path):
     configs = [configuration(tmp_path / "a", 0, {"aux_weight": 0.0}, {0: {10: 5.0, 20: 4.0}, 1: {10: 7.0, 20: 6.0}}),
                configuration(tmp_path / "b", 1, {"aux_weight": 0.001}, {0: {10: 6.0, 20: 5.5}, 1: {10: 6.0, 20: 4.5}})]
-    axes = curves_figure(configs, KEY, "bound", ["aux_weight"]).axes[0]
+    axes = curves_figure(configs, [seed_curves(config, KEY) for config in configs], "bound", ["aux_weight"]).axes[0]
     lines = [line for line in axes.get_lines() if line.get_label() and not line.get_label().startswith("_")]
     assert [line.get_label() for line in lines] == ["aux_weight = 0 (2 seeds)", "aux_weight = 0.001 (2 seeds)"]
     assert lines[0].get_xdata().tolist() == [10, 20] and lines[0].get_ydata().tolist() == [6.0, 5.0]
@@ -43,7 +43,7 @@ def test_several_validations_draw_one_curve_per_configuration_over_updates(tmp_p
 def test_one_validation_each_draws_the_configurations_side_by_side(tmp_path):
     configs = [configuration(tmp_path / "a", 0, {"variant": "aux_weight = 0, bwd_weight = 0"}, {0: {1000: 110.0}, 1: {1000: 108.0}, 2: {1000: 106.0}}),
                configuration(tmp_path / "b", 1, {"variant": "base settings"}, {0: {1000: 109.0}, 1: {1000: 109.5}})]
-    axes = curves_figure(configs, KEY, "bound", ["variant"]).axes[0]
+    axes = curves_figure(configs, [seed_curves(config, KEY) for config in configs], "bound", ["variant"]).axes[0]
     assert [label.get_text() for label in axes.get_xticklabels()] == ["aux_weight = 0,\nbwd_weight = 0 (3 seeds)", "base settings (2 seeds)"]
     assert "after 1,000 updates" in axes.get_title()
     dots = [line for line in axes.get_lines() if line.get_linestyle() == "None" and line.get_marker() == "o"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import write_bytes
+from ..humanize import plural
 from ..plots import CURVE_FORMATS, figure_bytes, metric_points, new_figure, read_metrics
 from ..runfolder import METRICS_FILE
 from .report import Configuration, describe_params
@@ -37,8 +38,8 @@ def band(curves: dict[int, dict[int, float]]) -> tuple[np.ndarray, np.ndarray, n
     return np.array(steps), values.mean(axis=0), spread
 
 
-def curves_figure(configs: list[Configuration], key: str, ylabel: str, varying: list[str]):
-    all_curves = [seed_curves(config, key) for config in configs]
+def curves_figure(configs: list[Configuration], all_curves: list[dict[int, dict[int, float]]], ylabel: str, varying: list[str]):
+    """all_curves: each configuration's seed_curves."""
     if max((len(curve) for curves in all_curves for curve in curves.values()), default=0) <= 1:
         return final_values_figure(configs, all_curves, ylabel, varying)
     figure = new_figure(9, 5.5)
@@ -79,15 +80,16 @@ def final_values_figure(configs: list[Configuration], all_curves: list[dict[int,
 
 
 def config_label(config: Configuration, curves: dict[int, dict[int, float]], varying: list[str]) -> str:
-    return f"{describe_params(config.params, varying)} ({len(curves)} seed{'' if len(curves) == 1 else 's'})"
+    return f"{describe_params(config.params, varying)} ({plural(len(curves), 'seed')})"
 
 
 def write_sweep_curves(configs: list[Configuration], key: str, ylabel: str, out_stem: Path) -> list[Path]:
     """out_stem.png and .svg; returns their paths (none when no run folder of the sweep is here)."""
     varying = [name for name in configs[0].params if len({repr(config.params.get(name)) for config in configs}) > 1] if configs else []
-    if not any(seed_curves(config, key) for config in configs):
+    all_curves = [seed_curves(config, key) for config in configs]  # each run's metrics.jsonl, read once
+    if not any(all_curves):
         return []
-    figure = curves_figure(configs, key, ylabel, varying or None)
+    figure = curves_figure(configs, all_curves, ylabel, varying or None)
     paths = [Path(f"{out_stem}.{fmt}") for fmt in CURVE_FORMATS]
     for path, fmt in zip(paths, CURVE_FORMATS):
         write_bytes(path, figure_bytes(figure, fmt))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -337,19 +338,11 @@ class SweepWorker:
 
 
 def sweep_counts(study: optuna.Study, total: int) -> SweepCounts:
-    counts = SweepCounts(total)
-    durations = []
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.COMPLETE:
-            counts.complete += 1
-        elif trial.state == TrialState.PRUNED:
-            counts.pruned += 1
-        elif trial.state == TrialState.FAIL and ERROR_ATTR in trial.user_attrs:
-            counts.failed += 1
-        elif trial.state == TrialState.RUNNING:
-            counts.running += 1
-        if trial.state == TrialState.COMPLETE and trial.datetime_start and trial.datetime_complete:
-            durations.append((trial.datetime_complete - trial.datetime_start).total_seconds())
+    trials = study.get_trials(deepcopy=False)
+    places = Counter(place_in_total(trial) for trial in trials)
+    counts = SweepCounts(total, complete=places["complete"], pruned=places["pruned"], failed=places["failed"], running=places["running"])
+    durations = [(trial.datetime_complete - trial.datetime_start).total_seconds() for trial in trials
+                 if trial.state == TrialState.COMPLETE and trial.datetime_start and trial.datetime_complete]
     best = best_trial(study)
     if best is not None:
         counts.best_value, counts.best_params = best.value, best.params
@@ -359,17 +352,20 @@ def sweep_counts(study: optuna.Study, total: int) -> SweepCounts:
     return counts
 
 
+def place_in_total(trial: optuna.trial.FrozenTrial) -> str | None:
+    """The SweepCounts field a trial counts in (complete, pruned, failed as a configuration, or
+    running), or None for one that takes no place in the total: failed by a stop, a crash, a
+    reaper or as a surplus (the stopped and the reaped are queued again), or waiting in the queue."""
+    if trial.state == TrialState.FAIL:
+        return "failed" if ERROR_ATTR in trial.user_attrs else None
+    return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.RUNNING: "running"}.get(trial.state)
+
+
 def is_surplus(study: optuna.Study, number: int, total: int) -> bool:
-    """Whether the trials numbered before this one that take a place in the total (running, or
-    done: complete, pruned, or failed as a configuration) are the total already."""
+    """Whether the trials numbered before this one that take a place in the total are the total already."""
     before = sum(1 for trial in study.get_trials(deepcopy=False)
-                 if trial.number < number and takes_a_place(trial))
+                 if trial.number < number and place_in_total(trial) is not None)
     return before >= total
-
-
-def takes_a_place(trial: optuna.trial.FrozenTrial) -> bool:
-    return (trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-            or (trial.state == TrialState.FAIL and ERROR_ATTR in trial.user_attrs))
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
