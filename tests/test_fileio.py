@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 import pytest
 
-from zforcing_cli.fileio import OutputExistsError, atomic_directory, atomic_file, write_bytes, write_json
+from zforcing_cli.fileio import OutputExistsError, atomic_directory, atomic_file, make_folder_once, write_bytes, write_json
 
 
 def entries(folder):
@@ -135,3 +136,34 @@ def test_atomic_file_leaves_errors_of_its_block_alone(tmp_path):
         with atomic_file(tmp_path / "out.wav"):
             open(tmp_path / "prompt.wav")
     assert caught.value.filename == str(tmp_path / "prompt.wav")
+
+
+def test_make_folder_once_appears_whole_and_returns_what_it_made(tmp_path):
+    target = tmp_path / "sweeps" / "aux"
+    made = make_folder_once(target, lambda folder: (folder / "sweep.json").write_text("{}"))
+    assert made == [tmp_path / "sweeps", target]
+    assert [path.name for path in target.iterdir()] == ["sweep.json"]
+    assert [path.name for path in (tmp_path / "sweeps").iterdir()] == ["aux"]  # no staging folder left
+
+
+def test_make_folder_once_leaves_a_folder_made_first_by_another_process_untouched(tmp_path):
+    target = tmp_path / "aux"
+
+    def another_process_wins(folder):  # while this one fills its staging folder, another renames its own
+        (folder / "sweep.json").write_text("mine")
+        target.mkdir()
+        (target / "sweep.json").write_text("theirs")
+
+    assert make_folder_once(target, another_process_wins) is None
+    assert (target / "sweep.json").read_text() == "theirs"
+    assert [path.name for path in tmp_path.iterdir()] == ["aux"]
+
+
+def test_make_folder_once_takes_everything_back_when_filling_fails(tmp_path):
+    def full_disk(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "sweep.json"))
+
+    with pytest.raises(OSError) as raised:
+        make_folder_once(tmp_path / "sweeps" / "aux", full_disk)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "sweeps" / "aux")
+    assert not list(tmp_path.iterdir())

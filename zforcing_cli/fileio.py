@@ -115,12 +115,7 @@ def atomic_directory(target: Path, force: bool = False, what: str = "folder", is
     target = Path(target)
     check_can_write(target, force, what, is_ours)
     made = make_parents(target.parent)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as error:
-        remove_made(made)
-        raise OSError(error.errno, error.strerror, str(target.parent)) from None
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
+    staging = make_staging(target, made)
     try:
         yield staging
         _sync_tree(staging)
@@ -128,11 +123,55 @@ def atomic_directory(target: Path, force: bool = False, what: str = "folder", is
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         remove_made(made)
-        os_error = wrapped_os_error(error) if isinstance(error, Exception) else None
-        if os_error is not None and os_error.errno is not None and (  # numpy's short write included
-                os_error.filename is None or str(os_error.filename).startswith(str(staging))):
-            raise OSError(os_error.errno, os_error.strerror, str(target)) from None
+        raise_about_target(error, staging, target)
         raise
+
+
+def make_staging(target: Path, made: list[Path]) -> Path:
+    """A new temporary folder beside target, looking as mkdir makes folders; when it cannot be
+    made, the parent folders made for it are taken back and the error names target's folder."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as error:
+        remove_made(made)
+        raise OSError(error.errno, error.strerror, str(target.parent)) from None
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
+    return staging
+
+
+def raise_about_target(error: BaseException, staging: Path, target: Path) -> None:
+    """An OS error writing inside a staging folder (a full disk, say, however the writer wraps
+    it: numpy's short write included), raised as an OSError naming the folder it stands for."""
+    os_error = wrapped_os_error(error) if isinstance(error, Exception) else None
+    if os_error is not None and os_error.errno is not None and (
+            os_error.filename is None or str(os_error.filename).startswith(str(staging))):
+        raise OSError(os_error.errno, os_error.strerror, str(target)) from None
+
+
+def make_folder_once(target: Path, fill: Callable[[Path], None]) -> list[Path] | None:
+    """Make target with what fill(folder) writes in it, appearing whole or not at all: among
+    processes making it at the same moment, the first rename wins and the others get None (target
+    is then the winner's, untouched). Returns the folders made (target's missing parents, and
+    target unless it was there empty), for remove_made() to take back."""
+    target = Path(target)
+    made = make_parents(target.parent)
+    made_target = [] if target.exists() else [target]
+    staging = make_staging(target, made)
+    try:
+        fill(staging)
+        try:
+            os.rename(staging, target)  # replaces an empty folder, never one with files in it
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            return None
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_made(made)
+        raise_about_target(error, staging, target)
+        raise
+    return made + made_target
 
 
 def replace_folder(staging: Path, target: Path) -> None:

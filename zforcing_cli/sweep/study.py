@@ -21,7 +21,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from ..checkpoint import SWEEP_FILE  # the folder's spec: its name, hash, storage and reference
 from ..errors import ZForcingError
-from ..fileio import make_parents, remove_made, write_json
+from ..fileio import make_folder_once, remove_made, write_json
 from .spec import SweepSpec, read_spec
 
 JOURNAL_FILE = "study.journal"
@@ -128,18 +128,22 @@ def record_reference(folder: Path, spec: SweepSpec) -> None:
 
 
 def make_folder(folder: Path, spec: SweepSpec, url: str | None) -> list[Path] | None:
-    """Create the sweep folder with its record; returns the folders made, for unmake_folder() to
-    take back if the study cannot start; None for a folder that had its record."""
+    """Create the sweep folder with its record and spec copy, whole at once (make_folder_once), so
+    that a worker starting beside this one never finds a folder without its record; returns the
+    folders made, for unmake_folder() to take back if the study cannot start; None for a folder
+    that had its record, or that a worker starting at the same moment made first (checked then
+    to be this spec's)."""
     if (folder / SWEEP_FILE).exists():
         return None
-    made = make_parents(folder)
-    try:  # the record first: a worker starting beside this one finds a sweep folder, never a folder of strangers
-        write_json(folder / SWEEP_FILE, {"name": spec.name, "spec_hash": spec.digest(), "storage": storage_label(url),
-                                         "reference": spec.reference})
-        shutil.copyfile(spec.path, folder / SPEC_COPY)
-    except BaseException:
-        unmake_folder(folder, made)
-        raise
+
+    def fill(staging: Path) -> None:
+        write_json(staging / SWEEP_FILE, {"name": spec.name, "spec_hash": spec.digest(), "storage": storage_label(url),
+                                          "reference": spec.reference})
+        shutil.copyfile(spec.path, staging / SPEC_COPY)
+
+    made = make_folder_once(folder, fill)
+    if made is None:
+        check_folder(folder, spec, url)
     return made
 
 
